@@ -1,0 +1,3 @@
+from cbir.cli import main
+import sys
+sys.exit(main())

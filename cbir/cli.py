@@ -1,0 +1,157 @@
+"""The `cbir` command. Each sub-command is a thin shell around the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+from cbir.errors import CbirError
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from cbir.encoders import create
+    from indexer.pipeline import build_index
+
+    from cbir.index import DEFAULT_DIR
+    from pathlib import Path
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise CbirError(f"folder not found: {args.dir}" if not root.exists() else f"not a folder: {args.dir}")
+    out = Path(args.out) if args.out else DEFAULT_DIR / root.resolve().name
+    enc = create(args.encoder, weights=args.weights, pooling=args.pooling, device=args.device)
+    print(f"encoder: {enc.name} ({enc.dim}-d, {enc.pooling} pooling, weights {enc.weights['source']}, "
+          f"device {enc.device})", file=sys.stderr)
+    summary = build_index(root, out, enc, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.quiet, exclude=tuple(args.exclude), rebuild=args.rebuild)
+    print(summary.describe())
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from cbir.index import Index
+
+    index = Index.open(args.index, device=args.device, weights=args.weights)
+    started = time.perf_counter()
+    results = index.search(args.image, k=args.k)
+    took = (time.perf_counter() - started) * 1000
+    if args.json:
+        print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
+                          "took_ms": round(took, 2), "results": [r.to_dict() for r in results]}, indent=2))
+        return 0
+    print(f"top {len(results)} of {len(index)} images in {index.name} ({index.encoder_config['name']}), "
+          f"{took:.0f} ms")
+    width = max((len(r.path) for r in results), default=4)
+    print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  id")
+    for r in results:
+        print(f"{r.rank:>4}  {r.score:6.3f}  {r.path:<{width}}  {r.id}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from cbir.index import Index
+
+    index = Index.open(args.index, device="cpu")
+    info = index.info()
+    if args.json:
+        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.store.skipped]
+        print(json.dumps(info, indent=2))
+        return 0
+    enc = info["encoder"]
+    w = enc["weights"]
+    print(f"index     {info['index']}")
+    print(f"images    {info['images']} ({info['skipped']} skipped)   root {info['root']}")
+    print(f"encoder   {enc['name']}  dim {enc['dim']}  pooling {enc['pooling']}  "
+          f"input {enc['preprocess']['size']}px {enc['preprocess']['resize']}")
+    print(f"weights   {w.get('source')}  {w.get('path') or w.get('package') or ''}  sha256 {w.get('sha256', '')[:16]}")
+    print(f"versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
+    print(f"faiss     {info['faiss']['type']}  gpu={info['faiss']['gpu']}")
+    print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
+    for p, r in index.store.skipped[: args.show_skipped]:
+        print(f"  skipped {p}: {r}")
+    if len(index.store.skipped) > args.show_skipped:
+        print(f"  ... {len(index.store.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    return 0
+
+
+def _cmd_encoders(args: argparse.Namespace) -> int:
+    from cbir.encoders import list_encoders
+
+    rows = [(e.name, "/".join(f"{p}:{d}" for p, d in e.dims.items()), e.default_pooling, e.weights_status(),
+             e.description) for e in list_encoders()]
+    if args.json:
+        print(json.dumps([dict(zip(("name", "dims", "default_pooling", "weights", "description"), r, strict=True))
+                          for r in rows], indent=2))
+        return 0
+    print(f"{'name':<20} {'dimension (per pooling)':<32} {'default':<8} weights")
+    for name, dims, pooling, status, desc in rows:
+        print(f"{name:<20} {dims:<32} {pooling:<8} {status}\n{'':<20} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cbir import __version__
+
+    p = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval: index a folder of "
+                                "images, then find the images most like a query image.")
+    p.add_argument("--version", action="version", version=f"cbir {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("index", help="embed every image in a folder and write an index")
+    s.add_argument("dir", help="folder of images (searched recursively)")
+    s.add_argument("--out", help="index folder to write (default: indexes/<folder name>)")
+    s.add_argument("--encoder", default="efficientnet_lite0", help="encoder name (see: cbir encoders)")
+    s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file")
+    s.add_argument("--pooling", help="gem, avg, max or fc (default: the encoder's own)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--workers", type=int, help="decoding processes (default: by collection size and cores)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching names/paths")
+    s.add_argument("--rebuild", action="store_true", help="replace an existing index at --out")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_index)
+
+    s = sub.add_parser("search", help="find the images most like IMAGE")
+    s.add_argument("index", help="index folder (or a name under indexes/)")
+    s.add_argument("image", help="query image file")
+    s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--weights", help="where the index's weights file is now, if it moved")
+    s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("info", help="describe an index")
+    s.add_argument("index")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--show-skipped", type=int, default=10, metavar="N")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("encoders", help="list encoders, their dimensions and whether their weights are here")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_encoders)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    if getattr(args, "k", 1) < 1:
+        print("cbir: error: -k must be at least 1", file=sys.stderr)
+        return 2
+    warnings.simplefilter("default")
+    try:
+        return func(args)
+    except CbirError as exc:
+        print(f"cbir: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cbir: interrupted; any existing index was left as it was", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

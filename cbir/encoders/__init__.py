@@ -1,0 +1,114 @@
+"""The encoder registry: one decorator registers an encoder, one call creates it.
+
+    enc = cbir.encoders.create("resnet50", weights="none", pooling="gem")
+    vectors = enc.embed([pil_image])          # float32, L2-normalised rows
+    same = cbir.encoders.from_config(enc.config)
+
+Adding an encoder is one new module in this package (every module here is imported on first use) or a
+third-party module named by an entry point in the group ``cbir.encoders``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from cbir.device import resolve_device
+from cbir.encoders.base import POOLINGS, Encoder, Preprocess, WeightsUnavailable
+from cbir.errors import CbirError
+
+__all__ = ["Encoder", "EncoderEntry", "Preprocess", "WeightsUnavailable", "POOLINGS", "register", "create",
+           "from_config", "list_encoders", "get_entry"]
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    name: str
+    factory: Callable[..., Encoder]
+    description: str
+    dims: dict[str, int]  # output dimension per pooling choice
+    default_pooling: str
+    default_weights: str
+    weights_status: Callable[[], str]  # one line: where the default weights are, or what is missing
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        return tuple(self.dims)
+
+
+_REGISTRY: dict[str, EncoderEntry] = {}
+_plugins_loaded = False
+
+
+def register(name: str, *, description: str, dims: dict[str, int], default_pooling: str,
+             default_weights: str = "imagenet", weights_status: Callable[[], str] | None = None):
+    """Class-free registration: decorate a factory `f(weights, pooling, device, **options) -> Encoder`."""
+
+    def decorate(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        _REGISTRY[name] = EncoderEntry(name, factory, description, dims, default_pooling, default_weights,
+                                       weights_status or (lambda: "n/a"))
+        return factory
+
+    return decorate
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name != "base" and not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+    for ep in entry_points(group="cbir.encoders"):
+        ep.load()
+
+
+def list_encoders() -> list[EncoderEntry]:
+    _load_plugins()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_entry(name: str) -> EncoderEntry:
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise CbirError(f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create(name: str, weights: str | None = None, pooling: str | None = None, device: str = "auto",
+           **options: Any) -> Encoder:
+    """Build encoder `name`. weights: 'imagenet' (default where it applies), a file path, or 'none'."""
+    entry = get_entry(name)
+    pooling = pooling or entry.default_pooling
+    if pooling not in entry.dims:
+        raise CbirError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(entry.dims)}")
+    return entry.factory(weights=weights or entry.default_weights, pooling=pooling,
+                         device=resolve_device(device), **options)
+
+
+def from_config(config: dict[str, Any], device: str = "auto", weights: str | None = None) -> Encoder:
+    """Rebuild exactly the encoder an index was made with; any difference is an error, never a silent drift.
+
+    `weights` overrides where a weights file is found (an index moved to another machine), but its
+    sha256 must still match.
+    """
+    w = config["weights"]
+    source = w.get("source")
+    if weights is None:
+        weights = {"file": w.get("path"), "none": "none"}.get(source, source)
+    options = dict(config.get("options", {}))
+    enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device, **options)
+    if enc.weights.get("sha256") != w.get("sha256"):
+        raise CbirError(
+            f"encoder {config['name']}: the weights found ({enc.weights.get('path') or enc.weights.get('source')}, "
+            f"sha256 {str(enc.weights.get('sha256'))[:12]}) are not the ones this index was built with "
+            f"(sha256 {str(w.get('sha256'))[:12]}); pass the original file with --weights"
+        )
+    if enc.preprocess != Preprocess.from_dict(config["preprocess"]) or enc.dim != config["dim"]:
+        raise CbirError(f"encoder {config['name']}: preprocessing or dimension differ from the index's record")
+    return enc

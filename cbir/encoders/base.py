@@ -1,0 +1,195 @@
+"""What every encoder is: a network, its preprocessing, its pooling, and a description that rebuilds it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cbir.errors import CbirError
+
+POOLINGS = ("gem", "avg", "max", "fc")
+
+
+class WeightsUnavailable(CbirError):
+    """Weights that the encoder needs are not on this machine."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Turns a decoded RGB picture into the network's input; recorded in every index so search repeats it.
+
+    resize="center_crop": scale the shorter side to size/crop_pct, then cut the central size x size.
+    resize="squash": scale the whole picture to size x size (keeps everything, distorts aspect).
+    """
+
+    size: int = 224
+    resize: str = "center_crop"
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    @property
+    def draft_size(self) -> int:
+        """Smallest side the decoder must keep so that resizing never upsamples a draft decode."""
+        return int(round(self.size / self.crop_pct)) if self.resize == "center_crop" else self.size
+
+    def __call__(self, im: Image.Image) -> np.ndarray:
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.interpolation]
+        w, h = im.size
+        if self.resize == "squash":
+            im = im.resize((self.size, self.size), resample, reducing_gap=3.0)
+        else:
+            short = self.draft_size
+            scale = short / min(w, h)
+            nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+            im = im.resize((nw, nh), resample, reducing_gap=3.0)
+            left, top = (nw - self.size) // 2, (nh - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+        arr = np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (p=3): between average and max, the usual best choice for retrieval."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.eps = p, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+
+
+def make_pool(pooling: str) -> nn.Module:
+    if pooling == "gem":
+        return GeM()
+    if pooling == "avg":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if pooling == "max":
+        return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    raise CbirError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_state(model: nn.Module) -> str:
+    """Hash of the parameters and buffers themselves, for weights that have no file (random or trained)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    import cbir
+
+    return {"cbir": cbir.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__}
+
+
+@dataclass
+class Encoder:
+    """A ready network: `embed(images)` gives float32, L2-normalised rows of length `dim`.
+
+    `config` is the complete description (name, weights identity and sha256, pooling, preprocessing,
+    library versions); `cbir.encoders.from_config(config)` rebuilds the same encoder.
+    """
+
+    name: str
+    model: nn.Module
+    dim: int
+    preprocess: Preprocess
+    pooling: str
+    weights: dict[str, Any]
+    device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device)
+        if self.device.type == "cpu":
+            self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "pooling": self.pooling,
+            "weights": self.weights,
+            "preprocess": self.preprocess.to_dict(),
+            "options": self.options,
+            "versions": library_versions(),
+        }
+
+    @torch.inference_mode()
+    def embed_tensor(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed batch [B, 3, H, W]."""
+        x = torch.as_tensor(batch).to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.model(x).float().flatten(1)
+        feats = F.normalize(feats, dim=1)
+        return np.ascontiguousarray(feats.cpu().numpy(), dtype=np.float32)
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """Embed decoded RGB pictures."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.embed_tensor(np.stack([self.preprocess(im) for im in images]))
+
+    def __repr__(self) -> str:
+        w = self.weights.get("source", "?")
+        return f"Encoder({self.name}, dim={self.dim}, pooling={self.pooling}, weights={w}, device={self.device})"
+
+
+def state_dict_from_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a state dict (or a cbir checkpoint holding one under 'state_dict') without running pickled code."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsUnavailable(f"weights file not found: {path}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        raise WeightsUnavailable(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsUnavailable(f"weights file {path} does not hold a state dict")
+    return obj
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightsUnavailable(f"weights in {source} do not fit this network: {first}") from exc

@@ -1,0 +1,203 @@
+"""The Python API: build an index of a folder, open it, search it.
+
+    from cbir import Index
+    Index.build("photos/", out="indexes/photos")
+    for r in Index.open("indexes/photos").search("query.jpg", k=10):
+        print(r.rank, r.score, r.path)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cbir import store as store_mod
+from cbir.encoders import Encoder, from_config
+from cbir.errors import CbirError
+from cbir.images import ImageError, load_image
+from cbir.search import VectorSearch, use_gpu
+
+VECTORS = "vectors.h5"
+FAISS = "faiss.index"
+DEFAULT_DIR = Path("indexes")
+
+Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Result:
+    rank: int
+    id: int
+    path: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_index_dir(path: str | os.PathLike[str]) -> Path:
+    """Accept the index folder, its vectors.h5, or a bare name under ./indexes/."""
+    p = Path(path)
+    if p.is_file() and p.name == VECTORS:
+        p = p.parent
+    if not p.exists() and not p.is_absolute() and (DEFAULT_DIR / p).exists():
+        p = DEFAULT_DIR / p
+    if not (p / VECTORS).is_file():
+        raise CbirError(f"no index at {path} (expected {p / VECTORS}); build one with: cbir index DIR --out {path}")
+    return p
+
+
+class Index:
+    """An opened index: its vectors and metadata, its FAISS index, and (on first image query) its encoder."""
+
+    def __init__(self, directory: Path, store: store_mod.Store, search: VectorSearch, device: str = "auto",
+                 weights: str | None = None) -> None:
+        self.directory = directory
+        self.store = store
+        self.searcher = search
+        self.device = device
+        self._weights = weights
+        self._encoder: Encoder | None = None
+        self._lock = threading.Lock()
+        self._pos = {int(i): n for n, i in enumerate(store.ids)}
+
+    # -- building and opening -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+              encoder: str = "efficientnet_lite0", weights: str | None = None, pooling: str | None = None,
+              batch_size: int = 32, device: str = "auto", workers: int | None = None, progress: bool = False,
+              exclude: tuple[str, ...] = (), rebuild: bool = False) -> Index:
+        """Embed every image under `root` and write the index to `out` (default ./indexes/<folder name>)."""
+        from cbir.encoders import create
+        from indexer.pipeline import build_index
+
+        root = Path(root)
+        out = Path(out) if out is not None else DEFAULT_DIR / root.resolve().name
+        enc = create(encoder, weights=weights, pooling=pooling, device=device)
+        build_index(root, out, enc, batch_size=batch_size, workers=workers, progress=progress,
+                    exclude=exclude, rebuild=rebuild)
+        index = cls.open(out, device=device)
+        index._encoder = enc
+        return index
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], device: str = "auto", weights: str | None = None) -> Index:
+        """Open an index folder. `weights` says where a weights file now is if the index was moved."""
+        directory = resolve_index_dir(path)
+        store = store_mod.read(directory / VECTORS, vectors=True)
+        assert store.vectors is not None
+        gpu = use_gpu(device)
+        faiss_path = directory / FAISS
+        search: VectorSearch | None = None
+        if faiss_path.is_file():
+            search = VectorSearch.load(faiss_path, gpu=gpu)
+            if search.ntotal != len(store) or search.dim != store.dim or not np.array_equal(search.ids, store.ids):
+                warnings.warn(f"{faiss_path} does not match {VECTORS}; searching a fresh index built from the "
+                              "vectors", stacklevel=2)
+                search = None
+        if search is None:
+            search = VectorSearch.build(store.vectors, store.ids, gpu=gpu)
+        return cls(directory, store, search, device=device, weights=weights)
+
+    # -- properties -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def encoder_config(self) -> dict[str, Any]:
+        return self.store.encoder_config
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder this index was built with, rebuilt exactly from its record (loaded once)."""
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = from_config(self.encoder_config, device=self.device, weights=self._weights)
+            return self._encoder
+
+    def path_of(self, id_: int) -> str:
+        try:
+            return self.store.paths[self._pos[int(id_)]]
+        except KeyError:
+            raise CbirError(f"no image with id {id_} in index {self.name}") from None
+
+    def vector_of(self, id_: int) -> np.ndarray:
+        self.path_of(id_)
+        assert self.store.vectors is not None
+        return self.store.vectors[self._pos[int(id_)]]
+
+    def file_of(self, id_: int) -> Path:
+        return self.root / self.path_of(id_)
+
+    # -- searching ------------------------------------------------------------------------------------
+    def embed(self, query: Query) -> np.ndarray:
+        """A query (path, bytes, PIL image or ready vector) as one L2-normalised vector."""
+        if isinstance(query, np.ndarray):
+            v = np.asarray(query, np.float32).reshape(-1)
+            if v.shape[0] != self.store.dim:
+                raise CbirError(f"query vector has dimension {v.shape[0]}, index {self.name} has {self.store.dim}")
+            return v / max(float(np.linalg.norm(v)), 1e-12)
+        enc = self.encoder
+        if isinstance(query, Image.Image):
+            im = query.convert("RGB")
+        else:
+            if isinstance(query, (str, os.PathLike)) and not Path(query).exists():
+                raise CbirError(f"query image not found: {query}")
+            try:
+                src = query if not isinstance(query, io.IOBase) else query.read()
+                im = load_image(src, draft=enc.preprocess.draft_size)
+            except ImageError as exc:
+                raise CbirError(f"cannot use the query image: {exc}") from exc
+        return enc.embed([im])[0]
+
+    def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
+        """The k most similar indexed images, best first."""
+        return self.search_vector(self.embed(query), k, exclude_ids)
+
+    def search_id(self, id_: int, k: int = 10, include_self: bool = False) -> list[Result]:
+        """"More like this" for an indexed image, without decoding it again."""
+        return self.search_vector(self.vector_of(id_), k, () if include_self else (int(id_),))
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
+        if not isinstance(k, int) or k < 1:
+            raise CbirError(f"k must be a positive whole number, not {k!r}")
+        scores, ids = self.searcher.search(vector[None, :], k + len(exclude_ids))
+        results: list[Result] = []
+        for score, id_ in zip(scores[0], ids[0], strict=True):
+            if id_ < 0 or int(id_) in exclude_ids:
+                continue
+            results.append(Result(len(results) + 1, int(id_), self.path_of(int(id_)), float(score)))
+            if len(results) == k:
+                break
+        return results
+
+    def info(self) -> dict[str, Any]:
+        a = self.store.attrs
+        return {
+            "index": str(self.directory),
+            "images": len(self),
+            "skipped": len(self.store.skipped),
+            "dim": self.store.dim,
+            "root": a.get("root"),
+            "encoder": self.encoder_config,
+            "created": a.get("created"),
+            "cbir_version": a.get("cbir_version"),
+            "faiss": {"type": "IndexIDMap2(IndexFlatIP)", "gpu": self.searcher.gpu, "ntotal": self.searcher.ntotal},
+            "seconds": float(a.get("seconds", 0.0)),
+        }

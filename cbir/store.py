@@ -1,0 +1,160 @@
+"""The vectors file (`vectors.h5`): embeddings and the metadata that belongs to each row, in one HDF5 file.
+
+Layout (format 1):
+    vectors   float32 [N, D]   L2-normalised rows (optionally float16 on disk)
+    paths     utf-8    [N]     relative to the attribute `root`
+    ids       int64    [N]     stable ids; FAISS returns these
+    mtime_ns  int64    [N]
+    size      int64    [N]
+    skipped/path, skipped/reason   utf-8 [M]
+    attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete
+
+Rows are appended batch by batch as they are embedded, so memory does not grow with the collection;
+`complete` is set only when the writer closes normally, and readers refuse a file without it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cbir.errors import CbirError
+
+FORMAT = 1
+STR = h5py.string_dtype("utf-8")
+
+
+class VectorWriter:
+    """Streams rows into a new vectors file."""
+
+    def __init__(self, path: Path, dim: int, attrs: dict[str, Any], chunk_rows: int = 1024,
+                 dtype: str = "float32") -> None:
+        self.path = Path(path)
+        self.dim = dim
+        self.count = 0
+        self.f = h5py.File(self.path, "w")
+        chunk = (chunk_rows, dim)
+        self.f.create_dataset("vectors", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=chunk)
+        for name, dt in (("paths", STR), ("ids", "int64"), ("mtime_ns", "int64"), ("size", "int64")):
+            self.f.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(chunk_rows,))
+        g = self.f.create_group("skipped")
+        for name in ("path", "reason"):
+            g.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(256,))
+        for key, value in attrs.items():
+            self.f.attrs[key] = value
+        self.f.attrs["format"] = FORMAT
+        self.f.attrs["dim"] = dim
+        self.f.attrs["complete"] = False
+
+    def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
+               ids: Sequence[int] | None = None) -> None:
+        n = len(paths)
+        if n == 0:
+            return
+        if vectors.shape != (n, self.dim):
+            raise ValueError(f"expected vectors of shape ({n}, {self.dim}), got {vectors.shape}")
+        if ids is None:
+            ids = range(self.count, self.count + n)
+        start, stop = self.count, self.count + n
+        columns = {"vectors": vectors, "paths": list(paths), "ids": np.asarray(ids, np.int64),
+                   "mtime_ns": np.asarray(mtime_ns, np.int64), "size": np.asarray(sizes, np.int64)}
+        for name, data in columns.items():
+            ds = self.f[name]
+            ds.resize(stop, axis=0)
+            ds[start:stop] = data
+        self.count = stop
+
+    def add_skipped(self, path: str, reason: str) -> None:
+        g = self.f["skipped"]
+        n = g["path"].shape[0]
+        for name, value in (("path", path), ("reason", reason)):
+            g[name].resize(n + 1, axis=0)
+            g[name][n] = value
+
+    def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
+        """Mark the file complete and close it; only a file closed this way is ever opened for search."""
+        for key, value in (extra_attrs or {}).items():
+            self.f.attrs[key] = value
+        self.f.attrs["count"] = self.count
+        self.f.attrs["complete"] = True
+        self.f.close()
+
+    def abort(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+
+@dataclass
+class Store:
+    """Everything in a vectors file, read into memory (the vectors themselves only when asked)."""
+
+    path: Path
+    attrs: dict[str, Any]
+    paths: list[str]
+    ids: np.ndarray
+    mtime_ns: np.ndarray
+    size: np.ndarray
+    skipped: list[tuple[str, str]]
+    vectors: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def encoder_config(self) -> dict[str, Any]:
+        return json.loads(self.attrs["encoder_config"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def root(self) -> Path:
+        return Path(self.attrs["root"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else s for s in ds[()]]
+
+
+def read(path: Path, vectors: bool = True) -> Store:
+    path = Path(path)
+    if not path.is_file():
+        raise CbirError(f"no vectors file at {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            if not attrs.get("complete", False):
+                raise CbirError(f"{path} is incomplete (its indexing run did not finish); re-run cbir index")
+            if int(attrs.get("format", 0)) > FORMAT:
+                raise CbirError(f"{path} was written by a newer cbir (format {attrs['format']}); upgrade cbir")
+            store = Store(
+                path=path,
+                attrs=attrs,
+                paths=_strings(f["paths"]),
+                ids=f["ids"][()].astype(np.int64),
+                mtime_ns=f["mtime_ns"][()],
+                size=f["size"][()],
+                skipped=list(zip(_strings(f["skipped/path"]), _strings(f["skipped/reason"]), strict=True)),
+            )
+            if vectors:
+                store.vectors = np.ascontiguousarray(f["vectors"][()], dtype=np.float32)
+    except OSError as exc:
+        raise CbirError(f"cannot read {path}: {exc}") from exc
+    n = len(store.paths)
+    if not (len(store.ids) == len(store.mtime_ns) == len(store.size) == n == int(attrs.get("count", n))):
+        raise CbirError(f"{path} is inconsistent: its columns have different lengths")
+    if store.vectors is not None and store.vectors.shape != (n, store.dim):
+        raise CbirError(f"{path} is inconsistent: vectors {store.vectors.shape} for {n} paths of dim {store.dim}")
+    return store
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,1 @@
+"""The query-by-image web page and JSON API (Flask application factory)."""
