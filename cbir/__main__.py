@@ -1,3 +1,5 @@
-from cbir.cli import main
 import sys
+
+from cbir.cli import main
+
 sys.exit(main())

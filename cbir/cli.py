@@ -13,11 +13,11 @@ from cbir.errors import CbirError
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from cbir.encoders import create
-    from indexer.pipeline import build_index
-
-    from cbir.index import DEFAULT_DIR
     from pathlib import Path
+
+    from cbir.encoders import create
+    from cbir.index import DEFAULT_DIR
+    from indexer.pipeline import build_index
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -68,7 +68,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"encoder   {enc['name']}  dim {enc['dim']}  pooling {enc['pooling']}  "
           f"input {enc['preprocess']['size']}px {enc['preprocess']['resize']}")
     print(f"weights   {w.get('source')}  {w.get('path') or w.get('package') or ''}  sha256 {w.get('sha256', '')[:16]}")
-    print(f"versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
+    print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
     print(f"faiss     {info['faiss']['type']}  gpu={info['faiss']['gpu']}")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
     for p, r in index.store.skipped[: args.show_skipped]:

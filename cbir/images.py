@@ -10,7 +10,7 @@ import fnmatch
 import io
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,13 @@ def discover(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Disco
             if entry.is_symlink() and not os.path.exists(entry.path):
                 skipped.append(Skipped(child_rel, "broken symlink"))
                 continue
+            try:
+                regular = entry.is_file(follow_symlinks=True)
+            except OSError:
+                regular = False
+            if not regular:  # a FIFO or device named .jpg would block or stream forever
+                skipped.append(Skipped(child_rel, "not a regular file"))
+                continue
             files.append(child_rel)
 
     walk(root_path, "")
@@ -175,12 +182,3 @@ def load_image(source: str | os.PathLike[str] | bytes | io.IOBase, draft: int | 
         if "truncated" in text:
             raise ImageError("truncated image (the file ends early)") from exc
         raise ImageError(f"corrupt image: {text}") from exc
-
-
-def iter_images(root: Path, files: list[str], draft: int | None = None) -> Iterator[tuple[str, Image.Image | None, str]]:
-    """Yield (relative path, image or None, reason) for each file, in order."""
-    for rel in files:
-        try:
-            yield rel, load_image(root / rel, draft=draft), ""
-        except ImageError as exc:
-            yield rel, None, str(exc)

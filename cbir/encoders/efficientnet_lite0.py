@@ -51,7 +51,9 @@ def _by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         load_state(model, state, source)
         return
     if len(state) != len(target):
-        raise WeightsUnavailable(f"weights in {source} hold {len(state)} tensors; tf_efficientnet_lite0 has {len(target)}")
+        raise WeightsUnavailable(
+            f"weights in {source} hold {len(state)} tensors; tf_efficientnet_lite0 has {len(target)}"
+        )
     renamed: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (key, want), tensor in zip(target.items(), state.values(), strict=True):
         if tuple(want.shape) != tuple(tensor.shape):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 
-from cbir.encoders import register
 from cbir.encoders import _torchvision as tv
+from cbir.encoders import register
 from cbir.encoders.base import Encoder, Preprocess, make_pool
 
 PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)

@@ -1,0 +1,50 @@
+"""Shared fixtures: real pictures (the bundled samples), generated bad files, and one built index."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Never reach for the network from a test, and keep torchvision's cache inside the test run.
+os.environ["CBIR_OFFLINE"] = "1"
+
+SAMPLES = Path(__file__).resolve().parent.parent / "cbir" / "samples"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_torch_home(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("torch_home")
+    old = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def good_and_bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the sample photos plus one file of every bad kind (see badfiles.py)."""
+    from tests.badfiles import write_bad_files
+
+    root = tmp_path_factory.mktemp("collection")
+    shutil.copytree(SAMPLES, root / "photos", ignore=shutil.ignore_patterns("*.py", "*.md"))
+    write_bad_files(root / "bad")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory: pytest.TempPathFactory, good_and_bad: Path):
+    from cbir import Index
+
+    out = tmp_path_factory.mktemp("idx") / "sample"
+    return Index.build(good_and_bad, out=out, encoder="efficientnet_lite0", device="cpu", batch_size=8)

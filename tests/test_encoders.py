@@ -1,0 +1,146 @@
+"""Encoders: registry, output contract, real EfficientNet-Lite0 weights, torchvision weight handling."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cbir.encoders as encoders
+from cbir.encoders import WeightsUnavailable, create, from_config
+from cbir.errors import CbirError
+from cbir.images import load_image
+from tests.badfiles import photo
+
+IMAGES = [photo(seed=s) for s in range(3)]
+
+
+def test_registry_lists_all_builtin_encoders() -> None:
+    names = [e.name for e in encoders.list_encoders()]
+    assert {"efficientnet_lite0", "resnet50", "vgg16"} <= set(names)
+    entry = encoders.get_entry("efficientnet_lite0")
+    assert entry.dims["avg"] == 1280 and entry.weights_status().startswith("present")
+
+
+def test_register_decorator_plugs_in_a_new_encoder() -> None:
+    from torch import nn
+
+    from cbir.encoders.base import Encoder, Preprocess
+
+    @encoders.register("tiny_test", description="test", dims={"avg": 3}, default_pooling="avg",
+                       default_weights="none")
+    def _make(weights: str, pooling: str, device: torch.device) -> Encoder:
+        net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return Encoder("tiny_test", net, 3, Preprocess(size=32), pooling, {"source": "none", "sha256": "0"}, device)
+
+    try:
+        enc = create("tiny_test", device="cpu")
+        v = enc.embed(IMAGES)
+        assert v.shape == (3, 3) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    finally:
+        encoders._REGISTRY.pop("tiny_test")
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(CbirError, match="unknown encoder 'nope'.*available"):
+        create("nope")
+    with pytest.raises(CbirError, match="no pooling 'fc'"):
+        create("efficientnet_lite0", pooling="fc")
+
+
+@pytest.mark.parametrize(
+    ("name", "pooling", "dim"),
+    [("resnet50", "gem", 2048), ("resnet50", "avg", 2048), ("resnet50", "max", 2048), ("resnet50", "fc", 1000),
+     ("vgg16", "gem", 512), ("vgg16", "fc", 4096), ("efficientnet_lite0", "gem", 1280)],
+)
+def test_output_contract_float32_unit_rows(name: str, pooling: str, dim: int) -> None:
+    enc = create(name, weights="none", pooling=pooling, device="cpu")
+    v = enc.embed(IMAGES)
+    assert enc.dim == dim and v.shape == (3, dim) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(v[0], v[1])
+
+
+def test_random_weights_are_reproducible_and_identified() -> None:
+    a, b = create("resnet50", weights="none", device="cpu"), create("resnet50", weights="none", device="cpu")
+    assert a.weights["sha256"] == b.weights["sha256"] and a.weights["source"] == "none"
+    np.testing.assert_array_equal(a.embed(IMAGES[:1]), b.embed(IMAGES[:1]))
+
+
+def test_efficientnet_real_weights_recognise_a_cat(samples: Path) -> None:
+    """The packaged ImageNet weights load by position and classify the bundled cat photo as a cat."""
+    enc = create("efficientnet_lite0", device="cpu")
+    backbone = enc.model.backbone
+    x = torch.from_numpy(enc.preprocess(load_image(samples / "cat" / "chelsea.jpg")))[None]
+    with torch.inference_mode():
+        top5 = backbone(x).softmax(1)[0].topk(5).indices.tolist()
+    assert set(top5) & set(range(281, 286)), top5  # ImageNet classes 281-285 are domestic cats
+    assert enc.weights["source"] == "imagenet" and len(enc.weights["sha256"]) == 64
+
+
+def test_config_rebuilds_identical_encoder() -> None:
+    enc = create("efficientnet_lite0", device="cpu")
+    again = from_config(enc.config, device="cpu")
+    np.testing.assert_array_equal(enc.embed(IMAGES), again.embed(IMAGES))
+    for key in ("name", "dim", "pooling", "weights", "preprocess", "versions"):
+        assert key in enc.config
+    assert enc.config["preprocess"]["mean"] == [0.498] * 3 or tuple(enc.config["preprocess"]["mean"]) == (0.498,) * 3
+
+
+def test_config_with_other_weights_is_refused_and_moved_file_accepted(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tmp_path / "r50.pth"
+    state = torchvision.models.resnet50().state_dict()
+    torch.save(state, path)
+    cfg = create("resnet50", weights=str(path), device="cpu").config
+    moved = tmp_path / "moved.pth"
+    path.rename(moved)
+    assert from_config(cfg, device="cpu", weights=str(moved)).weights["sha256"] == cfg["weights"]["sha256"]
+    state["conv1.weight"] += 1
+    torch.save(state, path)
+    with pytest.raises(CbirError, match="not the ones this index was built with"):
+        from_config(cfg, device="cpu")
+
+
+def test_missing_torchvision_weights_fail_with_instructions(_isolated_torch_home: Path) -> None:
+    with pytest.raises(WeightsUnavailable) as info:
+        create("vgg16", device="cpu")  # weights="imagenet" by default, nothing in TORCH_HOME, offline
+    msg = str(info.value)
+    assert "vgg16-397923af.pth" in msg and str(_isolated_torch_home) in msg and "--weights" in msg
+
+
+def test_imagenet_weights_are_found_in_torch_home(_isolated_torch_home: Path) -> None:
+    """Torchvision's standard cache path: a file placed there is used (here test-made weights)."""
+    import torchvision
+
+    ckpt = _isolated_torch_home / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    path = ckpt / "resnet50-0676ba61.pth"
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    try:
+        enc = create("resnet50", device="cpu")
+        assert enc.weights["source"] == "imagenet" and enc.weights["path"] == str(path)
+        assert "present" in encoders.get_entry("resnet50").weights_status()
+        assert enc.embed(IMAGES[:1]).shape == (1, 2048)
+    finally:
+        os.remove(path)
+
+
+def test_bad_weights_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailable, match="neither 'imagenet', 'none' nor an existing file"):
+        create("resnet50", weights=str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailable, match="cannot read weights file"):
+        create("resnet50", weights=str(junk))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(WeightsUnavailable, match="do not fit"):
+        create("vgg16", weights=str(wrong))
+    with pytest.raises(WeightsUnavailable, match="hold 1 tensors"):
+        create("efficientnet_lite0", weights=str(wrong))
