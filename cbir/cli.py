@@ -93,6 +93,29 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from waitress import create_server
+
+    from webui import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device,
+                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                           max_request_body_size=int(args.max_upload_mb * 1024 * 1024) + 65536)
+    names = ", ".join(app.extensions["cbir"].names)
+    print(f"serving {names} on http://{args.host}:{server.effective_port}/  (Ctrl+C stops)", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cbir import __version__
 
@@ -123,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--weights", help="where the index's weights file is now, if it moved")
     s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
+    s.add_argument("indexes", nargs="+", metavar="INDEX", help="index folders (the first is the default)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="describe an index")
     s.add_argument("index")

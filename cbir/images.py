@@ -179,6 +179,6 @@ def load_image(source: str | os.PathLike[str] | bytes | io.IOBase, draft: int | 
         raise ImageError("file not found (deleted or moved)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc) or exc.__class__.__name__
-        if "truncated" in text:
+        if "truncated" in text.lower():
             raise ImageError("truncated image (the file ends early)") from exc
         raise ImageError(f"corrupt image: {text}") from exc

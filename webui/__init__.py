@@ -1,1 +1,9 @@
-"""The query-by-image web page and JSON API (Flask application factory)."""
+"""The query-by-image web page and JSON API.
+
+    from webui import create_app
+    app = create_app({"INDEXES": ["indexes/sample"]})
+"""
+
+from webui.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,169 @@
+"""The JSON API and the no-JavaScript page through the real app (Flask test client, real index)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from cbir import Index
+from tests.badfiles import bomb_png, jpeg_bytes, photo
+from webui import create_app
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> dict:
+    base = tmp_path_factory.mktemp("web")
+    root = base / "photos"
+    shutil.copytree(samples, root, ignore=shutil.ignore_patterns("*.py", "*.md"))
+    outside = base / "outside.jpg"
+    outside.write_bytes(jpeg_bytes(photo(seed=99)))
+    os.symlink(outside, root / "cat" / "zz_link_out.jpg")  # indexed, but points outside the root
+    Index.build(root, out=base / "idx" / "sample", device="cpu")
+    Index.build(root / "cat", out=base / "idx" / "cats", device="cpu")
+    app = create_app({"INDEXES": [base / "idx" / "sample", base / "idx" / "cats"], "DEVICE": "cpu",
+                      "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "RELOAD_CHECK_SECONDS": 0.0})
+    return {"app": app, "client": app.test_client(), "root": root, "base": base}
+
+
+def chelsea(served: dict) -> bytes:
+    return (served["root"] / "cat" / "chelsea.jpg").read_bytes()
+
+
+def test_multipart_upload_returns_the_documented_shape(served: dict) -> None:
+    r = served["client"].post("/api/search", data={"image": (io.BytesIO(chelsea(served)), "q.jpg")})
+    assert r.status_code == 200
+    body = r.get_json()
+    assert set(body) >= {"index", "encoder", "k", "took_ms", "results"}
+    assert body["index"] == "sample" and body["encoder"] == "efficientnet_lite0" and body["k"] == 10
+    assert len(body["results"]) == 10 and body["results"][0]["path"] == "cat/chelsea.jpg"
+    first = body["results"][0]
+    assert set(first) >= {"rank", "id", "path", "score", "thumbnail_url", "image_url"}
+    assert first["rank"] == 1 and first["score"] > 0.999
+
+
+def test_raw_body_upload_k_and_index(served: dict) -> None:
+    r = served["client"].post("/api/search?k=3&index=cats", data=chelsea(served),
+                              content_type="image/jpeg")
+    body = r.get_json()
+    assert r.status_code == 200 and body["index"] == "cats" and len(body["results"]) == 3
+    assert body["results"][0]["path"] == "chelsea.jpg"
+
+
+def test_search_by_id_excludes_the_query(served: dict) -> None:
+    c = served["client"]
+    top = c.post("/api/search?k=2", data=chelsea(served), content_type="image/png").get_json()["results"][0]
+    r = c.get(f"/api/search?id={top['id']}&k=3")
+    body = r.get_json()
+    assert r.status_code == 200 and top["id"] not in [x["id"] for x in body["results"]]
+    assert all(x["path"].startswith("cat/chelsea") for x in body["results"])
+
+
+def test_indexes_and_health(served: dict) -> None:
+    c = served["client"]
+    names = [i["name"] for i in c.get("/api/indexes").get_json()["indexes"]]
+    assert names == ["sample", "cats"]
+    health = c.get("/api/health").get_json()
+    assert health["status"] == "ok" and health["indexes"] == 2 and health["images"] > 36
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "words"),
+    [
+        ({"data": b"hello, not an image", "content_type": "image/jpeg"}, 400, "not an image"),
+        ({"data": b"", "content_type": "image/jpeg"}, 400, "empty"),
+        ({"data": jpeg_bytes(photo())[:300], "content_type": "image/jpeg"}, 400, "truncated"),
+        ({"data": bomb_png(), "content_type": "image/png"}, 400, "too large"),
+        ({"data": b"x" * (3 * 1024 * 1024), "content_type": "image/jpeg"}, 413, "too large"),
+        ({"data": "{}", "content_type": "application/json"}, 415, "multipart field 'image'"),
+        ({"data": {"other": (io.BytesIO(b"x"), "a.jpg")}}, 400, "field 'image'"),
+    ],
+)
+def test_bad_uploads_are_clear_4xx_json(served: dict, kwargs: dict, status: int, words: str) -> None:
+    r = served["client"].post("/api/search", **kwargs)
+    assert r.status_code == status, r.data[:300]
+    assert words in r.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "words"),
+    [
+        ("/api/search?id=123456", 404, "no image with id"),
+        ("/api/search?id=abc", 400, "whole number"),
+        ("/api/search?id=1&index=nope", 404, "no index named"),
+        ("/api/search?id=1&k=0", 400, "k must be"),
+        ("/api/search?id=1&k=-3", 400, "k must be"),
+        ("/api/search?id=1&k=ten", 400, "k must be"),
+        ("/api/search?id=1&k=100000", 400, "k must be"),
+        ("/api/search", 400, "needs ?id=N"),
+        ("/api/nothing", 404, "Not Found"),
+    ],
+)
+def test_bad_parameters(served: dict, url: str, status: int, words: str) -> None:
+    r = served["client"].get(url)
+    assert r.status_code == status and words in r.get_json()["error"]
+
+
+def test_images_and_thumbnails_by_id_only(served: dict) -> None:
+    c = served["client"]
+    body = c.post("/api/search?k=1", data=chelsea(served), content_type="image/jpeg").get_json()
+    r = body["results"][0]
+    img = c.get(r["image_url"])
+    assert img.status_code == 200 and img.data == chelsea(served)
+    thumb = c.get(r["thumbnail_url"])
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg" and len(thumb.data) < len(img.data)
+    assert c.get(r["thumbnail_url"]).data == thumb.data  # cached
+    for url in ["/image/sample/999999", "/image/nope/1", "/image/sample/..%2F..%2Fetc%2Fpasswd",
+                "/image/sample/-1", "/image/../../etc/passwd", "/thumb/sample/%2Fetc%2Fpasswd",
+                "/image//etc/passwd"]:
+        assert c.get(url).status_code == 404, url
+
+
+def test_symlink_out_of_the_root_is_not_served(served: dict) -> None:
+    c = served["client"]
+    index = served["app"].extensions["cbir"].get("sample")
+    id_ = int(index.store.ids[index.store.paths.index("cat/zz_link_out.jpg")])
+    assert c.get(f"/image/sample/{id_}").status_code == 404
+    assert c.get(f"/thumb/sample/{id_}").status_code == 404
+
+
+def test_page_works_without_javascript(served: dict) -> None:
+    c = served["client"]
+    page = c.get("/")
+    assert page.status_code == 200 and b'enctype="multipart/form-data"' in page.data and b"<select" in page.data
+    r = c.post("/", data={"image": (io.BytesIO(chelsea(served)), "q.jpg"), "k": "5", "index": "sample"})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and html.count('class="card') == 5 and "cat/chelsea.jpg" in html
+    assert "data:image/jpeg;base64," in html  # the query is shown
+    more = c.get("/?id=1&k=5&index=sample")
+    assert more.status_code == 200 and more.get_data(as_text=True).count('class="card') == 5
+    bad = c.post("/", data={"image": (io.BytesIO(b"plain text"), "q.png")})
+    assert bad.status_code == 400 and "not a usable image" in bad.get_data(as_text=True)
+    big = c.post("/", data={"image": (io.BytesIO(b"x" * (3 * 1024 * 1024)), "q.jpg")})
+    assert big.status_code == 413 and "too large" in big.get_data(as_text=True)
+
+
+def test_rebuilt_index_is_picked_up_without_restart(served: dict) -> None:
+    c = served["client"]
+    before = c.get("/api/indexes").get_json()["indexes"][1]
+    assert before["name"] == "cats" and before["images"] == 5
+    Index.build(served["root"] / "coffee", out=served["base"] / "idx" / "cats", device="cpu", rebuild=True)
+    time.sleep(0.01)
+    after = {i["name"]: i for i in c.get("/api/indexes").get_json()["indexes"]}["cats"]
+    assert after["images"] == 4
+    r = c.get("/api/search?index=cats&id=0&k=1").get_json()
+    assert r["results"][0]["path"].startswith("coffee")
+    assert c.post("/api/reload?force=1").get_json()["reloaded"] == ["sample", "cats"]
+
+
+def test_app_factory_loads_nothing_at_import() -> None:
+    import subprocess
+    import sys
+
+    code = "import webui, sys; assert 'torch' not in sys.modules, 'torch at import'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr

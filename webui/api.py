@@ -1,0 +1,64 @@
+"""JSON API: /api/search, /api/indexes, /api/health, /api/reload."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from webui import query
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+@api.errorhandler(query.QueryError)
+def _query_error(exc: query.QueryError):
+    return jsonify(error=exc.message, status=exc.status), exc.status
+
+
+def _uploaded_image() -> bytes:
+    """The image from a multipart field `image`, or from a raw body typed image/*."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise query.QueryError(400, "no file in the multipart field 'image'")
+        return upload.read()
+    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        return request.get_data(cache=False)
+    raise query.QueryError(
+        415 if request.content_length else 400,
+        "send the image as a multipart field 'image', or as the raw body with Content-Type image/jpeg, "
+        "image/png, image/webp ...",
+    )
+
+
+@api.route("/search", methods=["GET", "POST"])
+def search():
+    k = query.parse_k(request.args.get("k"))
+    index = request.args.get("index") or None
+    if request.method == "GET":
+        raw_id = request.args.get("id")
+        if raw_id is None:
+            raise query.QueryError(400, "GET /api/search needs ?id=N (an indexed image); POST an image instead")
+        return jsonify(query.search(index, k, id_=query.parse_id(raw_id)))
+    return jsonify(query.search(index, k, image=_uploaded_image()))
+
+
+@api.get("/indexes")
+def indexes():
+    out = []
+    for served in query.indexes().all():
+        cfg = served.index.encoder_config
+        out.append({"name": served.name, "images": len(served.index), "encoder": cfg["name"], "dim": cfg["dim"],
+                    "pooling": cfg["pooling"], "created": served.index.store.attrs.get("created")})
+    return jsonify(indexes=out, default=query.indexes().default)
+
+
+@api.get("/health")
+def health():
+    state = query.indexes()
+    return jsonify(status="ok", indexes=len(state.names), images=sum(len(s.index) for s in state.all()))
+
+
+@api.post("/reload")
+def reload():
+    """Reopen indexes rebuilt on disk now (they are also picked up by themselves within a second)."""
+    return jsonify(reloaded=query.indexes().reload(force=request.args.get("force") == "1"))

@@ -1,0 +1,39 @@
+"""Application factory: `create_app({"INDEXES": [...]})` loads the indexes and encoders once, at start-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+DEFAULTS: dict[str, Any] = {
+    "INDEXES": [],  # index folders to serve; the first is the default
+    "DEVICE": "auto",
+    "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # uploads over 20 MB get 413
+    "RELOAD_CHECK_SECONDS": 1.0,  # how often to look for a rebuilt index on disk
+    "BUSY_TIMEOUT_SECONDS": 15.0,  # wait for the encoder at most this long, then 503
+    "MAX_K": 100,
+}
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    from webui.files import ThumbnailCache
+    from webui.state import IndexSet
+
+    app = Flask(__name__)
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    app.extensions["cbir"] = IndexSet(
+        [str(p) for p in app.config["INDEXES"]],
+        device=app.config["DEVICE"],
+        check_every=app.config["RELOAD_CHECK_SECONDS"],
+        busy_timeout=app.config["BUSY_TIMEOUT_SECONDS"],
+    )
+    app.extensions["cbir_thumbs"] = ThumbnailCache()
+
+    from webui.api import api
+    from webui.pages import pages
+
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+    return app
