@@ -65,7 +65,7 @@ def main() -> None:
         queries.update(members[cut:])
     cbir = [sys.executable, "-m", "cbir"]
     rows = []
-    for name, weights in [("efficientnet_lite0", None), ("colour_histogram", None)]:
+    for name in ("efficientnet_lite0", "colour_histogram"):
         out = work / f"index-{name}"
         secs = run([*cbir, "index", str(data), "--out", str(out), "--encoder", name, "--rebuild", "-q"])
         rows.append((name, "-", secs, p_at_10(out, queries)))

@@ -8,6 +8,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cbir.errors import CbirError
 
@@ -23,11 +24,21 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise CbirError(f"folder not found: {args.dir}" if not root.exists() else f"not a folder: {args.dir}")
     out = Path(args.out) if args.out else DEFAULT_DIR / root.resolve().name
-    enc = create(args.encoder, weights=args.weights, pooling=args.pooling, device=args.device)
+    if args.update and args.rebuild:
+        raise CbirError("--update and --rebuild exclude each other")
+    mode = "update" if args.update else "rebuild" if args.rebuild else "create"
+    if args.update and (out / "vectors.h5").is_file() and args.encoder is None:
+        from cbir.encoders import from_config
+        from cbir.store import read
+
+        enc = from_config(read(out / "vectors.h5", vectors=False).encoder_config, device=args.device)
+    else:
+        enc = create(args.encoder or "efficientnet_lite0", weights=args.weights, pooling=args.pooling,
+                     device=args.device)
     print(f"encoder: {enc.name} ({enc.dim}-d, {enc.pooling} pooling, weights {enc.weights['source']}, "
           f"device {enc.device})", file=sys.stderr)
     summary = build_index(root, out, enc, batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.quiet, exclude=tuple(args.exclude), rebuild=args.rebuild)
+                          progress=not args.quiet, exclude=tuple(args.exclude), mode=mode, verify=args.verify)
     print(summary.describe())
     return 0
 
@@ -123,6 +134,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 130 if result["interrupted"] else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cbir.bench.run import BenchConfig, run_bench
+
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise CbirError(f"--k takes numbers like 10,20, not {args.k!r}") from None
+    if min(ks) < 1:
+        raise CbirError("--k values must be at least 1")
+    labels = args.labels or "folders"
+    cfg = BenchConfig(dataset=args.dataset, out=args.out, encoders=args.encoders, ks=ks,
+                      split=_parse_split(args.split), seed=args.seed, queries=args.queries, device=args.device,
+                      labels=labels, train_epochs=args.train_epochs, progress=not args.quiet)
+    report = run_bench(cfg)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"reports: {args.out}/report.md, report.html, report.json ({report['seconds']:.0f} s)")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -157,14 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed every image in a folder and write an index")
     s.add_argument("dir", help="folder of images (searched recursively)")
     s.add_argument("--out", help="index folder to write (default: indexes/<folder name>)")
-    s.add_argument("--encoder", default="efficientnet_lite0", help="encoder name (see: cbir encoders)")
+    s.add_argument("--encoder", help="encoder name (default efficientnet_lite0; with --update: the index's own)")
     s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file")
     s.add_argument("--pooling", help="gem, avg, max or fc (default: the encoder's own)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--workers", type=int, help="decoding processes (default: by collection size and cores)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching names/paths")
-    s.add_argument("--rebuild", action="store_true", help="replace an existing index at --out")
+    s.add_argument("--rebuild", action="store_true", help="re-embed everything, replacing the index at --out "
+                   "when the new one is complete")
+    s.add_argument("--update", action="store_true", help="embed only new and changed files, drop deleted ones")
+    s.add_argument("--verify", action="store_true", help="with --update: compare file contents (sha256), not "
+                   "just size and modification time")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 
@@ -198,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="60,20,20", help="train,val,test percentages (stratified, seeded)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("bench", help="precision@k of every encoder on a labelled collection, side by side")
+    s.add_argument("dataset", help="folder with one sub-folder per class (or use --labels FILE.csv)")
+    s.add_argument("--encoders", default="efficientnet_lite0,resnet50,vgg16,siamese,autoencoder",
+                   help="comma-separated; NAME:none runs a torchvision encoder with random weights")
+    s.add_argument("--labels", help="CSV of file,label instead of class folders")
+    s.add_argument("--k", default="10,20", help="precision cut-offs (default 10,20)")
+    s.add_argument("--split", default="60,20,20", help="train,val,test percentages")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--queries", choices=["test", "all"], default="test")
+    s.add_argument("--out", default="bench-report", help="report folder (default ./bench-report)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--train-epochs", type=int, help="epochs for the trainable encoders (default: theirs)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
     s.add_argument("indexes", nargs="+", metavar="INDEX", help="index folders (the first is the default)")

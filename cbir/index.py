@@ -74,7 +74,8 @@ class Index:
     def build(cls, root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
               encoder: str = "efficientnet_lite0", weights: str | None = None, pooling: str | None = None,
               batch_size: int = 32, device: str = "auto", workers: int | None = None, progress: bool = False,
-              exclude: tuple[str, ...] = (), rebuild: bool = False) -> Index:
+              exclude: tuple[str, ...] = (), rebuild: bool = False, update: bool = False,
+              verify: bool = False) -> Index:
         """Embed every image under `root` and write the index to `out` (default ./indexes/<folder name>)."""
         from cbir.encoders import create
         from indexer.pipeline import build_index
@@ -82,8 +83,9 @@ class Index:
         root = Path(root)
         out = Path(out) if out is not None else DEFAULT_DIR / root.resolve().name
         enc = create(encoder, weights=weights, pooling=pooling, device=device)
+        mode = "update" if update else "rebuild" if rebuild else "create"
         build_index(root, out, enc, batch_size=batch_size, workers=workers, progress=progress,
-                    exclude=exclude, rebuild=rebuild)
+                    exclude=exclude, mode=mode, verify=verify)
         index = cls.open(out, device=device)
         index._encoder = enc
         return index

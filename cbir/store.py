@@ -6,6 +6,7 @@ Layout (format 1):
     ids       int64    [N]     stable ids; FAISS returns these
     mtime_ns  int64    [N]
     size      int64    [N]
+    sha256    utf-8    [N]     content hash (byte-identical duplicates, --update --verify)
     skipped/path, skipped/reason   utf-8 [M]
     attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete
 
@@ -42,7 +43,8 @@ class VectorWriter:
         self.f = h5py.File(self.path, "w")
         chunk = (chunk_rows, dim)
         self.f.create_dataset("vectors", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=chunk)
-        for name, dt in (("paths", STR), ("ids", "int64"), ("mtime_ns", "int64"), ("size", "int64")):
+        for name, dt in (("paths", STR), ("ids", "int64"), ("mtime_ns", "int64"), ("size", "int64"),
+                         ("sha256", STR)):
             self.f.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(chunk_rows,))
         g = self.f.create_group("skipped")
         for name in ("path", "reason"):
@@ -54,7 +56,7 @@ class VectorWriter:
         self.f.attrs["complete"] = False
 
     def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
-               ids: Sequence[int] | None = None) -> None:
+               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None) -> None:
         n = len(paths)
         if n == 0:
             return
@@ -64,7 +66,8 @@ class VectorWriter:
             ids = range(self.count, self.count + n)
         start, stop = self.count, self.count + n
         columns = {"vectors": vectors, "paths": list(paths), "ids": np.asarray(ids, np.int64),
-                   "mtime_ns": np.asarray(mtime_ns, np.int64), "size": np.asarray(sizes, np.int64)}
+                   "mtime_ns": np.asarray(mtime_ns, np.int64), "size": np.asarray(sizes, np.int64),
+                   "sha256": list(sha256) if sha256 is not None else [""] * n}
         for name, data in columns.items():
             ds = self.f[name]
             ds.resize(stop, axis=0)
@@ -102,6 +105,7 @@ class Store:
     mtime_ns: np.ndarray
     size: np.ndarray
     skipped: list[tuple[str, str]]
+    sha256: list[str] | None = None  # content hash per file (absent in files from before it was recorded)
     vectors: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -143,6 +147,7 @@ def read(path: Path, vectors: bool = True) -> Store:
                 mtime_ns=f["mtime_ns"][()],
                 size=f["size"][()],
                 skipped=list(zip(_strings(f["skipped/path"]), _strings(f["skipped/reason"]), strict=True)),
+                sha256=_strings(f["sha256"]) if "sha256" in f else None,
             )
             if vectors:
                 store.vectors = np.ascontiguousarray(f["vectors"][()], dtype=np.float32)

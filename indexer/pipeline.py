@@ -1,15 +1,17 @@
 """The ingestion pipeline: discover -> decode (worker processes) -> batch -> embed -> write.
 
-Vectors stream into `vectors.h5` batch by batch inside a temporary folder beside the output; the FAISS
-index is built from them; only then is the folder moved into place. An interrupted run leaves the last
-good index untouched.
+Modes: "create" (refuses an existing index), "rebuild" (re-embeds everything) and "update" (re-embeds only
+new and changed files, drops deleted ones, keeps the ids of the others). Embedded batches are saved as
+they are made (see work.py), so an interrupted run resumes; the index files are replaced at the end, by
+renames, with vectors.h5 last: a reader sees the old index or the new one, never a mix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,9 +26,12 @@ from cbir import store as store_mod
 from cbir.device import configure_threads
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
-from cbir.images import Skipped, discover, load_image
+from cbir.images import ImageError, Skipped, discover, load_image
 from cbir.index import FAISS, VECTORS
 from cbir.search import VectorSearch
+from indexer.work import Chunk, IndexLock, WorkDir
+
+MODES = ("create", "rebuild", "update")
 
 
 @dataclass
@@ -35,14 +40,26 @@ class Summary:
     indexed: int
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+    embedded: int = 0
+    resumed: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    mode: str = "create"
 
     @property
     def images_per_s(self) -> float:
-        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
         text = (f"indexed {self.indexed} images, skipped {len(self.skipped)}, in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s) -> {self.out}")
+        if self.mode == "update":
+            text += (f"\nupdate: {self.added} added, {self.changed} changed, {self.removed} removed, "
+                     f"{self.unchanged} unchanged")
+        if self.resumed:
+            text += f"\nresumed: {self.resumed} images were already embedded by an interrupted run"
         if self.skipped:
             shown = "\n".join(f"  skipped {s.path}: {s.reason}" for s in self.skipped[:20])
             more = f"\n  ... and {len(self.skipped) - 20} more (see cbir info)" if len(self.skipped) > 20 else ""
@@ -50,8 +67,15 @@ class Summary:
         return text
 
 
+def read_and_hash(path: Path) -> tuple[bytes, str, os.stat_result]:
+    st = path.stat()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return data, hashlib.sha256(data).hexdigest(), st
+
+
 class DecodedFiles(Dataset):
-    """Item i: (i, preprocessed array or None, reason, mtime_ns, size). Runs in worker processes."""
+    """Item i: (i, preprocessed array or None, reason, mtime_ns, size, sha256). Runs in worker processes."""
 
     def __init__(self, root: Path, files: list[str], encoder: Encoder) -> None:
         self.root, self.files, self.preprocess = root, files, encoder.preprocess
@@ -59,18 +83,22 @@ class DecodedFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, int, int]:
+    def __getitem__(self, i: int):
         path = self.root / self.files[i]
         try:
-            st = path.stat()
-            im = load_image(path, draft=self.preprocess.draft_size)
-            return i, self.preprocess(im), "", st.st_mtime_ns, st.st_size
-        except cbir.images.ImageError as exc:
-            return i, None, str(exc), 0, 0
+            data, digest, st = read_and_hash(path)
+            if not data:
+                return i, None, "empty file (0 bytes)", 0, 0, ""
+            im = load_image(io.BytesIO(data), draft=self.preprocess.draft_size)
+            return i, self.preprocess(im), "", st.st_mtime_ns, st.st_size, digest
+        except ImageError as exc:
+            return i, None, str(exc), 0, 0, ""
+        except FileNotFoundError:
+            return i, None, "file not found (deleted or moved)", 0, 0, ""
         except OSError as exc:
-            return i, None, f"file not readable: {exc.strerror or exc}", 0, 0
+            return i, None, f"file not readable: {exc.strerror or exc}", 0, 0, ""
         except Exception as exc:  # a decoder bug must cost one file, never the run
-            return i, None, f"cannot decode: {exc.__class__.__name__}: {exc}", 0, 0
+            return i, None, f"cannot decode: {exc.__class__.__name__}: {exc}", 0, 0, ""
 
 
 def _collate(items: list) -> list:
@@ -91,73 +119,177 @@ def _progress(total: int, enabled: bool):
 
 
 def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, workers: int | None = None,
-                progress: bool = False, exclude: tuple[str, ...] = (), rebuild: bool = False) -> Summary:
+                progress: bool = False, exclude: tuple[str, ...] = (), rebuild: bool = False,
+                mode: str | None = None, verify: bool = False) -> Summary:
     root, out = Path(root), Path(out)
+    mode = mode or ("rebuild" if rebuild else "create")
+    if mode not in MODES:
+        raise CbirError(f"unknown mode {mode!r}")
     if batch_size < 1:
         raise CbirError("--batch-size must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise CbirError(f"--out {out} is a file, not a folder")
     try:
         found = discover(root, exclude)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise CbirError(str(exc)) from exc
-    if out.exists() and (out / VECTORS).exists() and not rebuild:
-        raise CbirError(f"{out} already holds an index; pass --rebuild to replace it")
-    if out.exists() and not out.is_dir():
-        raise CbirError(f"--out {out} is a file, not a folder")
+    exists = (out / VECTORS).is_file()
+    if exists and mode == "create":
+        raise CbirError(f"{out} already holds an index; pass --update to add new and changed files, or "
+                        "--rebuild to re-embed everything")
     configure_threads()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     started = time.perf_counter()
-    attrs = {
-        "encoder": encoder.name,
-        "encoder_config": json.dumps(encoder.config, sort_keys=True),
-        "root": str(root.resolve()),
-        "cbir_version": cbir.__version__,
-        "created": store_mod.now_iso(),
-    }
-    writer = store_mod.VectorWriter(tmp / VECTORS, encoder.dim, attrs)
-    skipped = list(found.skipped)
+    with IndexLock(out):
+        old = store_mod.read(out / VECTORS) if exists and mode == "update" else None
+        if old is not None and json.loads(old.attrs["encoder_config"])["weights"] != encoder.config["weights"] \
+                or old is not None and old.attrs["encoder"] != encoder.name:
+            raise CbirError(f"{out} was built with encoder {old.attrs['encoder']} and other weights or settings; "
+                            "--update keeps the encoder: use --rebuild to change it")
+        summary = Summary(out, 0, mode=mode)
+        keep, todo = _plan(root, found.files, old, verify, summary)
+        work = WorkDir(out, {"root": str(root.resolve()), "encoder": encoder.config["weights"],
+                             "name": encoder.name, "pooling": encoder.pooling, "mode": mode,
+                             "base": old.attrs.get("created") if old is not None else None})
+        work.open()
+        done = work.done()
+        remaining = []
+        for f in todo:
+            prev = done.get(f)
+            if prev is not None:
+                try:
+                    st = (root / f).stat()
+                    if prev == (-1, -1) or prev == (st.st_size, st.st_mtime_ns):
+                        summary.resumed += 1
+                        continue
+                except OSError:
+                    pass
+            remaining.append(f)
+        _embed(root, remaining, encoder, work, batch_size, workers, progress)
+        summary.embedded = len(remaining)
+        _commit(root, out, encoder, old, keep, work, found.skipped, summary, started)
+        work.remove()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _plan(root: Path, files: list[str], old: store_mod.Store | None, verify: bool,
+          summary: Summary) -> tuple[dict[str, int], list[str]]:
+    """Which old rows to keep (path -> row) and which files to embed."""
+    if old is None:
+        return {}, list(files)
+    row = {p: i for i, p in enumerate(old.paths)}
+    hashes = old.sha256
+    keep: dict[str, int] = {}
+    todo: list[str] = []
+    for f in files:
+        i = row.get(f)
+        if i is None:
+            todo.append(f)
+            continue
+        try:
+            st = (root / f).stat()
+        except OSError:
+            todo.append(f)
+            summary.changed += 1
+            continue
+        same = st.st_size == old.size[i] and st.st_mtime_ns == old.mtime_ns[i]
+        if same and verify and hashes is not None:
+            same = read_and_hash(root / f)[1] == hashes[i]
+        if same:
+            keep[f] = i
+            summary.unchanged += 1
+        else:
+            todo.append(f)
+            summary.changed += 1
+    present = set(files)
+    summary.removed = sum(p not in present for p in old.paths)
+    return keep, todo
+
+
+def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_size: int, workers: int | None,
+           progress: bool) -> None:
+    if not files:
+        return
+    n_workers = default_workers(len(files), batch_size) if workers is None else workers
+    loader = DataLoader(DecodedFiles(root, files, encoder), batch_size=batch_size, shuffle=False,
+                        num_workers=n_workers, collate_fn=_collate, prefetch_factor=4 if n_workers else None)
+    skipped_total = 0
+    with _progress(len(files), progress) as bar:
+        for items in loader:
+            good = [it for it in items if it[1] is not None]
+            skipped = [(files[it[0]], it[2]) for it in items if it[1] is None]
+            skipped_total += len(skipped)
+            vecs = (encoder.embed_tensor(torch.from_numpy(np.stack([it[1] for it in good]))) if good
+                    else np.zeros((0, encoder.dim), np.float32))
+            work.write(Chunk([files[it[0]] for it in good], vecs, np.array([it[3] for it in good], np.int64),
+                             np.array([it[4] for it in good], np.int64), [it[5] for it in good], skipped))
+            bar.update(len(items))
+            bar.set_postfix(skipped=skipped_total, refresh=False)
+
+
+def _commit(root: Path, out: Path, encoder: Encoder, old: store_mod.Store | None, keep: dict[str, int],
+            work: WorkDir, discovery_skips: list[Skipped], summary: Summary, started: float) -> None:
+    """Merge kept rows and new chunks into new files, then rename them into place (vectors.h5 last)."""
+    new_rows: dict[str, tuple[int, int]] = {}  # path -> (chunk number, row in chunk)
+    chunks = list(work.chunks())
+    skipped: dict[str, str] = {s.path: s.reason for s in discovery_skips}
+    for ci, c in enumerate(chunks):
+        for r, p in enumerate(c.paths):
+            new_rows[p] = (ci, r)
+            skipped.pop(p, None)
+        for p, reason in c.skipped:
+            if p not in new_rows:
+                skipped[p] = reason
+    old_ids = {p: int(old.ids[i]) for i, p in enumerate(old.paths)} if old is not None else {}
+    next_id = (int(old.ids.max()) + 1) if old is not None and len(old.ids) else 0
+    order = sorted(set(keep) | set(new_rows))
+    ids: dict[str, int] = {}
+    for p in order:
+        if p in old_ids:
+            ids[p] = old_ids[p]
+        else:
+            ids[p] = next_id
+            next_id += 1
+    if old is None:  # a fresh index numbers its rows 0..N-1 in path order
+        ids = {p: n for n, p in enumerate(order)}
+    attrs = {"encoder": encoder.name, "encoder_config": json.dumps(encoder.config, sort_keys=True),
+             "root": str(root.resolve()), "cbir_version": cbir.__version__, "created": store_mod.now_iso()}
+    tmp_vec = out / f"{VECTORS}.tmp-{os.getpid()}"
+    tmp_faiss = out / f"{FAISS}.tmp-{os.getpid()}"
+    writer = store_mod.VectorWriter(tmp_vec, encoder.dim, attrs)
     try:
-        for s in found.skipped:
-            writer.add_skipped(s.path, s.reason)
-        n_workers = default_workers(len(found.files), batch_size) if workers is None else workers
-        loader = DataLoader(DecodedFiles(root, found.files, encoder), batch_size=batch_size, shuffle=False,
-                            num_workers=n_workers, collate_fn=_collate,
-                            prefetch_factor=4 if n_workers else None, persistent_workers=False)
-        chunks: list[np.ndarray] = []
-        with _progress(len(found.files), progress) as bar:
-            for items in loader:
-                good = [it for it in items if it[1] is not None]
-                for i, _, reason, _, _ in items:
-                    if reason:
-                        skipped.append(Skipped(found.files[i], reason))
-                        writer.add_skipped(found.files[i], reason)
-                if good:
-                    vecs = encoder.embed_tensor(torch.from_numpy(np.stack([it[1] for it in good])))
-                    writer.append(vecs, [found.files[it[0]] for it in good], [it[3] for it in good],
-                                  [it[4] for it in good])
-                    chunks.append(vecs)
-                bar.update(len(items))
-                bar.set_postfix(skipped=len(skipped), refresh=False)
-        seconds = time.perf_counter() - started
-        writer.close({"seconds": seconds, "skipped_count": len(skipped)})
-        vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
-        VectorSearch.build(vectors, np.arange(len(vectors), dtype=np.int64)).save(tmp / FAISS)
-        _swap_into_place(tmp, out)
+        for p in sorted(skipped):
+            writer.add_skipped(p, skipped[p])
+        block = 1024
+        for start in range(0, len(order), block):
+            part = order[start:start + block]
+            vecs = np.empty((len(part), encoder.dim), np.float32)
+            mt = np.empty(len(part), np.int64)
+            sz = np.empty(len(part), np.int64)
+            hs: list[str] = []
+            for j, p in enumerate(part):
+                if p in new_rows:
+                    ci, r = new_rows[p]
+                    c = chunks[ci]
+                    vecs[j], mt[j], sz[j] = c.vectors[r], c.mtime_ns[r], c.size[r]
+                    hs.append(c.sha256[r])
+                else:
+                    i = keep[p]
+                    assert old is not None and old.vectors is not None
+                    vecs[j], mt[j], sz[j] = old.vectors[i], old.mtime_ns[i], old.size[i]
+                    hs.append(old.sha256[i] if old.sha256 is not None else "")
+            writer.append(vecs, part, mt, sz, ids=[ids[p] for p in part], sha256=hs)
+        writer.close({"seconds": time.perf_counter() - started, "skipped_count": len(skipped)})
+        final = store_mod.read(tmp_vec)
+        assert final.vectors is not None
+        VectorSearch.build(final.vectors, final.ids).save(tmp_faiss)
+        os.replace(tmp_faiss, out / FAISS)
+        os.replace(tmp_vec, out / VECTORS)  # the commit point
     except BaseException:
         writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        for t in (tmp_vec, tmp_faiss):
+            t.unlink(missing_ok=True)
         raise
-    return Summary(out, len(vectors), skipped, seconds)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by the finished `tmp` folder; the old index stays intact until the new one is whole."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    summary.indexed = len(order)
+    summary.added = sum(p not in old_ids for p in order)
+    summary.skipped = [Skipped(p, r) for p, r in sorted(skipped.items())]

@@ -26,7 +26,7 @@ def create_trained(kind: str, weights: str, pooling: str, device: torch.device) 
     except CbirError as exc:
         raise WeightsUnavailable(str(exc)) from exc
     if ckpt["kind"] != kind:
-        raise WeightsUnavailable(f"{weights} holds a {ckpt['kind']} model, not a {kind} model")
+        raise WeightsUnavailable(f"{weights} holds a model of kind {ckpt['kind']}, not {kind}")
     net, pre, dim = network_from_checkpoint(ckpt, str(path))
     training = ckpt.get("training", {})
     ident = {"source": "file", "path": str(path.resolve()), "sha256": sha256_file(path), "kind": kind,

@@ -113,8 +113,9 @@ def library_versions() -> dict[str, str]:
 
     import cbir
 
-    return {"cbir": cbir.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "numpy": np.__version__}
+    versions = {"cbir": cbir.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "timm": timm.__version__, "numpy": np.__version__}
+    return {k: str(v) for k, v in versions.items()}  # plain str: checkpoints must load with weights_only
 
 
 @dataclass

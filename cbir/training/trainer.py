@@ -55,17 +55,13 @@ def _defaults(cfg: TrainConfig) -> None:
         raise CbirError(f"cbir train: unknown model kind {cfg.kind!r}; use siamese or autoencoder")
     seed_cnn = cfg.kind == "siamese" and cfg.backbone == "seed-cnn"
     if cfg.kind == "siamese":
-        cfg.epochs = cfg.epochs or (40 if seed_cnn else 30)
-        cfg.batch_size = cfg.batch_size or 64
-        cfg.image_size = cfg.image_size or (128 if seed_cnn else 224)
-        cfg.lr = cfg.lr or (1e-3 if seed_cnn else 3e-4)
-        cfg.views = cfg.views or 4
+        defaults = {"epochs": 40 if seed_cnn else 30, "batch_size": 64, "image_size": 128 if seed_cnn else 224,
+                    "lr": 1e-3 if seed_cnn else 3e-4, "views": 4}
     else:
-        cfg.epochs = cfg.epochs or 30
-        cfg.batch_size = cfg.batch_size or 32
-        cfg.image_size = cfg.image_size or 128
-        cfg.lr = cfg.lr or 2e-3
-        cfg.views = cfg.views or 3
+        defaults = {"epochs": 30, "batch_size": 32, "image_size": 128, "lr": 2e-3, "views": 3}
+    for name, value in defaults.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
     for name in ("epochs", "batch_size", "image_size", "views"):
         if getattr(cfg, name) < 1:
             raise CbirError(f"--{name.replace('_', '-')} must be at least 1")
@@ -125,7 +121,9 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         coll = load_collection(cfg.data, cfg.labels)
-        split = stratified_split(coll, cfg.split, cfg.seed)
+        split = cfg.extra.get("assignments") or stratified_split(coll, cfg.split, cfg.seed)
+        if len(split) != len(coll.files):
+            raise CbirError("the given split does not match the collection")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         write_split(self.out.with_suffix(".split.csv"), coll, split)
         if cfg.resume and not self.last_path.is_file():

@@ -1,0 +1,1 @@
+"""The retrieval benchmark (`cbir bench`)."""

@@ -1,0 +1,190 @@
+"""`cbir bench`: every encoder on the same labelled collection, same split, same queries, one table.
+
+Protocol: stratified seeded split; trainable encoders train on the train split and select on val; every
+encoder indexes all images; queries are the test split (or every image with --queries all); the query
+itself is excluded from its results. The colour-histogram and random-CNN baselines always run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir import store
+from cbir.bench import metrics
+from cbir.encoders import WeightsUnavailable, create, get_entry
+from cbir.errors import CbirError
+from cbir.training.data import load_collection, stratified_split, write_split
+
+BASELINES = ("colour_histogram", "random_cnn")
+TRAINABLE = ("siamese", "autoencoder")
+DEFAULT_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
+
+
+@dataclass
+class BenchConfig:
+    dataset: str
+    out: str
+    encoders: str = DEFAULT_ENCODERS
+    ks: tuple[int, ...] = (10, 20)
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    queries: str = "test"
+    device: str = "auto"
+    labels: str = "auto"
+    train_epochs: int | None = None
+    progress: bool = True
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_encoders(text: str) -> list[tuple[str, str | None]]:
+    """'resnet50:none,vgg16' -> [('resnet50', 'none'), ('vgg16', None)], baselines appended."""
+    items: list[tuple[str, str | None]] = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        name, _, weights = part.partition(":")
+        get_entry(name)  # unknown names fail now, not after an hour
+        items.append((name, weights or None))
+    for b in BASELINES:
+        if b not in [n for n, _ in items]:
+            items.append((b, None))
+    return items
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    from indexer.pipeline import build_index
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.queries not in ("test", "all"):
+        raise CbirError("--queries must be test or all")
+    ks = sorted(set(cfg.ks) | {10})
+    coll = load_collection(cfg.dataset, cfg.labels)
+    if coll.labels is None:
+        raise CbirError("cbir bench needs labels: class sub-folders in DATASET, or --labels FILE.csv")
+    split = stratified_split(coll, cfg.split, cfg.seed)
+    write_split(out / "split.csv", coll, split)
+    encoders = parse_encoders(cfg.encoders)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "dataset": str(Path(cfg.dataset).resolve()), "images": len(coll.files), "classes": len(set(coll.labels)),
+        "protocol": {"split": list(cfg.split), "seed": cfg.seed, "queries": cfg.queries, "ks": ks,
+                     "query_excluded_from_results": True,
+                     "trainable_encoders": "train on the train split, model selected on val",
+                     "gallery": "every image of the collection"},
+        "machine": machine(), "encoders": {}, "skipped": {},
+    }
+    label_of = dict(zip(coll.files, coll.labels, strict=True))
+    split_of = dict(zip(coll.files, split, strict=True))
+    for n, (name, weights) in enumerate(encoders, 1):
+        tag = f"[{n}/{len(encoders)}] {name}"
+        key = name
+        entry: dict[str, Any] = {}
+        try:
+            if name in TRAINABLE:
+                _say(f"{tag}: training on the train split")
+                model, train_s = _train(name, cfg, coll, split, out)
+                entry["training_seconds"] = round(train_s, 1)
+                weights = str(model)
+            enc = _create(name, weights, cfg.device)
+        except WeightsUnavailable as exc:
+            reason = f"{exc} (ask for '{name}:none' to run it with random weights, labelled as such)"
+            report["skipped"][name] = reason
+            _say(f"{tag}: skipped: {reason}")
+            continue
+        if enc.weights.get("source") == "none" and name not in BASELINES:
+            key = f"{name} (random weights)"
+        entry.update({"encoder": name, "weights": enc.weights.get("source"), "dim": enc.dim,
+                      "random_weights": enc.weights.get("source") == "none"})
+        _say(f"{tag}: embedding {len(coll.files)} images")
+        idx_dir = out / "indexes" / name
+        shutil.rmtree(idx_dir, ignore_errors=True)
+        summary = build_index(Path(cfg.dataset), idx_dir, enc, progress=cfg.progress, rebuild=True)
+        entry["embed_images_per_s"] = round(summary.images_per_s, 1)
+        t = time.perf_counter()
+        from cbir.index import Index
+
+        index = Index.open(idx_dir, device=cfg.device)
+        entry["index_build_seconds"] = round(time.perf_counter() - t + summary.seconds, 2)
+        entry.update(_evaluate(index, label_of, split_of, cfg.queries, ks, out / "topk" / f"{name}.csv"))
+        report["encoders"][key] = entry
+        elapsed = time.perf_counter() - started
+        eta = elapsed / n * (len(encoders) - n)
+        _say(f"{tag}: P@10 {entry['precision_at_10']:.4f}  mAP {entry['mAP']:.4f}  "
+             f"({elapsed:.0f} s so far, about {eta:.0f} s to go)")
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    from cbir.bench.report import write_reports
+
+    write_reports(report, out, coll.root, label_of)
+    return report
+
+
+def _create(name: str, weights: str | None, device: str):
+    return create(name, weights=weights, device=device)
+
+
+def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tuple[Path, float]:
+    from cbir.training.trainer import TrainConfig, Trainer
+
+    model = out / "models" / f"{kind}.pt"
+    tc = TrainConfig(kind=kind, data=cfg.dataset, out=str(model), labels=cfg.labels, seed=cfg.seed,
+                     device=cfg.device, split=cfg.split, epochs=cfg.train_epochs, progress=cfg.progress)
+    tc.extra["assignments"] = split
+    if kind == "autoencoder":
+        tc.labels = "none"  # trained without labels, by definition
+    t = time.perf_counter()
+    Trainer(tc).run()
+    return model, time.perf_counter() - t
+
+
+def _evaluate(index, label_of: dict[str, str], split_of: dict[str, str], queries: str, ks: list[int],
+              topk_path: Path) -> dict[str, Any]:
+    s: store.Store = index.store
+    paths = s.paths
+    g_labels = np.array([label_of.get(p, "") for p in paths])
+    q_pos = np.array([i for i, p in enumerate(paths) if queries == "all" or split_of.get(p) == "test"])
+    if len(q_pos) == 0:
+        raise CbirError("no queries: the test split is empty (use --queries all or a larger test fraction)")
+    ranking = metrics.rank(s.vectors[q_pos], s.vectors, q_pos)
+    rel = metrics.relevance(ranking, g_labels[q_pos], g_labels)
+    n_rel = np.array([(g_labels == g_labels[q]).sum() - 1 for q in q_pos])
+    result = metrics.summarise(rel, n_rel, g_labels[q_pos], ks)
+    result["queries"] = int(len(q_pos))
+    # query latency through the real FAISS index, one query at a time
+    lat = []
+    for q in q_pos[: min(200, len(q_pos))]:
+        t = time.perf_counter()
+        index.searcher.search(s.vectors[q][None, :], max(ks) + 1)
+        lat.append((time.perf_counter() - t) * 1000)
+    result["query_ms_p50"] = round(float(np.percentile(lat, 50)), 3)
+    result["query_ms_p95"] = round(float(np.percentile(lat, 95)), 3)
+    topk_path.parent.mkdir(parents=True, exist_ok=True)
+    depth = max(ks)
+    with open(topk_path, "w", encoding="utf-8") as fh:
+        fh.write("query,rank,result,score,similar\n")
+        for qi, q in enumerate(q_pos):
+            for r in range(min(depth, ranking.shape[1])):
+                g = ranking[qi, r]
+                score = float(s.vectors[q] @ s.vectors[g])
+                fh.write(f"{json.dumps(paths[q])},{r + 1},{json.dumps(paths[g])},{score:.5f},{int(rel[qi, r])}\n")
+    result["_ranking"] = (q_pos, ranking[:, :10], rel[:, :10], paths)
+    return result
