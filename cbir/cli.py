@@ -153,6 +153,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    from cbir.duplicates import DEFAULT_THRESHOLD, find_duplicates
+    from cbir.index import Index
+
+    if args.threshold is None:
+        args.threshold = DEFAULT_THRESHOLD
+    if not 0.0 < args.threshold <= 1.0:
+        raise CbirError("--threshold is a cosine similarity between 0 and 1")
+    found = find_duplicates(Index.open(args.index, device="cpu"), args.threshold)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"{len(found['identical'])} groups of byte-identical files, {len(found['near'])} groups of "
+          f"near-duplicates (cosine >= {args.threshold})")
+    for g in found["identical"]:
+        print("identical: " + "  ".join(x["path"] for x in g))
+    for g in found["near"]:
+        print("near:      " + "  ".join(f"{x['path']} ({x['best_score']:.3f})" for x in g))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -247,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-epochs", type=int, help="epochs for the trainable encoders (default: theirs)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("duplicates", help="list byte-identical and near-duplicate images in an index")
+    s.add_argument("index")
+    s.add_argument("--threshold", type=float, default=None, help="cosine similarity for near-duplicates")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_duplicates)
 
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
     s.add_argument("indexes", nargs="+", metavar="INDEX", help="index folders (the first is the default)")

@@ -51,8 +51,22 @@ def resolve_index_dir(path: str | os.PathLike[str]) -> Path:
     if not p.exists() and not p.is_absolute() and (DEFAULT_DIR / p).exists():
         p = DEFAULT_DIR / p
     if not (p / VECTORS).is_file():
+        if (p / ".work").is_dir():
+            raise CbirError(f"no index at {path} yet: an indexing run is in progress or was interrupted; run the "
+                            "same cbir index command again to finish it")
         raise CbirError(f"no index at {path} (expected {p / VECTORS}); build one with: cbir index DIR --out {path}")
     return p
+
+
+def _agrees(search: VectorSearch, store: store_mod.Store) -> bool:
+    """The FAISS file belongs to these vectors: same count, dimension, ids, and a sample of rows."""
+    if search.ntotal != len(store) or search.dim != store.dim or not np.array_equal(search.ids, store.ids):
+        return False
+    assert store.vectors is not None
+    for row in np.linspace(0, len(store) - 1, num=min(8, len(store)), dtype=np.int64):
+        if not np.allclose(search.reconstruct(int(row)), store.vectors[row], atol=1e-3):
+            return False
+    return True
 
 
 class Index:
@@ -101,7 +115,7 @@ class Index:
         search: VectorSearch | None = None
         if faiss_path.is_file():
             search = VectorSearch.load(faiss_path, gpu=gpu)
-            if search.ntotal != len(store) or search.dim != store.dim or not np.array_equal(search.ids, store.ids):
+            if not _agrees(search, store):
                 warnings.warn(f"{faiss_path} does not match {VECTORS}; searching a fresh index built from the "
                               "vectors", stacklevel=2)
                 search = None

@@ -77,6 +77,11 @@ class VectorSearch:
     def dim(self) -> int:
         return int(self.index.d)
 
+    def reconstruct(self, row: int) -> np.ndarray:
+        """The stored vector at position `row` (for consistency checks)."""
+        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap) else self.index
+        return inner.reconstruct(row)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, ids), each [B, k]; missing slots (k > N) have id -1 and score -inf."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)

@@ -152,3 +152,13 @@ def test_empty_folder_makes_an_empty_index(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     index = Index.build(tmp_path / "empty", out=tmp_path / "idx", device="cpu")
     assert len(index) == 0 and index.search_vector(np.ones(1280, np.float32), k=5) == []
+
+
+def test_faiss_file_with_same_ids_but_other_vectors_is_caught(sample_index: Index, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(sample_index.directory, copy)
+    v = sample_index.store.vectors
+    VectorSearch.build(v[::-1].copy(), sample_index.store.ids).save(copy / "faiss.index")
+    with pytest.warns(UserWarning, match="does not match"):
+        reopened = Index.open(copy)
+    assert reopened.search_vector(v[2], k=1)[0].id == int(sample_index.store.ids[2])
