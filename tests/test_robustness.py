@@ -217,7 +217,7 @@ def test_duplicates_finds_copies_and_identical_files(tmp_path: Path, samples: Pa
             shutil.copy(f, data / f.name)
     shutil.copy(data / "chelsea.jpg", data / "chelsea_copy.jpg")  # byte-identical
     im = Image.open(data / "coffee.jpg")
-    im.resize((im.width // 2, im.height // 2)).save(data / "coffee_small.jpg", quality=60)
+    im.resize((im.width * 7 // 10, im.height * 7 // 10)).save(data / "coffee_small.jpg", quality=60)
     ImageOps.mirror(Image.open(data / "rocket.jpg")).save(data / "rocket_flipped.jpg", quality=85)
     out = tmp_path / "idx"
     Index.build(data, out=out, device="cpu")
