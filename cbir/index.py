@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 import warnings
@@ -23,7 +24,7 @@ from cbir import store as store_mod
 from cbir.encoders import Encoder, from_config
 from cbir.errors import CbirError
 from cbir.images import ImageError, load_image
-from cbir.search import VectorSearch, use_gpu
+from cbir.search import SearchPlan, VectorSearch, use_gpu
 
 VECTORS = "vectors.h5"
 FAISS = "faiss.index"
@@ -59,12 +60,16 @@ def resolve_index_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def _agrees(search: VectorSearch, store: store_mod.Store) -> bool:
-    """The FAISS file belongs to these vectors: same count, dimension, ids, and a sample of rows."""
+    """The FAISS file belongs to these vectors: same count, dimension, ids, and (exact) a sample of rows."""
     if search.ntotal != len(store) or search.dim != store.dim or not np.array_equal(search.ids, store.ids):
         return False
+    if not search.exact:
+        return True
     assert store.vectors is not None
+    atol = 1e-3 if store.vectors.dtype == np.float32 and store.attrs.get("vector_dtype", "float32") == "float32" \
+        else 2e-3
     for row in np.linspace(0, len(store) - 1, num=min(8, len(store)), dtype=np.int64):
-        if not np.allclose(search.reconstruct(int(row)), store.vectors[row], atol=1e-3):
+        if not np.allclose(search.reconstruct(int(row)), store.vectors[row], atol=atol):
             return False
     return True
 
@@ -89,17 +94,18 @@ class Index:
               encoder: str = "efficientnet_lite0", weights: str | None = None, pooling: str | None = None,
               batch_size: int = 32, device: str = "auto", workers: int | None = None, progress: bool = False,
               exclude: tuple[str, ...] = (), rebuild: bool = False, update: bool = False,
-              verify: bool = False) -> Index:
+              verify: bool = False, index_type: str | None = None, float16: bool | None = None,
+              precision: str = "auto") -> Index:
         """Embed every image under `root` and write the index to `out` (default ./indexes/<folder name>)."""
         from cbir.encoders import create
         from indexer.pipeline import build_index
 
         root = Path(root)
         out = Path(out) if out is not None else DEFAULT_DIR / root.resolve().name
-        enc = create(encoder, weights=weights, pooling=pooling, device=device)
+        enc = create(encoder, weights=weights, pooling=pooling, device=device, precision=precision)
         mode = "update" if update else "rebuild" if rebuild else "create"
         build_index(root, out, enc, batch_size=batch_size, workers=workers, progress=progress,
-                    exclude=exclude, mode=mode, verify=verify)
+                    exclude=exclude, mode=mode, verify=verify, index_type=index_type, float16=float16)
         index = cls.open(out, device=device)
         index._encoder = enc
         return index
@@ -113,13 +119,14 @@ class Index:
         gpu = use_gpu(device)
         faiss_path = directory / FAISS
         search: VectorSearch | None = None
+        plan = SearchPlan.from_dict(json.loads(store.attrs["search"])) if "search" in store.attrs else None
         if faiss_path.is_file():
-            search = VectorSearch.load(faiss_path, gpu=gpu)
+            search = VectorSearch.load(faiss_path, plan, gpu=gpu)
             if not _agrees(search, store):
-                warnings.warn(f"{faiss_path} does not match {VECTORS}; searching a fresh index built from the "
-                              "vectors", stacklevel=2)
+                warnings.warn(f"{faiss_path} does not match {VECTORS}; searching the vectors exactly instead "
+                              "(run cbir index --update to rebuild it)", stacklevel=2)
                 search = None
-        if search is None:
+        if search is None:  # exact search is always right, and needs no training
             search = VectorSearch.build(store.vectors, store.ids, gpu=gpu)
         return cls(directory, store, search, device=device, weights=weights)
 
@@ -214,6 +221,7 @@ class Index:
             "encoder": self.encoder_config,
             "created": a.get("created"),
             "cbir_version": a.get("cbir_version"),
-            "faiss": {"type": "IndexIDMap2(IndexFlatIP)", "gpu": self.searcher.gpu, "ntotal": self.searcher.ntotal},
+            "search": {**self.searcher.plan.to_dict(), "gpu": self.searcher.gpu, "ntotal": self.searcher.ntotal},
+            "vector_dtype": a.get("vector_dtype", "float32"),
             "seconds": float(a.get("seconds", 0.0)),
         }

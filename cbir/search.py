@@ -1,19 +1,31 @@
-"""FAISS search over the vectors (`faiss.index`): exact inner product, on the GPU when there is one.
+"""Vector search over an index's vectors: exact up to 50k vectors, approximate (tuned, measured) above.
 
-On disk the index is an IndexIDMap2 over an exact inner-product index, so it answers with the stable ids
-of `vectors.h5`. For searching, the inner index is searched directly (cloned to the GPU when a GPU build of
-faiss sees a GPU) and positions are mapped to ids here, which works the same on both.
+On disk the FAISS index is an IndexIDMap2 over an inner index, so it answers with the stable ids of
+`vectors.h5`. The inner index is searched directly (cloned to the GPU when a GPU build of faiss sees a GPU)
+and positions are mapped to ids here. Exact search of a few queries on the CPU runs as one numpy matrix
+product over faiss's own storage (no copy): for single queries that beats IndexFlatIP's blocked search.
+
+What was chosen, and the recall@10 measured against exact search on a held-out sample of the collection's
+own vectors, is a `SearchPlan`, stored in the vectors file and shown by `cbir info`.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
 from cbir.errors import CbirError
+
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+EXACT_UP_TO = 50_000  # auto: exact search up to this many vectors
+TARGET_RECALL = 0.99
+NUMPY_MAX_BATCH = 8  # exact CPU search: numpy for batches up to this size, faiss above (benchmarks/search.py)
 
 
 def gpu_count() -> int:
@@ -33,33 +45,111 @@ def use_gpu(device: str) -> bool:
     return device == "auto" or device.startswith("cuda")
 
 
-class VectorSearch:
-    """Exact cosine search (vectors are L2-normalised, so inner product = cosine)."""
+@dataclass
+class SearchPlan:
+    """The kind of index, its parameters, and how well it was measured to agree with exact search."""
 
-    def __init__(self, index: faiss.Index, gpu: bool = False) -> None:
+    type: str = "flat"
+    params: dict[str, Any] = field(default_factory=dict)
+    recall_at_10: float = 1.0  # measured against exact search; exact search is 1.0 by definition
+    queries: int = 0  # held-out sample size the recall was measured on (0: exact, nothing to measure)
+    build_s: float = 0.0
+    note: str = ""
+    requested: str = "auto"  # what the user asked for; --update builds the same kind again
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SearchPlan:
+        return cls(**d) if d else cls()
+
+    def describe(self) -> str:
+        params = " ".join(f"{k}={v}" for k, v in self.params.items())
+        text = f"{self.type} {params}".strip()
+        if self.queries:
+            text += f"  recall@10 {self.recall_at_10:.4f} (measured on {self.queries} held-out queries)"
+        else:
+            text += "  exact"
+        return text + (f"  ({self.note})" if self.note else "")
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def apply_params(inner: faiss.Index, plan: SearchPlan) -> None:
+    """Set the run-time knobs (nprobe, efSearch, k_factor) that the plan chose."""
+    p = plan.params
+    if plan.type in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(inner).nprobe = int(p["nprobe"])
+    if plan.type == "hnsw":
+        faiss.downcast_index(inner).hnsw.efSearch = int(p["ef_search"])
+    if plan.type == "ivfpq":
+        faiss.downcast_index(inner).k_factor = float(p["k_factor"])
+
+
+class VectorSearch:
+    """Cosine search (vectors are L2-normalised, so inner product = cosine) with the kind a plan says."""
+
+    def __init__(self, index: faiss.Index, plan: SearchPlan | None = None, gpu: bool = False) -> None:
         self.index = index  # the CPU IndexIDMap2 that is saved
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        self.plan = plan or SearchPlan()
+        inner = _inner(index)
         self.ids = (faiss.vector_to_array(index.id_map).astype(np.int64) if isinstance(index, faiss.IndexIDMap)
                     else np.arange(index.ntotal, dtype=np.int64))
+        if self.plan.type != "flat":
+            apply_params(inner, self.plan)
+        self._flat: np.ndarray | None = None
+        if isinstance(inner, faiss.IndexFlat) and inner.ntotal:
+            # a view of faiss's own storage, not a copy
+            self._flat = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
         self.gpu = False
         self._search_index = inner
-        if gpu and gpu_count() > 0:
+        if gpu and gpu_count() > 0 and self.plan.type != "hnsw":  # faiss has no GPU HNSW
             self._res = faiss.StandardGpuResources()
             self._search_index = faiss.index_cpu_to_gpu(self._res, 0, inner)
             self.gpu = True
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: np.ndarray, gpu: bool = False) -> VectorSearch:
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, gpu: bool = False, index_type: str = "flat",
+              seed: int = 0, progress: bool = False) -> VectorSearch:
+        """Build the index; for approximate kinds, tune it to recall@10 >= 0.99 and record the measurement."""
+        if index_type not in INDEX_TYPES:
+            raise CbirError(f"unknown index type {index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        if len(vectors):
-            index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-        return cls(index, gpu=gpu)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        n, d = vectors.shape
+        kind = index_type
+        if kind == "auto":
+            kind = "flat" if n <= EXACT_UP_TO else "ivf"
+        started = time.perf_counter()
+        if kind != "flat" and n < 1000:
+            return cls._flat_index(vectors, ids, gpu, index_type, f"{kind} needs at least 1000 vectors; exact")
+        if kind == "flat":
+            return cls._flat_index(vectors, ids, gpu, index_type)
+        from cbir.tuning import build_approximate
+
+        index, plan = build_approximate(kind, vectors, ids, seed=seed, progress=progress)
+        if plan.type == "flat" and index_type == "auto":  # IVF could not reach the target: try a graph
+            index, plan = build_approximate("hnsw", vectors, ids, seed=seed, progress=progress)
+        if plan.type == "flat":  # nothing approximate reached the target: exact search
+            return cls._flat_index(vectors, ids, gpu, index_type, plan.note)
+        plan.build_s, plan.requested = round(time.perf_counter() - started, 2), index_type
+        return cls(index, plan, gpu=gpu)
 
     @classmethod
-    def load(cls, path: Path, gpu: bool = False) -> VectorSearch:
+    def _flat_index(cls, vectors: np.ndarray, ids: np.ndarray, gpu: bool, requested: str = "flat",
+                    note: str = "") -> VectorSearch:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        if len(vectors):
+            index.add_with_ids(vectors, ids)
+        return cls(index, SearchPlan("flat", note=note, requested=requested), gpu=gpu)
+
+    @classmethod
+    def load(cls, path: Path, plan: SearchPlan | None = None, gpu: bool = False) -> VectorSearch:
         try:
-            return cls(faiss.read_index(str(path)), gpu=gpu)
+            return cls(faiss.read_index(str(path)), plan, gpu=gpu)
         except RuntimeError as exc:
             raise CbirError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from exc
 
@@ -77,10 +167,15 @@ class VectorSearch:
     def dim(self) -> int:
         return int(self.index.d)
 
+    @property
+    def exact(self) -> bool:
+        return self.plan.type == "flat"
+
     def reconstruct(self, row: int) -> np.ndarray:
-        """The stored vector at position `row` (for consistency checks)."""
-        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap) else self.index
-        return inner.reconstruct(row)
+        """The stored vector at position `row` (for consistency checks; exact indexes only)."""
+        if self._flat is None:
+            raise CbirError("only an exact index can give back its vectors")
+        return self._flat[row]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, ids), each [B, k]; missing slots (k > N) have id -1 and score -inf."""
@@ -92,8 +187,23 @@ class VectorSearch:
         ids = np.full((len(q), k), -1, np.int64)
         if kk == 0:
             return scores, ids
-        s, pos = self._search_index.search(q, kk)
+        if self._flat is not None and not self.gpu and len(q) <= NUMPY_MAX_BATCH:
+            s, pos = exact_numpy(self._flat, q, kk)
+        else:
+            s, pos = self._search_index.search(q, kk)
         valid = pos >= 0
         scores[:, :kk] = np.where(valid, s, -np.inf)
         ids[:, :kk] = np.where(valid, self.ids[np.clip(pos, 0, None)], -1)
         return scores, ids
+
+
+def exact_numpy(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of q [B, D] against x [N, D]: one matrix product, then a partial sort."""
+    sims = q @ x.T
+    if k < sims.shape[1]:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(sims.shape[1]), (len(q), sims.shape[1]))
+    top = np.take_along_axis(sims, part, axis=1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1).astype(np.int64)

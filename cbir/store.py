@@ -8,7 +8,8 @@ Layout (format 1):
     size      int64    [N]
     sha256    utf-8    [N]     content hash (byte-identical duplicates, --update --verify)
     skipped/path, skipped/reason   utf-8 [M]
-    attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete
+    attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete,
+           vector_dtype (float32|float16), search (JSON: the search plan and its measured recall)
 
 Rows are appended batch by batch as they are embedded, so memory does not grow with the collection;
 `complete` is set only when the writer closes normally, and readers refuse a file without it.
@@ -159,6 +160,13 @@ def read(path: Path, vectors: bool = True) -> Store:
     if store.vectors is not None and store.vectors.shape != (n, store.dim):
         raise CbirError(f"{path} is inconsistent: vectors {store.vectors.shape} for {n} paths of dim {store.dim}")
     return store
+
+
+def set_attrs(path: Path, attrs: dict[str, Any]) -> None:
+    """Add attributes to a finished vectors file (used before it is renamed into place, never after)."""
+    with h5py.File(path, "a") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
 
 
 def now_iso() -> str:

@@ -120,7 +120,9 @@ def _progress(total: int, enabled: bool):
 
 def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, workers: int | None = None,
                 progress: bool = False, exclude: tuple[str, ...] = (), rebuild: bool = False,
-                mode: str | None = None, verify: bool = False) -> Summary:
+                mode: str | None = None, verify: bool = False, index_type: str | None = None,
+                float16: bool | None = None) -> Summary:
+    """Index `root` into `out`. index_type / float16 None: as the old index had them (update), else auto / no."""
     root, out = Path(root), Path(out)
     mode = mode or ("rebuild" if rebuild else "create")
     if mode not in MODES:
@@ -145,6 +147,13 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, w
                 or old is not None and old.attrs["encoder"] != encoder.name:
             raise CbirError(f"{out} was built with encoder {old.attrs['encoder']} and other weights or settings; "
                             "--update keeps the encoder: use --rebuild to change it")
+        if old is not None:
+            old_plan = json.loads(old.attrs["search"]) if "search" in old.attrs else {}
+            index_type = index_type or old_plan.get("requested", "auto")
+            float16 = float16 if float16 is not None else old.attrs.get("vector_dtype") == "float16"
+            old_config = json.loads(old.attrs["encoder_config"])  # new rows are embedded as the old ones were
+            encoder.precision = old_config.get("precision", "fp32")
+            encoder.calibration = dict(old_config.get("calibration", {}))
         summary = Summary(out, 0, mode=mode)
         keep, todo = _plan(root, found.files, old, verify, summary)
         work = WorkDir(out, {"root": str(root.resolve()), "encoder": encoder.config["weights"],
@@ -164,9 +173,12 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, w
                 except OSError:
                     pass
             remaining.append(f)
+        if encoder.precision == "auto":
+            _calibrate(root, remaining, encoder, progress)
         _embed(root, remaining, encoder, work, batch_size, workers, progress)
         summary.embedded = len(remaining)
-        _commit(root, out, encoder, old, keep, work, found.skipped, summary, started)
+        _commit(root, out, encoder, old, keep, work, found.skipped, summary, started, index_type or "auto",
+                bool(float16), progress)
         work.remove()
     summary.seconds = time.perf_counter() - started
     return summary
@@ -206,6 +218,27 @@ def _plan(root: Path, files: list[str], old: store_mod.Store | None, verify: boo
     return keep, todo
 
 
+def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -> None:
+    """Settle precision 'auto' on a sample of the images about to be embedded (see cbir.precision)."""
+    from cbir import precision
+
+    if len(files) < precision.AUTO_MIN_IMAGES:
+        precision.skip(encoder, f"{len(files)} images to embed, fewer than {precision.AUTO_MIN_IMAGES}: "
+                                "not worth calibrating")
+        return
+    picks = np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int)
+    ds = DecodedFiles(root, [files[i] for i in picks], encoder)
+    arrays = [a for a in (ds[i][1] for i in range(len(ds))) if a is not None][: precision.SAMPLE]
+    if len(arrays) < 16:
+        precision.skip(encoder, "too few decodable images in the calibration sample")
+        return
+    chosen = precision.choose(encoder, np.stack(arrays))
+    if progress:
+        rates = ", ".join(f"{m} {v['images_per_s']:.1f} img/s cos {v['mean_cosine']:.4f} "
+                          f"overlap {v['top10_overlap']:.3f}" for m, v in encoder.calibration["modes"].items())
+        print(f"precision: {chosen} ({rates})", file=sys.stderr, flush=True)
+
+
 def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_size: int, workers: int | None,
            progress: bool) -> None:
     if not files:
@@ -228,7 +261,8 @@ def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_
 
 
 def _commit(root: Path, out: Path, encoder: Encoder, old: store_mod.Store | None, keep: dict[str, int],
-            work: WorkDir, discovery_skips: list[Skipped], summary: Summary, started: float) -> None:
+            work: WorkDir, discovery_skips: list[Skipped], summary: Summary, started: float,
+            index_type: str = "auto", float16: bool = False, progress: bool = False) -> None:
     """Merge kept rows and new chunks into new files, then rename them into place (vectors.h5 last)."""
     new_rows: dict[str, tuple[int, int]] = {}  # path -> (chunk number, row in chunk)
     chunks = list(work.chunks())
@@ -256,7 +290,8 @@ def _commit(root: Path, out: Path, encoder: Encoder, old: store_mod.Store | None
              "root": str(root.resolve()), "cbir_version": cbir.__version__, "created": store_mod.now_iso()}
     tmp_vec = out / f"{VECTORS}.tmp-{os.getpid()}"
     tmp_faiss = out / f"{FAISS}.tmp-{os.getpid()}"
-    writer = store_mod.VectorWriter(tmp_vec, encoder.dim, attrs)
+    attrs["vector_dtype"] = "float16" if float16 else "float32"
+    writer = store_mod.VectorWriter(tmp_vec, encoder.dim, attrs, dtype=attrs["vector_dtype"])
     try:
         for p in sorted(skipped):
             writer.add_skipped(p, skipped[p])
@@ -282,7 +317,9 @@ def _commit(root: Path, out: Path, encoder: Encoder, old: store_mod.Store | None
         writer.close({"seconds": time.perf_counter() - started, "skipped_count": len(skipped)})
         final = store_mod.read(tmp_vec)
         assert final.vectors is not None
-        VectorSearch.build(final.vectors, final.ids).save(tmp_faiss)
+        search = VectorSearch.build(final.vectors, final.ids, index_type=index_type, progress=progress)
+        search.save(tmp_faiss)
+        store_mod.set_attrs(tmp_vec, {"search": json.dumps(search.plan.to_dict(), sort_keys=True)})
         os.replace(tmp_faiss, out / FAISS)
         os.replace(tmp_vec, out / VECTORS)  # the commit point
     except BaseException:

@@ -109,3 +109,15 @@ def test_random_weights_are_labelled_never_silent(labelled: Path, tmp_path: Path
     for name in report["encoders"]:
         assert report["encoders"][name]["precision_at_10"] == again["encoders"][name]["precision_at_10"]
         assert report["encoders"][name]["mAP"] == again["encoders"][name]["mAP"]
+
+
+def test_bench_from_the_command_line(labelled: Path, tmp_path: Path) -> None:  # noqa: F811
+    from cbir.cli import main
+
+    out = tmp_path / "r"
+    assert main(["bench", str(labelled), "--encoders", "colour_histogram", "--k", "5,10", "--out", str(out),
+                 "--device", "cpu", "-q"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["encoders"]) == {"colour_histogram", "random_cnn"}
+    assert 0 <= data["encoders"]["colour_histogram"]["precision_at_10"] <= 1
+    assert main(["bench", str(labelled), "--k", "0", "--out", str(out)]) == 2

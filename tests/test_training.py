@@ -74,13 +74,18 @@ def test_split_is_stratified_deterministic_and_saved(labelled: Path, tmp_path: P
     assert len(rows) == 36 and {r["split"] for r in rows} == {"train", "val", "test"}
 
 
-@pytest.mark.parametrize("kind", ["siamese", "autoencoder"])
-def test_training_lowers_the_loss_and_the_model_reloads_exactly(kind: str, labelled: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind,backbone", [("siamese", "efficientnet_lite0"), ("autoencoder", "efficientnet_lite0"),
+                                           ("autoencoder", "none")])
+def test_training_lowers_the_loss_and_the_model_reloads_exactly(kind: str, backbone: str, labelled: Path,
+                                                                tmp_path: Path) -> None:
     out = tmp_path / f"{kind}.pt"
-    result = Trainer(small(kind, labelled, out, epochs=3, patience=10)).run()
+    result = Trainer(small(kind, labelled, out, epochs=3, patience=10, backbone=backbone)).run()
     ckpt = torch.load(out, map_location="cpu", weights_only=True)  # safe to load
-    hist = ckpt["training"]["history"]
-    assert hist[-1]["loss"] < hist[0]["loss"], hist
+    if kind == "autoencoder":  # the feature autoencoder over a frozen trunk, or the classic pixel one
+        assert ckpt["arch"]["trunk"] == backbone
+    hist = torch.load(out.with_suffix(".last.pt"), map_location="cpu", weights_only=True)["history"]  # all epochs
+    assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"], hist
+    assert ckpt["training"]["history"] == hist[: len(ckpt["training"]["history"])]  # the best model's own past
     assert ckpt["training"]["fingerprint"] and ckpt["training"]["versions"]["torch"]
     assert out.with_suffix(".loss.png").stat().st_size > 1000
     a = create(kind, weights=str(out), device="cpu")
@@ -135,7 +140,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(labelled: Path, tmp_path: Path) -> No
     assert proc.wait(timeout=120) == 130, rest
     assert "interrupted" in rest
     enc = create("autoencoder", weights=str(out), device="cpu")
-    assert enc.embed([photo()]).shape == (1, 512)
+    assert enc.dim == 256 and enc.embed([photo()]).shape == (1, 256)
 
 
 @pytest.mark.parametrize(

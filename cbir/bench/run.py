@@ -114,7 +114,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if enc.weights.get("source") == "none" and name not in BASELINES:
             key = f"{name} (random weights)"
         entry.update({"encoder": name, "weights": enc.weights.get("source"), "dim": enc.dim,
-                      "random_weights": enc.weights.get("source") == "none"})
+                      "random_weights": enc.weights.get("source") == "none", "precision": enc.precision})
         _say(f"{tag}: embedding {len(coll.files)} images")
         idx_dir = out / "indexes" / name
         shutil.rmtree(idx_dir, ignore_errors=True)
@@ -139,7 +139,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _create(name: str, weights: str | None, device: str):
-    return create(name, weights=weights, device=device)
+    # fp32, not 'auto': auto decides by timing, and a benchmark must give the same numbers for the same seed
+    return create(name, weights=weights, device=device, precision="fp32")
 
 
 def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tuple[Path, float]:

@@ -80,15 +80,26 @@ def get_entry(name: str) -> EncoderEntry:
     return _REGISTRY[name]
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
 def create(name: str, weights: str | None = None, pooling: str | None = None, device: str = "auto",
-           **options: Any) -> Encoder:
-    """Build encoder `name`. weights: 'imagenet' (default where it applies), a file path, or 'none'."""
+           precision: str = "fp32", **options: Any) -> Encoder:
+    """Build encoder `name`. weights: 'imagenet' (default where it applies), a file path, or 'none'.
+
+    precision: 'fp32', 'bf16' (autocast), or 'auto' (the indexer measures both on the collection and
+    keeps the faster one only if it stays faithful to fp32; see cbir.precision).
+    """
     entry = get_entry(name)
     pooling = pooling or entry.default_pooling
     if pooling not in entry.dims:
         raise CbirError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(entry.dims)}")
-    return entry.factory(weights=weights or entry.default_weights, pooling=pooling,
-                         device=resolve_device(device), **options)
+    if precision not in PRECISIONS:
+        raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    enc = entry.factory(weights=weights or entry.default_weights, pooling=pooling, device=resolve_device(device),
+                        **options)
+    enc.precision = precision
+    return enc
 
 
 def from_config(config: dict[str, Any], device: str = "auto", weights: str | None = None) -> Encoder:
@@ -102,7 +113,9 @@ def from_config(config: dict[str, Any], device: str = "auto", weights: str | Non
     if weights is None:
         weights = {"file": w.get("path"), "none": "none"}.get(source, source)
     options = dict(config.get("options", {}))
-    enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device, **options)
+    enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device,
+                 precision=config.get("precision", "fp32"), **options)
+    enc.calibration = dict(config.get("calibration", {}))
     if enc.weights.get("sha256") != w.get("sha256"):
         raise CbirError(
             f"encoder {config['name']}: the weights found ({enc.weights.get('path') or enc.weights.get('source')}, "

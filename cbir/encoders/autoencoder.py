@@ -10,7 +10,7 @@ from cbir.encoders.base import Encoder
 
 
 @register("autoencoder", description="Conv autoencoder bottleneck, trained here: cbir train autoencoder DIR",
-          dims={"bottleneck": 512}, default_pooling="bottleneck", default_weights="",
+          dims={"bottleneck": 256}, default_pooling="bottleneck", default_weights="",
           weights_status=lambda: "trained: pass --weights MODEL.pt")
 def create(weights: str, pooling: str, device: torch.device) -> Encoder:
     return create_trained("autoencoder", weights, pooling, device)

@@ -134,6 +134,8 @@ class Encoder:
     weights: dict[str, Any]
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # fp32 or bf16; "auto" until cbir.precision.choose() has measured this encoder
+    calibration: dict[str, Any] = field(default_factory=dict)  # what choose() measured
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
@@ -149,6 +151,8 @@ class Encoder:
             "weights": self.weights,
             "preprocess": self.preprocess.to_dict(),
             "options": self.options,
+            "precision": self.precision if self.precision != "auto" else "fp32",
+            "calibration": self.calibration,
             "versions": library_versions(),
         }
 
@@ -157,7 +161,8 @@ class Encoder:
         """Embed a preprocessed batch [B, 3, H, W]."""
         x = torch.as_tensor(batch).to(self.device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.model(x).float().flatten(1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            feats = self.model(x).float().flatten(1)
         feats = F.normalize(feats, dim=1)
         return np.ascontiguousarray(feats.cpu().numpy(), dtype=np.float32)
 
@@ -169,7 +174,8 @@ class Encoder:
 
     def __repr__(self) -> str:
         w = self.weights.get("source", "?")
-        return f"Encoder({self.name}, dim={self.dim}, pooling={self.pooling}, weights={w}, device={self.device})"
+        return (f"Encoder({self.name}, dim={self.dim}, pooling={self.pooling}, weights={w}, device={self.device}, "
+                f"precision={self.precision})")
 
 
 def state_dict_from_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

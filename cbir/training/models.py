@@ -1,7 +1,8 @@
 """The trainable networks, each split into a frozen `trunk` (run once, cached) and a trainable part.
 
     siamese:      trunk -> tail -> pool -> projection head -> (L2-normalised) embedding
-    autoencoder:  image -> conv encoder -> bottleneck (embedding, pooled) -> transposed-conv decoder -> image
+    autoencoder:  [frozen trunk ->] conv encoder -> bottleneck (embedding, pooled) -> transposed-conv decoder
+                  -> reconstruction of the encoder's input (the trunk's feature map, or the image itself)
 
 `build(arch)` makes the network from its plain-dict description, which the checkpoint stores, so an
 index can rebuild it from the file alone.
@@ -13,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cbir.encoders.base import Preprocess, load_state, state_dict_from_file
@@ -98,10 +100,12 @@ def build_siamese(arch: dict[str, Any], pretrained: str = "none") -> tuple[Siame
 
 
 class ConvAutoencoder(nn.Module):
-    """Conv encoder (4 stride-2 stages) to a `bottleneck`-channel map at 1/16 size, mirrored decoder."""
+    """Pixel autoencoder: conv encoder (4 stride-2 stages) to a `bottleneck`-channel map at 1/16 size, mirrored
+    decoder back to the image. The classic design; its bottleneck keeps colour and layout more than content."""
 
     def __init__(self, bottleneck: int = 128, grid: int = 2) -> None:
         super().__init__()
+        self.trunk = nn.Identity()
         chans = [3, 32, 64, 128, 256]
         enc: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:], strict=True):
@@ -122,27 +126,83 @@ class ConvAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction error of a batch of trunk outputs (here: images in [0, 1])."""
+        return F.mse_loss(torch.sigmoid(self(x)), x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.encoder(x))
 
+    def trainable(self) -> nn.Module:
+        return nn.ModuleList([self.encoder, self.decoder])
+
+
+class FeatureAutoencoder(nn.Module):
+    """Conv autoencoder over a frozen ImageNet feature map (efficientnet_lite0 to stride 16, 112 channels).
+
+    The encoder compresses the map to a `bottleneck`-channel map at half its size; the transposed-conv
+    decoder reconstructs the map. Trained without labels on MSE, like the pixel autoencoder, but what it must
+    keep is content rather than colour, which is what retrieval needs.
+    """
+
+    def __init__(self, trunk: nn.Module, in_ch: int = 112, bottleneck: int = 256, grid: int = 1) -> None:
+        super().__init__()
+        self.trunk = trunk
+        act = nn.LeakyReLU(0.1, inplace=True)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_ch, 256, 3, 1, 1, bias=False), nn.BatchNorm2d(256), act,
+            nn.Conv2d(256, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(256, bottleneck, 3, 1, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(bottleneck, 256, 3, 1, 1), nn.LeakyReLU(0.1, inplace=True),
+            nn.ConvTranspose2d(256, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(256, in_ch, 3, 1, 1))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(feats))
+
+    def loss(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self(feats), feats)
+
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.encoder(feats))
+
+    def trainable(self) -> nn.Module:
+        return nn.ModuleList([self.encoder, self.decoder])
+
 
 class AutoencoderEmbedding(nn.Module):
-    """Index-time network: the encoder half and its pooling."""
+    """Index-time network: trunk, encoder half and pooling."""
 
-    def __init__(self, ae: ConvAutoencoder) -> None:
+    def __init__(self, ae: ConvAutoencoder | FeatureAutoencoder) -> None:
         super().__init__()
         self.ae = ae
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ae.embed(x)
+        return self.ae.embed(self.ae.trunk(x))
 
 
-def build_autoencoder(arch: dict[str, Any]) -> tuple[ConvAutoencoder, Preprocess]:
-    ae = ConvAutoencoder(int(arch["bottleneck"]), int(arch["grid"]))
+AE_TRUNKS = ("efficientnet_lite0", "none")
+
+
+def build_autoencoder(arch: dict[str, Any], pretrained: str = "none"
+                      ) -> tuple[ConvAutoencoder | FeatureAutoencoder, Preprocess]:
+    """`arch["trunk"]`: efficientnet_lite0 (default; frozen ImageNet trunk) or none (pixel autoencoder)."""
     size = int(arch["image_size"])
     if size % 16:
         raise CbirError("--image-size for the autoencoder must be a multiple of 16")
-    return ae, Preprocess(size=size, resize="center_crop", crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    trunk = arch.get("trunk", "none")
+    if trunk == "none":
+        ae = ConvAutoencoder(int(arch["bottleneck"]), int(arch["grid"]))
+        return ae, Preprocess(size=size, resize="center_crop", crop_pct=1.0, mean=(0.0, 0.0, 0.0),
+                              std=(1.0, 1.0, 1.0))
+    if trunk != "efficientnet_lite0":
+        raise CbirError(f"unknown autoencoder trunk {trunk!r}; choose one of {', '.join(AE_TRUNKS)}")
+    m = _lite0(pretrained)
+    frozen = nn.Sequential(m.conv_stem, m.bn1, *m.blocks[:5])  # stride 16, 112 channels
+    ae = FeatureAutoencoder(frozen, 112, int(arch["bottleneck"]), int(arch["grid"]))
+    return ae, Preprocess(size=size, crop_pct=0.875, mean=LITE0[0], std=LITE0[1], interpolation="bicubic")
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -165,6 +225,6 @@ def network_from_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[nn.Modul
         net, pre = build_siamese(arch, pretrained="none")
         load_state(net, ckpt["state_dict"], source)
         return net, pre, int(arch["emb_dim"])
-    ae, pre = build_autoencoder(arch)
+    ae, pre = build_autoencoder(arch, pretrained="none")  # the checkpoint holds the trunk's weights too
     load_state(ae, ckpt["state_dict"], source)
     return AutoencoderEmbedding(ae), pre, int(arch["bottleneck"]) * int(arch["grid"]) ** 2

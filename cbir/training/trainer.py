@@ -41,7 +41,7 @@ class TrainConfig:
     resume: bool = False
     backbone: str = "efficientnet_lite0"
     emb_dim: int = 256
-    margin: float = 0.5
+    margin: float = 1.0
     lr: float | None = None
     patience: int = 5
     views: int | None = None
@@ -136,8 +136,8 @@ class Trainer:
             net, pre = models.build_siamese(arch, pretrained=cfg.extra.get("backbone_weights", "imagenet"))
             trunk, trainable = net.trunk, net.trainable()
         else:
-            net, pre = models.build_autoencoder(arch)
-            trunk, trainable = nn.Identity(), net
+            net, pre = models.build_autoencoder(arch, pretrained=cfg.extra.get("backbone_weights", "imagenet"))
+            trunk, trainable = net.trunk, net.trainable()
         for p in trunk.parameters():
             p.requires_grad_(False)
 
@@ -217,8 +217,13 @@ class Trainer:
         if cfg.kind == "siamese":
             return {"backbone": cfg.backbone, "emb_dim": cfg.emb_dim, "image_size": cfg.image_size,
                     "trainable_blocks": int(cfg.extra.get("trainable_blocks", 1))}
-        return {"image_size": cfg.image_size, "bottleneck": int(cfg.extra.get("bottleneck", 128)),
-                "grid": int(cfg.extra.get("grid", 2)), "loss": "mse"}
+        if cfg.backbone == "none":  # the pixel autoencoder
+            return {"image_size": cfg.image_size, "bottleneck": int(cfg.extra.get("bottleneck", 128)),
+                    "grid": int(cfg.extra.get("grid", 2)), "loss": "mse", "trunk": "none"}
+        if cfg.backbone not in models.AE_TRUNKS:
+            raise CbirError(f"autoencoder --backbone must be one of {', '.join(models.AE_TRUNKS)}")
+        return {"image_size": cfg.image_size, "bottleneck": int(cfg.extra.get("bottleneck", 256)),
+                "grid": int(cfg.extra.get("grid", 1)), "loss": "mse", "trunk": cfg.backbone}
 
     @property
     def metric_name(self) -> str:
@@ -272,7 +277,7 @@ class Trainer:
                 emb = net.from_trunk(x)
                 loss = contrastive_loss(emb, torch.from_numpy(self.labels[imgs]).to(self.device), self.cfg.margin)
             else:
-                loss = F.mse_loss(torch.sigmoid(net(x)), x)
+                loss = net.loss(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -299,7 +304,7 @@ class Trainer:
             errs = []
             for i in range(0, len(val_idx), 64):
                 x = self.cached[torch.from_numpy(val_idx[i:i + 64]), 0].to(self.device).float()
-                errs.append(float(F.mse_loss(torch.sigmoid(net(x)), x)) * len(x))
+                errs.append(float(net.loss(x)) * len(x))
             return -sum(errs) / len(val_idx)
         gallery_idx = np.flatnonzero(self.is_train | self.is_val)
         gallery = self.embed_view(net, gallery_idx, 0)

@@ -1,0 +1,125 @@
+"""Indexing throughput: model alone vs the whole `cbir index` pipeline vs a naive loop, per encoder, in one run.
+
+    python benchmarks/index_throughput.py --data ../shared/data/animals4 --work /tmp/cbir-throughput
+
+Inputs are generated once from real photos: 640 x 480 JPEGs and 12-megapixel (4000 x 3000) JPEGs. For each
+encoder the table gives, on the same machine in the same run:
+  model-only   images/s of the network alone on ready tensors (batch 32; fp32 and bf16; best of 3)
+  naive        one image at a time: PIL open (no draft), preprocess, fp32 eager forward
+  cbir index   the whole pipeline (discover, decode in workers, embed, write HDF5 + FAISS), default settings
+               (precision auto; 'chosen' is what auto picked), on each input size
+and the two ratios the issue sets targets for: pipeline / model-only in the chosen precision (>= 0.9) and
+pipeline / naive (>= 2.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cbir.encoders import create
+from cbir.images import discover
+from indexer.pipeline import build_index
+
+
+def make_inputs(data: Path, work: Path, n_small: int, n_large: int) -> tuple[Path, Path]:
+    small, large = work / "640x480", work / "12mp"
+    files = discover(data).files
+    step = max(1, len(files) // max(n_small, n_large))
+    picks = files[::step]
+    for folder, n, size in ((small, n_small, (640, 480)), (large, n_large, (4000, 3000))):
+        if folder.exists() and len(list(folder.glob("*.jpg"))) == n:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for i, rel in enumerate(picks[:n]):
+            with Image.open(data / rel) as im:
+                im.convert("RGB").resize(size, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    return small, large
+
+
+def model_rate(enc, batch: int, repeats: int = 3) -> float:
+    size = enc.preprocess.size
+    x = torch.randn(batch, 3, size, size)
+    enc.embed_tensor(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        enc.embed_tensor(x)
+        best = min(best, time.perf_counter() - t)
+    return batch / best
+
+
+def naive_rate(enc, folder: Path, n: int) -> float:
+    """The loop simple demos run: one file, decoded in full, one forward in fp32 NCHW."""
+    files = sorted(folder.glob("*.jpg"))[:n]
+    model = enc.model.to(memory_format=torch.contiguous_format)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for f in files:
+            im = Image.open(f).convert("RGB")
+            x = torch.from_numpy(enc.preprocess(im))[None]
+            model(x)
+    rate = len(files) / (time.perf_counter() - t)
+    model.to(memory_format=torch.channels_last)
+    return rate
+
+
+def pipeline_rate(name: str, weights: str | None, folder: Path, out: Path, precision: str) -> tuple[float, str]:
+    enc = create(name, weights=weights, device="cpu", precision=precision)
+    summary = build_index(folder, out, enc, mode="rebuild")
+    return summary.images_per_s, enc.precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--encoders", default="efficientnet_lite0,resnet50:none,vgg16:none,colour_histogram",
+                    help="name[:weights] list; siamese:FILE and autoencoder:FILE for trained models")
+    ap.add_argument("--small", type=int, default=600, help="640x480 images")
+    ap.add_argument("--large", type=int, default=48, help="12 MP images")
+    ap.add_argument("--naive", type=int, default=32, help="images for the naive loop")
+    args = ap.parse_args()
+    work = Path(args.work)
+    small, large = make_inputs(Path(args.data), work, args.small, args.large)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {args.small} images 640x480, {args.large} 12 MP",
+          file=sys.stderr)
+    rows = []
+    for spec in args.encoders.split(","):
+        name, _, weights = spec.partition(":")
+        weights = weights or None
+        enc = create(name, weights=weights, device="cpu")
+        model = {}
+        for p in ("fp32", "bf16"):
+            enc.precision = p
+            model[p] = {b: model_rate(enc, b) for b in (1, 8, 32)}
+        enc.precision = "fp32"
+        naive = naive_rate(enc, small, args.naive)
+        del enc
+        e2e_small, chosen = pipeline_rate(name, weights, small, work / f"idx-{name}-small", "auto")
+        e2e_large, _ = pipeline_rate(name, weights, large, work / f"idx-{name}-large", chosen)
+        row = (name, model, naive, chosen, e2e_small, e2e_large)
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    print("\nimages/s on this machine (model-only: batch 1 / 8 / 32)")
+    print("| encoder | model fp32 | model bf16 | naive loop | auto chose | cbir index 640x480 | cbir index 12 MP "
+          "| pipeline / model (chosen, b32) | pipeline / naive |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, model, naive, chosen, s, large_rate in rows:
+        fmt = {p: " / ".join(f"{model[p][b]:.1f}" for b in (1, 8, 32)) for p in model}
+        ref = model[chosen][32]
+        print(f"| {name} | {fmt['fp32']} | {fmt['bf16']} | {naive:.1f} | {chosen} | {s:.1f} | {large_rate:.1f} "
+              f"| {s / ref:.2f} | {s / naive:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

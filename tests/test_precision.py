@@ -1,0 +1,87 @@
+"""Precision modes: bf16 autocast stays faithful on the real default encoder; 'auto' measures and records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir import Index, precision
+from cbir.encoders import create, from_config
+from cbir.errors import CbirError
+from cbir.images import discover
+
+
+def _sample_batch(samples: Path, enc, n: int = 24) -> np.ndarray:
+    files = discover(samples).files[:n]
+    return np.stack([enc.preprocess(Image.open(samples / f).convert("RGB")) for f in files])
+
+
+def test_neighbour_overlap_hand_cases() -> None:
+    a = np.eye(4, dtype=np.float32)
+    a[0, 1] = a[1, 0] = 0.9  # rows 0 and 1 are each other's nearest
+    assert precision.neighbour_overlap(a, a, k=1) == 1.0
+    b = a.copy()
+    b[0, 1] = b[1, 0] = 0.0
+    b[0, 2] = b[2, 0] = 0.9  # now 0 <-> 2; row 3 ties everywhere (stable order keeps it)
+    # row 0: {1} vs {2}: 0; row 1: {0} vs {0}: 1 (ties broken by index); row 2: {0} vs {0}: 1; row 3: {0} vs {0}
+    assert precision.neighbour_overlap(a, b, k=1) == pytest.approx(0.75)
+    assert precision.neighbour_overlap(a[:1], b[:1]) == 1.0
+
+
+def test_bf16_on_real_weights_is_faithful_and_recorded(samples: Path) -> None:
+    enc = create("efficientnet_lite0", device="cpu")
+    batch = _sample_batch(samples, enc)
+    found = precision.measure(enc, batch)
+    assert set(found) == {"fp32", "bf16"} and enc.precision == "fp32"  # measuring leaves the mode alone
+    assert found["fp32"]["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and found["fp32"]["top10_overlap"] == 1.0
+    assert found["bf16"]["mean_cosine"] >= precision.MIN_COSINE
+    assert found["bf16"]["images_per_s"] > 0
+    chosen = precision.choose(enc, batch)
+    assert enc.precision == chosen in ("fp32", "bf16")
+    cal = enc.calibration
+    assert cal["chosen"] == chosen and cal["sample"] == len(batch) and cal["modes"]["bf16"]["faithful"] is True
+    if chosen == "bf16":  # only when it was measured faster by the margin
+        assert cal["modes"]["bf16"]["images_per_s"] >= precision.MIN_SPEEDUP * cal["modes"]["fp32"]["images_per_s"]
+    again = from_config(enc.config, device="cpu")
+    assert again.precision == chosen and again.calibration == cal
+
+
+def test_unfaithful_mode_is_never_chosen(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    enc = create("efficientnet_lite0", device="cpu")
+    monkeypatch.setattr(precision, "MIN_COSINE", 1.01)  # nothing but fp32 can pass
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
+    assert precision.choose(enc, _sample_batch(samples, enc, 16)) == "fp32"
+    assert enc.calibration["modes"]["bf16"]["faithful"] is False
+
+
+def test_auto_in_the_indexer_small_and_calibrated(tmp_path: Path, samples: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    small = Index.build(samples, out=tmp_path / "small", device="cpu")  # precision auto by default
+    cfg = small.encoder_config
+    assert cfg["precision"] == "fp32" and "not worth calibrating" in cfg["calibration"]["reason"]
+    monkeypatch.setattr(precision, "AUTO_MIN_IMAGES", 10)
+    monkeypatch.setattr(precision, "SAMPLE", 16)
+    big = Index.build(samples, out=tmp_path / "cal", device="cpu", precision="auto")
+    with h5py.File(big.directory / "vectors.h5") as f:
+        cal = json.loads(f.attrs["encoder_config"])["calibration"]
+    assert cal["sample"] == 16 and set(cal["modes"]) == {"fp32", "bf16"}
+    assert big.encoder.precision == cal["chosen"]  # queries are embedded as the index was
+    # whichever was chosen, the index agrees with an fp32 index on the nearest neighbours
+    ref = small.store.vectors
+    assert float(np.mean(np.sum(ref * big.store.vectors, axis=1))) >= precision.MIN_COSINE
+
+
+def test_explicit_bf16_index_searches_like_fp32(tmp_path: Path, samples: Path) -> None:
+    fp = Index.build(samples, out=tmp_path / "fp", device="cpu", precision="fp32")
+    bf = Index.build(samples, out=tmp_path / "bf", device="cpu", precision="bf16")
+    assert bf.encoder_config["precision"] == "bf16" and bf.encoder.precision == "bf16"
+    same = np.mean([len({r.id for r in fp.search_id(i)} & {r.id for r in bf.search_id(i)}) / 10
+                    for i in range(len(fp))])
+    assert same >= 0.9
+    with pytest.raises(CbirError, match="unknown precision"):
+        create("efficientnet_lite0", device="cpu", precision="int4")
