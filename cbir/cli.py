@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", help="encoder name (default efficientnet_lite0; with --update: the index's own)")
     s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file")
     s.add_argument("--pooling", help="gem, avg, max or fc (default: the encoder's own)")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, help="images per batch (default: 16 on a CPU, 64 on a GPU)")
     s.add_argument("--workers", type=int, help="decoding processes (default: by collection size and cores)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching names/paths")
@@ -234,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search index: auto (default: exact up to 50,000 vectors, above that approximate, tuned "
                         "to recall@10 >= 0.99 on the collection's own vectors), flat (exact), ivf, hnsw, ivfpq")
     s.add_argument("--float16", action="store_true", help="store vectors as float16 (half the disk space)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None,
-                   help="encoder arithmetic: fp32, bf16, or auto (default: the fastest mode that stays faithful "
-                        "to fp32 on a calibration sample of this collection)")
+    s.add_argument("--precision", choices=["fp32", "bf16", "int8", "auto"], default=None,
+                   help="encoder arithmetic: fp32, bf16, int8 (ONNX Runtime, calibrated on this collection), or "
+                        "auto (default: the fastest mode that stays faithful to fp32 on a calibration sample)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 

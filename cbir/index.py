@@ -92,7 +92,7 @@ class Index:
     @classmethod
     def build(cls, root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
               encoder: str = "efficientnet_lite0", weights: str | None = None, pooling: str | None = None,
-              batch_size: int = 32, device: str = "auto", workers: int | None = None, progress: bool = False,
+              batch_size: int | None = None, device: str = "auto", workers: int | None = None, progress: bool = False,
               exclude: tuple[str, ...] = (), rebuild: bool = False, update: bool = False,
               verify: bool = False, index_type: str | None = None, float16: bool | None = None,
               precision: str = "auto") -> Index:

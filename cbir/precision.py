@@ -1,10 +1,12 @@
-"""Choosing an encoder's arithmetic by measurement: bf16 only where it is faster *and* faithful.
+"""Choosing an encoder's arithmetic by measurement: a faster mode only where it is faster *and* faithful.
 
 bf16 autocast roughly doubles convolution throughput on CPUs with AVX512-BF16/AMX and on GPUs, and is
-slower on CPUs without them; how far its vectors drift from fp32 depends on the network. So `auto` embeds a
-calibration sample of the collection in both modes and keeps bf16 only if (1) the mean cosine between the
-two embeddings of each image is >= 0.995, (2) the top-10 neighbours of each sample image among the sample
-agree on >= 95% of places, and (3) it is at least 10% faster. The measurement is recorded in the index.
+slower on CPUs without them; int8 (ONNX Runtime, see onnx_backend.py) is faster still but loses more,
+how much depending on the network. So `auto` embeds a calibration sample of the collection in each mode
+and keeps a faster one only if (1) the mean cosine between the two embeddings of each image is >= 0.995,
+(2) the top-10 neighbours of each sample image among the sample agree on >= 95% of places, and (3) it is
+at least 10% faster than fp32. int8 quantizes on half the sample and is measured on all of it. The
+measurement is recorded in the index.
 """
 
 from __future__ import annotations
@@ -22,6 +24,24 @@ MIN_OVERLAP = 0.95
 MIN_SPEEDUP = 1.10
 SAMPLE = 64  # calibration images
 AUTO_MIN_IMAGES = 500  # below this, calibrating costs more than bf16 could save: fp32
+AUTO_INT8_MIN_IMAGES = 2000  # int8 export and quantization take ~15 s: only worth trying for larger jobs
+
+
+def int8_possible(encoder: Encoder) -> bool:
+    from cbir import onnx_backend
+
+    return encoder.device.type == "cpu" and onnx_backend.available()
+
+
+def prepare_int8(encoder: Encoder, calibration: np.ndarray) -> None:
+    """Give the encoder its int8 model, quantized with activation ranges from `calibration`."""
+    from cbir import onnx_backend
+
+    if not onnx_backend.available():
+        from cbir.errors import CbirError
+
+        raise CbirError("--precision int8 needs ONNX Runtime: pip install onnxruntime onnx")
+    encoder.runtime = onnx_backend.OrtModel(onnx_backend.quantize_int8(encoder, calibration))
 
 
 def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
@@ -40,32 +60,30 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta.tolist(), tb.tolist(), strict=True)]))
 
 
-def _rate(encoder: Encoder, batch: torch.Tensor, repeats: int = 3) -> float:
-    """Images/s of the model alone on this batch: best of `repeats` after one warm-up."""
-    encoder.embed_tensor(batch)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        encoder.embed_tensor(batch)
-        best = min(best, time.perf_counter() - t)
-    return len(batch) / best
+def _embed_timed(encoder: Encoder, x: torch.Tensor, batch: int = 16) -> tuple[np.ndarray, float]:
+    """Embeddings of x and the images/s it took, after a small warm-up (kernel choice, session start)."""
+    encoder.embed_tensor(x[: min(len(x), 8)])
+    t = time.perf_counter()
+    vecs = np.concatenate([encoder.embed_tensor(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return vecs, len(x) / (time.perf_counter() - t)
 
 
 def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
     """Per mode: images/s, and against fp32: mean cosine and top-10 overlap on `sample` [N, 3, H, W]."""
     x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
-    timing = x[: min(len(x), 32)]
     before = encoder.precision
     out: dict[str, Any] = {}
     ref: np.ndarray | None = None
     try:
         for mode in modes:
+            if mode == "int8" and encoder.runtime is None:
+                prepare_int8(encoder, sample[::2])
             encoder.precision = mode
-            vecs = encoder.embed_tensor(x)
+            vecs, rate = _embed_timed(encoder, x)  # one pass gives both the vectors and the speed
             if ref is None:
                 ref = vecs
             out[mode] = {
-                "images_per_s": round(_rate(encoder, timing), 2),
+                "images_per_s": round(rate, 2),
                 "mean_cosine": round(float(np.mean(np.sum(vecs * ref, axis=1))), 5),
                 "top10_overlap": round(neighbour_overlap(ref, vecs), 4),
             }
@@ -74,9 +92,16 @@ def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp3
     return out
 
 
-def choose(encoder: Encoder, sample: np.ndarray) -> str:
-    """Set and return the encoder's precision for 'auto', with the measurement in `encoder.calibration`."""
-    found = measure(encoder, sample)
+def choose(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32", "bf16"),
+           forced: str | None = None) -> str:
+    """Set and return the encoder's precision, with the measurement in `encoder.calibration`.
+
+    `forced` (the user asked for that mode) is used whatever the measurement says; it is still recorded.
+    """
+    if forced is not None and forced not in modes:
+        modes = (*modes, forced)
+    started = time.perf_counter()
+    found = measure(encoder, sample, modes)
     base = found["fp32"]["images_per_s"]
     chosen = "fp32"
     for mode, m in found.items():
@@ -84,10 +109,19 @@ def choose(encoder: Encoder, sample: np.ndarray) -> str:
         if mode != "fp32" and m["faithful"] and m["images_per_s"] >= MIN_SPEEDUP * base \
                 and m["images_per_s"] > found[chosen]["images_per_s"]:
             chosen = mode
+    if forced is not None:
+        chosen = forced
     encoder.precision = chosen
     encoder.calibration = {"chosen": chosen, "sample": len(sample), "device": str(encoder.device),
                            "thresholds": {"mean_cosine": MIN_COSINE, "top10_overlap": MIN_OVERLAP,
-                                          "speedup": MIN_SPEEDUP}, "modes": found}
+                                          "speedup": MIN_SPEEDUP}, "modes": found,
+                           "seconds": round(time.perf_counter() - started, 2)}
+    if forced is not None:
+        encoder.calibration["forced"] = True
+    if chosen == "int8":
+        encoder.calibration["int8_model"] = encoder.runtime.record()
+    else:
+        encoder.runtime = None
     return chosen
 
 

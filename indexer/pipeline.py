@@ -108,7 +108,9 @@ def _collate(items: list) -> list:
 def default_workers(n_files: int, batch_size: int) -> int:
     if n_files <= 2 * batch_size:
         return 0  # starting processes costs more than it saves
-    return max(1, min(4, (os.cpu_count() or 1)))
+    # One core is left to inference: on 2 cores, 1 decoding process gave 75 img/s, 2 gave 70 and none 60
+    # (efficientnet_lite0 bf16, 640x480 JPEGs), because the model's threads wait for a core shared with decoding.
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def _progress(total: int, enabled: bool):
@@ -118,7 +120,12 @@ def _progress(total: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, workers: int | None = None,
+def default_batch(encoder: Encoder) -> int:
+    """16 on a CPU (benchmarks/index_throughput.py: the best or within 5% of it for every encoder), 64 on a GPU."""
+    return 64 if encoder.device.type == "cuda" else 16
+
+
+def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int | None = None, workers: int | None = None,
                 progress: bool = False, exclude: tuple[str, ...] = (), rebuild: bool = False,
                 mode: str | None = None, verify: bool = False, index_type: str | None = None,
                 float16: bool | None = None) -> Summary:
@@ -127,6 +134,7 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, w
     mode = mode or ("rebuild" if rebuild else "create")
     if mode not in MODES:
         raise CbirError(f"unknown mode {mode!r}")
+    batch_size = default_batch(encoder) if batch_size is None else batch_size
     if batch_size < 1:
         raise CbirError("--batch-size must be at least 1")
     if out.exists() and not out.is_dir():
@@ -154,6 +162,11 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, w
             old_config = json.loads(old.attrs["encoder_config"])  # new rows are embedded as the old ones were
             encoder.precision = old_config.get("precision", "fp32")
             encoder.calibration = dict(old_config.get("calibration", {}))
+            if encoder.precision == "int8" and encoder.runtime is None:  # the very model the old rows came from
+                from cbir.onnx_backend import OrtModel
+
+                rec = encoder.calibration["int8_model"]
+                encoder.runtime = OrtModel(rec["path"], rec.get("sha256"))
         summary = Summary(out, 0, mode=mode)
         keep, todo = _plan(root, found.files, old, verify, summary)
         work = WorkDir(out, {"root": str(root.resolve()), "encoder": encoder.config["weights"],
@@ -173,7 +186,8 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int = 32, w
                 except OSError:
                     pass
             remaining.append(f)
-        if encoder.precision == "auto":
+        if remaining and encoder.precision in ("auto", "int8") and \
+                not (encoder.precision == "int8" and encoder.runtime is not None):
             _calibrate(root, remaining, encoder, progress)
         _embed(root, remaining, encoder, work, batch_size, workers, progress)
         summary.embedded = len(remaining)
@@ -219,20 +233,31 @@ def _plan(root: Path, files: list[str], old: store_mod.Store | None, verify: boo
 
 
 def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -> None:
-    """Settle precision 'auto' on a sample of the images about to be embedded (see cbir.precision)."""
+    """Settle precision 'auto' (or calibrate 'int8') on a sample of the images about to be embedded."""
     from cbir import precision
 
-    if len(files) < precision.AUTO_MIN_IMAGES:
+    forced = "int8" if encoder.precision == "int8" else None
+    if forced is None and len(files) < precision.AUTO_MIN_IMAGES:
         precision.skip(encoder, f"{len(files)} images to embed, fewer than {precision.AUTO_MIN_IMAGES}: "
                                 "not worth calibrating")
         return
-    picks = np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int)
+    picks = np.unique(np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int))
     ds = DecodedFiles(root, [files[i] for i in picks], encoder)
     arrays = [a for a in (ds[i][1] for i in range(len(ds))) if a is not None][: precision.SAMPLE]
-    if len(arrays) < 16:
+    if forced and len(arrays) < 4:
+        raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
+    if not forced and len(arrays) < 16:
         precision.skip(encoder, "too few decodable images in the calibration sample")
         return
-    chosen = precision.choose(encoder, np.stack(arrays))
+    modes: tuple[str, ...] = ("fp32", "bf16")
+    if not forced and len(files) >= precision.AUTO_INT8_MIN_IMAGES and precision.int8_possible(encoder):
+        modes = (*modes, "int8")
+    chosen = precision.choose(encoder, np.stack(arrays), ("fp32",) if forced else modes, forced=forced)
+    if forced and not encoder.calibration["modes"]["int8"]["faithful"]:
+        m = encoder.calibration["modes"]["int8"]
+        print(f"warning: int8 is not faithful on this encoder (mean cosine {m['mean_cosine']:.4f}, top-10 "
+              f"overlap {m['top10_overlap']:.3f} against fp32); --precision auto would not use it",
+              file=sys.stderr)
     if progress:
         rates = ", ".join(f"{m} {v['images_per_s']:.1f} img/s cos {v['mean_cosine']:.4f} "
                           f"overlap {v['top10_overlap']:.3f}" for m, v in encoder.calibration["modes"].items())

@@ -19,6 +19,7 @@ def _isolated_torch_home(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("torch_home")
     old = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(home)
+    os.environ["CBIR_CACHE"] = str(tmp_path_factory.mktemp("cbir_cache"))  # int8 models made by tests
     yield home
     if old is None:
         os.environ.pop("TORCH_HOME", None)

@@ -85,3 +85,33 @@ def test_explicit_bf16_index_searches_like_fp32(tmp_path: Path, samples: Path) -
     assert same >= 0.9
     with pytest.raises(CbirError, match="unknown precision"):
         create("efficientnet_lite0", device="cpu", precision="int4")
+
+
+def test_int8_is_calibrated_recorded_reloaded_and_judged(tmp_path: Path, samples: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    idx = Index.build(samples, out=tmp_path / "i8", device="cpu", precision="int8")
+    cfg = idx.encoder_config
+    cal = cfg["calibration"]
+    assert cfg["precision"] == "int8" and cal["forced"] is True and set(cal["modes"]) == {"fp32", "int8"}
+    model = Path(cal["int8_model"]["path"])
+    assert model.is_file() and str(model).startswith(os.environ["CBIR_CACHE"])
+    # EfficientNet-Lite0's depthwise convolutions do not survive int8: the measurement says so, and warns
+    m = cal["modes"]["int8"]
+    assert m["mean_cosine"] < precision.MIN_COSINE and m["faithful"] is False
+    assert "not faithful" in capsys.readouterr().err
+    # a query goes through the very same int8 model as the indexed rows
+    enc = idx.encoder
+    assert enc.precision == "int8" and enc.runtime is not None
+    first = idx.store.paths[0]
+    np.testing.assert_allclose(idx.embed(samples / first), idx.store.vectors[0], atol=1e-5)
+    assert idx.search(samples / first, k=1)[0].path == first
+    # the model file gone: a clear error, not a silent switch to another precision
+    moved = model.with_suffix(".moved")
+    model.rename(moved)
+    try:
+        with pytest.raises(CbirError, match="int8 model .* is missing"):
+            from_config(cfg, device="cpu")
+    finally:
+        moved.rename(model)

@@ -24,7 +24,7 @@ def clustered(n: int, d: int, clusters: int = 100, spread: float = 0.5, seed: in
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def test_exact_numpy_matches_faiss_flat() -> None:
+def test_exact_numpy_matches_faiss_flat(monkeypatch: pytest.MonkeyPatch) -> None:
     x = clustered(3000, 48)
     q = clustered(7, 48, seed=1)
     flat = faiss.IndexFlatIP(48)
@@ -33,6 +33,10 @@ def test_exact_numpy_matches_faiss_flat() -> None:
     ns, ni = exact_numpy(x, q, 10)
     assert np.array_equal(fi, ni)
     np.testing.assert_allclose(fs, ns, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr("cbir.search.SIMS_BUDGET", 3000 * 3)  # 3 queries per block: blocks must not matter
+    bs, bi = exact_numpy(x, q, 10)
+    assert np.array_equal(bi, ni)
+    np.testing.assert_allclose(bs, ns, rtol=1e-5, atol=1e-6)
     s, i = exact_numpy(x[:4], q[:1], 4)  # k == N: everything, sorted
     assert sorted(i[0].tolist()) == [0, 1, 2, 3] and np.all(np.diff(s[0]) <= 0)
 
@@ -42,8 +46,8 @@ def test_single_and_batched_queries_agree_and_return_ids() -> None:
     ids = np.arange(2000, dtype=np.int64) * 7 + 3
     vs = VectorSearch.build(x, ids)
     _, one = vs.search(x[5], 10)  # numpy path
-    _, many = vs.search(np.repeat(x[5:6], 20, axis=0), 10)  # faiss path (batch above NUMPY_MAX_BATCH)
-    assert one[0, 0] == ids[5] and np.array_equal(one[0], many[0])
+    _, many = vs.search(np.repeat(x[5:6], 40, axis=0), 10)  # above NUMPY_MAX_BATCH: faiss
+    assert one[0, 0] == ids[5] and np.array_equal(one[0], many[0]) and np.array_equal(many[0], many[-1])
     scores, got = vs.search(x[:1], 2005)  # k beyond N: padded
     assert (got[0, 2000:] == -1).all() and np.isinf(scores[0, 2000:]).all()
 

@@ -80,15 +80,16 @@ def get_entry(name: str) -> EncoderEntry:
     return _REGISTRY[name]
 
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
 def create(name: str, weights: str | None = None, pooling: str | None = None, device: str = "auto",
            precision: str = "fp32", **options: Any) -> Encoder:
     """Build encoder `name`. weights: 'imagenet' (default where it applies), a file path, or 'none'.
 
-    precision: 'fp32', 'bf16' (autocast), or 'auto' (the indexer measures both on the collection and
-    keeps the faster one only if it stays faithful to fp32; see cbir.precision).
+    precision: 'fp32', 'bf16' (autocast), 'int8' (ONNX Runtime, calibrated by the indexer on the collection)
+    or 'auto' (the indexer measures the modes on the collection and keeps the fastest that stays faithful
+    to fp32; see cbir.precision).
     """
     entry = get_entry(name)
     pooling = pooling or entry.default_pooling
@@ -98,7 +99,7 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
         raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     enc = entry.factory(weights=weights or entry.default_weights, pooling=pooling, device=resolve_device(device),
                         **options)
-    enc.precision = precision
+    enc.precision = "fp32" if enc.fixed_precision else precision
     return enc
 
 
@@ -116,6 +117,13 @@ def from_config(config: dict[str, Any], device: str = "auto", weights: str | Non
     enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device,
                  precision=config.get("precision", "fp32"), **options)
     enc.calibration = dict(config.get("calibration", {}))
+    if enc.precision == "int8":
+        from cbir.onnx_backend import OrtModel
+
+        record = enc.calibration.get("int8_model") or {}
+        if not record:
+            raise CbirError("this index says int8 but records no int8 model; rebuild it")
+        enc.runtime = OrtModel(record["path"], record.get("sha256"))
     if enc.weights.get("sha256") != w.get("sha256"):
         raise CbirError(
             f"encoder {config['name']}: the weights found ({enc.weights.get('path') or enc.weights.get('source')}, "

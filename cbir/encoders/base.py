@@ -134,8 +134,10 @@ class Encoder:
     weights: dict[str, Any]
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # fp32 or bf16; "auto" until cbir.precision.choose() has measured this encoder
+    precision: str = "fp32"  # fp32, bf16 or int8; "auto" until cbir.precision.choose() has measured this encoder
     calibration: dict[str, Any] = field(default_factory=dict)  # what choose() measured
+    runtime: Any = field(default=None, repr=False)  # the ONNX Runtime int8 model when precision is int8
+    fixed_precision: bool = False  # a computation, not a network (the colour histogram): always fp32
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
@@ -159,6 +161,11 @@ class Encoder:
     @torch.inference_mode()
     def embed_tensor(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embed a preprocessed batch [B, 3, H, W]."""
+        if self.precision == "int8":
+            if self.runtime is None:
+                raise CbirError("int8 needs a model calibrated on the collection: index with --precision int8 or auto")
+            feats = torch.from_numpy(self.runtime(torch.as_tensor(batch).cpu().numpy())).float().flatten(1)
+            return np.ascontiguousarray(F.normalize(feats, dim=1).numpy(), dtype=np.float32)
         x = torch.as_tensor(batch).to(self.device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

@@ -45,4 +45,4 @@ class HSVHistogram(nn.Module):
           weights_status=lambda: "none needed")
 def create(weights: str, pooling: str, device: torch.device) -> Encoder:
     return Encoder("colour_histogram", HSVHistogram(), BINS**3, PREPROCESS, pooling,
-                   {"source": "none", "sha256": "none"}, device)
+                   {"source": "none", "sha256": "none"}, device, fixed_precision=True)
