@@ -7,8 +7,10 @@ encoder the table gives, on the same machine in the same run:
   model-only   images/s of the network alone on ready tensors (batch 1/8/16/32; fp32 and bf16; best of 3)
   naive        one image at a time: PIL open (no draft), preprocess, fp32 eager forward
   cbir index   the whole pipeline (discover, decode in workers, embed, write HDF5 + FAISS): first with the
-               default settings (precision auto, its calibration included; 'chosen' is what it picked), then
-               in the chosen precision at batch 8/16/32 on 640x480, and at the default batch on 12 MP
+               default settings, twice: at first use (precision auto measures, and that is inside the time;
+               'chosen' is what it picked) and again (the measurement is reused from the cache, as on every
+               later run on this machine); then in the chosen precision at batch 8/16/32 on 640x480, and at
+               the default batch on 12 MP
 and the two ratios the issue sets targets for: pipeline / model-only at the same batch and precision
 (>= 0.9), and default pipeline / naive (>= 2.5).
 """
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -59,15 +62,23 @@ def model_rate(enc, batch: int, repeats: int = 3) -> float:
 
 
 def naive_rate(enc, folder: Path, n: int) -> float:
-    """The loop simple demos run: one file, decoded in full, one forward in fp32 NCHW."""
+    """The loop simple demos run: one file decoded in full, resized whole then cropped, normalised in numpy,
+    one fp32 forward in NCHW."""
     files = sorted(folder.glob("*.jpg"))[:n]
+    pre = enc.preprocess
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
     model = enc.model.to(memory_format=torch.contiguous_format)
     t = time.perf_counter()
     with torch.no_grad():
         for f in files:
             im = Image.open(f).convert("RGB")
-            x = torch.from_numpy(enc.preprocess(im))[None]
-            model(x)
+            w, h = im.size
+            scale = pre.draft_size / min(w, h)
+            nw, nh = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
+            left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+            im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + pre.size, top + pre.size))
+            x = (np.asarray(im, np.float32) / 255 - mean) / std
+            model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None])
     rate = len(files) / (time.perf_counter() - t)
     model.to(memory_format=torch.channels_last)
     return rate
@@ -94,6 +105,8 @@ def main() -> None:
     ap.add_argument("--naive", type=int, default=32, help="images for the naive loop")
     args = ap.parse_args()
     work = Path(args.work)
+    os.environ["CBIR_CACHE"] = str(work / "cache")  # a fresh cache: the first default run is a first use
+    shutil.rmtree(work / "cache", ignore_errors=True)
     small, large = make_inputs(Path(args.data), work, args.small, args.large)
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"{os.cpu_count()} cores, torch {torch.__version__}, {args.small} images 640x480, {args.large} 12 MP",
@@ -111,24 +124,25 @@ def main() -> None:
         naive = naive_rate(enc, small, args.naive)
         del enc
         e2e_auto, chosen = pipeline_rate(name, weights, small, work / f"idx-{name}-small", "auto")
+        e2e_again, _ = pipeline_rate(name, weights, small, work / f"idx-{name}-small", "auto")
         by_batch = {b: pipeline_rate(name, weights, small, work / f"idx-{name}-b{b}", chosen, b)[0]
                     for b in (8, 16, 32)}
         e2e_large, _ = pipeline_rate(name, weights, large, work / f"idx-{name}-large", chosen)
-        row = (name, model, naive, chosen, e2e_auto, by_batch, e2e_large)
+        row = (name, model, naive, chosen, e2e_auto, e2e_again, by_batch, e2e_large)
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
     print("\nimages/s on this machine (model-only and pipeline per batch: 1 / 8 / 16 / 32; pipeline: 8 / 16 / 32)")
-    print("| encoder | model fp32 | model bf16 | naive loop | default cbir index (auto, 640x480) | auto chose "
-          "| cbir index in chosen precision, 640x480 | same, 12 MP | pipeline / model, best batch "
-          "| default / naive |")
+    print("| encoder | model fp32 | model bf16 | naive loop | default cbir index, first use / again (640x480) "
+          "| auto chose | cbir index in chosen precision, 640x480 | same, 12 MP | pipeline / model, best batch "
+          "| default / naive, first use / again |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, model, naive, chosen, auto_rate, by_batch, large_rate in rows:
+    for name, model, naive, chosen, auto_rate, again_rate, by_batch, large_rate in rows:
         fmt = {p: " / ".join(f"{model[p][b]:.1f}" for b in BATCHES) for p in model}
         best = max(by_batch, key=by_batch.get)
         ref = model.get(chosen, model["fp32"])[best]
-        print(f"| {name} | {fmt['fp32']} | {fmt['bf16']} | {naive:.1f} | {auto_rate:.1f} | {chosen} "
-              f"| {' / '.join(f'{by_batch[b]:.1f}' for b in (8, 16, 32))} | {large_rate:.1f} "
-              f"| {by_batch[best] / ref:.2f} (b{best}) | {auto_rate / naive:.2f} |")
+        print(f"| {name} | {fmt['fp32']} | {fmt['bf16']} | {naive:.1f} | {auto_rate:.1f} / {again_rate:.1f} "
+              f"| {chosen} | {' / '.join(f'{by_batch[b]:.1f}' for b in (8, 16, 32))} | {large_rate:.1f} "
+              f"| {by_batch[best] / ref:.2f} (b{best}) | {auto_rate / naive:.2f} / {again_rate / naive:.2f} |")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ def available() -> bool:
 
 def cache_dir() -> Path:
     """$CBIR_CACHE/onnx, default ~/.cache/cbir/onnx."""
-    base = Path(os.environ.get("CBIR_CACHE") or Path.home() / ".cache" / "cbir")
-    path = base / "onnx"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from cbir.cache import cache_dir as base
+
+    return base("onnx")
 
 
 def _key(encoder: Any) -> str:

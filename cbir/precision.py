@@ -6,12 +6,18 @@ how much depending on the network. So `auto` embeds a calibration sample of the 
 and keeps a faster one only if (1) the mean cosine between the two embeddings of each image is >= 0.995,
 (2) the top-10 neighbours of each sample image among the sample agree on >= 95% of places, and (3) it is
 at least 10% faster than fp32. int8 quantizes on half the sample and is measured on all of it. The
-measurement is recorded in the index.
+measurement is recorded in the index, and kept in ~/.cache/cbir/precision for the same encoder on the same
+machine, so it is taken at first use only (delete that folder to measure again).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +129,58 @@ def choose(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32
     else:
         encoder.runtime = None
     return chosen
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memo_path(encoder: Encoder, modes: tuple[str, ...]) -> Path:
+    """One file per (encoder, machine, library, test): what makes the measurement valid again."""
+    from cbir.cache import cache_dir
+
+    cfg = encoder.config
+    key = {"encoder": {k: cfg[k] for k in ("name", "pooling", "weights", "preprocess", "options")},
+           "device": str(encoder.device), "cpu": _cpu_name(), "cores": os.cpu_count(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "modes": list(modes),
+           "sample": SAMPLE, "thresholds": [MIN_COSINE, MIN_OVERLAP, MIN_SPEEDUP]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cache_dir("precision") / f"{encoder.name}-{digest}.json"
+
+
+def recall(encoder: Encoder, modes: tuple[str, ...]) -> bool:
+    """Take an earlier measurement of this encoder on this machine, if there is one (never an int8 choice:
+    its model is quantized on the collection's own images)."""
+    path = _memo_path(encoder, modes)
+    try:
+        cal = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(cal, dict) or cal.get("chosen") not in ("fp32", "bf16"):
+        return False
+    encoder.precision = cal["chosen"]
+    encoder.runtime = None
+    encoder.calibration = {**cal, "reused": str(path)}
+    return True
+
+
+def remember(encoder: Encoder, modes: tuple[str, ...]) -> None:
+    cal = encoder.calibration
+    if cal.get("chosen") not in ("fp32", "bf16") or cal.get("forced") or "modes" not in cal:
+        return
+    path = _memo_path(encoder, modes)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({**cal, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs the next run a measurement
+        tmp.unlink(missing_ok=True)
 
 
 def skip(encoder: Encoder, reason: str) -> None:

@@ -8,6 +8,7 @@ renames, with vectors.h5 last: a reader sees the old index or the new one, never
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 import cbir
@@ -75,7 +75,10 @@ def read_and_hash(path: Path) -> tuple[bytes, str, os.stat_result]:
 
 
 class DecodedFiles(Dataset):
-    """Item i: (i, preprocessed array or None, reason, mtime_ns, size, sha256). Runs in worker processes."""
+    """Item i: (i, uint8 pixels or None, reason, mtime_ns, size, sha256). Runs in worker processes.
+
+    Workers ship uint8 pixels (a quarter of float32's bytes); the main process normalises a whole batch at once.
+    """
 
     def __init__(self, root: Path, files: list[str], encoder: Encoder) -> None:
         self.root, self.files, self.preprocess = root, files, encoder.preprocess
@@ -90,7 +93,7 @@ class DecodedFiles(Dataset):
             if not data:
                 return i, None, "empty file (0 bytes)", 0, 0, ""
             im = load_image(io.BytesIO(data), draft=self.preprocess.draft_size)
-            return i, self.preprocess(im), "", st.st_mtime_ns, st.st_size, digest
+            return i, self.preprocess.pixels(im), "", st.st_mtime_ns, st.st_size, digest
         except ImageError as exc:
             return i, None, str(exc), 0, 0, ""
         except FileNotFoundError:
@@ -108,9 +111,21 @@ def _collate(items: list) -> list:
 def default_workers(n_files: int, batch_size: int) -> int:
     if n_files <= 2 * batch_size:
         return 0  # starting processes costs more than it saves
-    # One core is left to inference: on 2 cores, 1 decoding process gave 75 img/s, 2 gave 70 and none 60
-    # (efficientnet_lite0 bf16, 640x480 JPEGs), because the model's threads wait for a core shared with decoding.
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+DECODE_NICE = 19
+
+
+def _decode_at_low_priority(_worker_id: int) -> None:
+    """Decoding workers run at low priority: they take the cores only while the model waits.
+
+    The model's threads move in lockstep, so a decoder pre-empting one of them stalls them all: on 2 cores a busy
+    decoder at normal priority cut efficientnet_lite0 bf16 from 113 to 35 img/s; at nice 19 the model kept its
+    speed and the decoder still ran in the gaps (benchmarks/decode_priority.py).
+    """
+    with contextlib.suppress(OSError):
+        os.nice(DECODE_NICE)
 
 
 def _progress(total: int, enabled: bool):
@@ -241,18 +256,25 @@ def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -
         precision.skip(encoder, f"{len(files)} images to embed, fewer than {precision.AUTO_MIN_IMAGES}: "
                                 "not worth calibrating")
         return
+    modes: tuple[str, ...] = ("fp32", "bf16")
+    if not forced and len(files) >= precision.AUTO_INT8_MIN_IMAGES and precision.int8_possible(encoder):
+        modes = (*modes, "int8")
+    if not forced and precision.recall(encoder, modes):
+        if progress:
+            print(f"precision: {encoder.precision} (as measured on this machine before; "
+                  f"{encoder.calibration['reused']})", file=sys.stderr, flush=True)
+        return
     picks = np.unique(np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int))
     ds = DecodedFiles(root, [files[i] for i in picks], encoder)
-    arrays = [a for a in (ds[i][1] for i in range(len(ds))) if a is not None][: precision.SAMPLE]
+    pixels = [a for a in (ds[i][1] for i in range(len(ds))) if a is not None][: precision.SAMPLE]
+    arrays = list(encoder.preprocess.normalize(np.stack(pixels)).numpy()) if pixels else []
     if forced and len(arrays) < 4:
         raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
     if not forced and len(arrays) < 16:
         precision.skip(encoder, "too few decodable images in the calibration sample")
         return
-    modes: tuple[str, ...] = ("fp32", "bf16")
-    if not forced and len(files) >= precision.AUTO_INT8_MIN_IMAGES and precision.int8_possible(encoder):
-        modes = (*modes, "int8")
     chosen = precision.choose(encoder, np.stack(arrays), ("fp32",) if forced else modes, forced=forced)
+    precision.remember(encoder, modes)
     if forced and not encoder.calibration["modes"]["int8"]["faithful"]:
         m = encoder.calibration["modes"]["int8"]
         print(f"warning: int8 is not faithful on this encoder (mean cosine {m['mean_cosine']:.4f}, top-10 "
@@ -270,14 +292,15 @@ def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_
         return
     n_workers = default_workers(len(files), batch_size) if workers is None else workers
     loader = DataLoader(DecodedFiles(root, files, encoder), batch_size=batch_size, shuffle=False,
-                        num_workers=n_workers, collate_fn=_collate, prefetch_factor=4 if n_workers else None)
+                        num_workers=n_workers, collate_fn=_collate, prefetch_factor=4 if n_workers else None,
+                        worker_init_fn=_decode_at_low_priority if n_workers else None)
     skipped_total = 0
     with _progress(len(files), progress) as bar:
         for items in loader:
             good = [it for it in items if it[1] is not None]
             skipped = [(files[it[0]], it[2]) for it in items if it[1] is None]
             skipped_total += len(skipped)
-            vecs = (encoder.embed_tensor(torch.from_numpy(np.stack([it[1] for it in good]))) if good
+            vecs = (encoder.embed_pixels(np.stack([it[1] for it in good])) if good
                     else np.zeros((0, encoder.dim), np.float32))
             work.write(Chunk([files[it[0]] for it in good], vecs, np.array([it[3] for it in good], np.int64),
                              np.array([it[4] for it in good], np.int64), [it[5] for it in good], skipped))

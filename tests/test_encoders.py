@@ -144,3 +144,25 @@ def test_bad_weights_files_are_clear_errors(tmp_path: Path) -> None:
         create("vgg16", weights=str(wrong))
     with pytest.raises(WeightsUnavailable, match="hold 1 tensors"):
         create("efficientnet_lite0", weights=str(wrong))
+
+
+def test_preprocess_resizes_only_the_kept_box_like_resize_then_crop(samples: Path) -> None:
+    """pixels() resizes just the centre crop's box; it must give what resizing the whole picture then
+    cropping gives (same filter, same pixel centres), within a rounding step, and normalise like the formula."""
+    from PIL import Image
+
+    pre = create("efficientnet_lite0", device="cpu").preprocess
+    for im in (load_image(samples / "cat" / "chelsea.jpg"), photo(seed=7, size=(640, 480)),
+               photo(seed=8, size=(300, 900))):
+        w, h = im.size
+        scale = pre.draft_size / min(w, h)
+        nw, nh = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
+        left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[pre.interpolation]
+        ref = np.asarray(im.resize((nw, nh), resample).crop((left, top, left + pre.size, top + pre.size)))
+        got = pre.pixels(im)
+        assert got.shape == (pre.size, pre.size, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - ref.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.02
+        norm = (ref.astype(np.float32) / 255 - np.float32(pre.mean)) / np.float32(pre.std)
+        np.testing.assert_allclose(pre(im), norm.transpose(2, 0, 1), atol=1.01 / 255 / min(pre.std))

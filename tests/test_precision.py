@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -69,11 +70,21 @@ def test_auto_in_the_indexer_small_and_calibrated(tmp_path: Path, samples: Path,
     big = Index.build(samples, out=tmp_path / "cal", device="cpu", precision="auto")
     with h5py.File(big.directory / "vectors.h5") as f:
         cal = json.loads(f.attrs["encoder_config"])["calibration"]
-    assert cal["sample"] == 16 and set(cal["modes"]) == {"fp32", "bf16"}
+    assert cal["sample"] == 16 and set(cal["modes"]) == {"fp32", "bf16"} and "reused" not in cal
     assert big.encoder.precision == cal["chosen"]  # queries are embedded as the index was
     # whichever was chosen, the index agrees with an fp32 index on the nearest neighbours
     ref = small.store.vectors
     assert float(np.mean(np.sum(ref * big.store.vectors, axis=1))) >= precision.MIN_COSINE
+    # measured at first use: the next index with this encoder on this machine takes the same choice, and says so
+    again = Index.build(samples, out=tmp_path / "again", device="cpu", precision="auto")
+    cal2 = again.encoder_config["calibration"]
+    assert cal2["reused"].startswith(os.environ["CBIR_CACHE"]) and cal2["chosen"] == cal["chosen"]
+    assert cal2["modes"] == cal["modes"] and again.encoder.precision == cal["chosen"]
+    # a different test (sample size) is a different measurement
+    monkeypatch.setattr(precision, "SAMPLE", 17)
+    third = Index.build(samples, out=tmp_path / "third", device="cpu", precision="auto")
+    assert "reused" not in third.encoder_config["calibration"]
+    assert third.encoder_config["calibration"]["sample"] == 17
 
 
 def test_explicit_bf16_index_searches_like_fp32(tmp_path: Path, samples: Path) -> None:
@@ -89,8 +100,6 @@ def test_explicit_bf16_index_searches_like_fp32(tmp_path: Path, samples: Path) -
 
 def test_int8_is_calibrated_recorded_reloaded_and_judged(tmp_path: Path, samples: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import os
-
     idx = Index.build(samples, out=tmp_path / "i8", device="cpu", precision="int8")
     cfg = idx.encoder_config
     cal = cfg["calibration"]

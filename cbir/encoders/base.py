@@ -43,21 +43,33 @@ class Preprocess:
         """Smallest side the decoder must keep so that resizing never upsamples a draft decode."""
         return int(round(self.size / self.crop_pct)) if self.resize == "center_crop" else self.size
 
-    def __call__(self, im: Image.Image) -> np.ndarray:
+    def pixels(self, im: Image.Image) -> np.ndarray:
+        """The network's view of `im` as uint8 [size, size, 3]: cheap to make in a worker and to ship."""
         resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.interpolation]
         w, h = im.size
         if self.resize == "squash":
             im = im.resize((self.size, self.size), resample, reducing_gap=3.0)
         else:
-            short = self.draft_size
-            scale = short / min(w, h)
+            # Resize only the box that the centre crop keeps (same filter, same pixel centres as resizing
+            # the whole picture and cropping after): 2-3x less work on a 640x480 photo.
+            scale = self.draft_size / min(w, h)
             nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-            im = im.resize((nw, nh), resample, reducing_gap=3.0)
             left, top = (nw - self.size) // 2, (nh - self.size) // 2
-            im = im.crop((left, top, left + self.size, top + self.size))
-        arr = np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+            sx, sy = w / nw, h / nh
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+            im = im.resize((self.size, self.size), resample, box=box, reducing_gap=3.0)
+        return np.asarray(im, dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> normalised float32 [B, 3, H, W], channels_last in memory (what the encoders run on)."""
+        x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def __call__(self, im: Image.Image) -> np.ndarray:
+        """One picture -> normalised float32 [3, size, size]."""
+        return np.ascontiguousarray(self.normalize(self.pixels(im)[None])[0].numpy())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +189,11 @@ class Encoder:
         """Embed decoded RGB pictures."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return self.embed_tensor(np.stack([self.preprocess(im) for im in images]))
+        return self.embed_pixels(np.stack([self.preprocess.pixels(im) for im in images]))
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embed a batch of `preprocess.pixels` arrays, uint8 [B, H, W, 3]."""
+        return self.embed_tensor(self.preprocess.normalize(pixels))
 
     def __repr__(self) -> str:
         w = self.weights.get("source", "?")

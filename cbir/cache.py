@@ -1,0 +1,13 @@
+"""Where cbir keeps what it can make again but would rather not: int8 models, precision measurements."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir(kind: str) -> Path:
+    """$CBIR_CACHE/<kind>, default ~/.cache/cbir/<kind>; deleting it only costs time."""
+    path = Path(os.environ.get("CBIR_CACHE") or Path.home() / ".cache" / "cbir") / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
