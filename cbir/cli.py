@@ -84,6 +84,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     why = ("measured: " + ", ".join(f"{m} {v['images_per_s']:.1f} img/s cosine {v['mean_cosine']:.4f} "
                                      f"top-10 overlap {v['top10_overlap']:.3f}" for m, v in cal["modes"].items())
            if "modes" in cal else cal.get("reason", ""))
+    if "reused" in cal:
+        why += f" (on {cal.get('measured_at', 'an earlier run')}, reused from {cal['reused']})"
     print(f"precision {enc.get('precision', 'fp32')}  {why}".rstrip())
     print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
     from cbir.search import SearchPlan
