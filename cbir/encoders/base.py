@@ -58,7 +58,7 @@ class Preprocess:
             sx, sy = w / nw, h / nh
             box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
             im = im.resize((self.size, self.size), resample, box=box, reducing_gap=3.0)
-        return np.asarray(im, dtype=np.uint8)
+        return np.array(im, dtype=np.uint8)  # a writable array: torch warns on read-only ones
 
     def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> normalised float32 [B, 3, H, W], channels_last in memory (what the encoders run on)."""
