@@ -183,6 +183,25 @@ def remember(encoder: Encoder, modes: tuple[str, ...]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def restore(encoder: Encoder, config: dict[str, Any]) -> None:
+    """Embed the way an index's encoder config says: its precision, its calibration and, for int8, the very
+    model its rows came from."""
+    from cbir.errors import CbirError
+
+    encoder.precision = "fp32" if encoder.fixed_precision else config.get("precision", "fp32")
+    encoder.calibration = dict(config.get("calibration", {}))
+    if encoder.precision != "int8":
+        encoder.runtime = None
+        return
+    record = encoder.calibration.get("int8_model") or {}
+    if not record:
+        raise CbirError("this index says int8 but records no int8 model; rebuild it")
+    if encoder.runtime is None or encoder.runtime.sha256 != record.get("sha256"):
+        from cbir.onnx_backend import OrtModel
+
+        encoder.runtime = OrtModel(record["path"], record.get("sha256"))
+
+
 def skip(encoder: Encoder, reason: str) -> None:
     """'auto' without measuring (a small job): fp32, with the reason recorded."""
     encoder.precision = "fp32"

@@ -174,14 +174,9 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int | None 
             old_plan = json.loads(old.attrs["search"]) if "search" in old.attrs else {}
             index_type = index_type or old_plan.get("requested", "auto")
             float16 = float16 if float16 is not None else old.attrs.get("vector_dtype") == "float16"
-            old_config = json.loads(old.attrs["encoder_config"])  # new rows are embedded as the old ones were
-            encoder.precision = old_config.get("precision", "fp32")
-            encoder.calibration = dict(old_config.get("calibration", {}))
-            if encoder.precision == "int8" and encoder.runtime is None:  # the very model the old rows came from
-                from cbir.onnx_backend import OrtModel
+            from cbir import precision
 
-                rec = encoder.calibration["int8_model"]
-                encoder.runtime = OrtModel(rec["path"], rec.get("sha256"))
+            precision.restore(encoder, json.loads(old.attrs["encoder_config"]))  # new rows as the old ones
         summary = Summary(out, 0, mode=mode)
         keep, todo = _plan(root, found.files, old, verify, summary)
         work = WorkDir(out, {"root": str(root.resolve()), "encoder": encoder.config["weights"],
@@ -267,13 +262,13 @@ def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -
     picks = np.unique(np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int))
     ds = DecodedFiles(root, [files[i] for i in picks], encoder)
     pixels = [a for a in (ds[i][1] for i in range(len(ds))) if a is not None][: precision.SAMPLE]
-    arrays = list(encoder.preprocess.normalize(np.stack(pixels)).numpy()) if pixels else []
-    if forced and len(arrays) < 4:
+    if forced and len(pixels) < 4:
         raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
-    if not forced and len(arrays) < 16:
+    if not forced and len(pixels) < 16:
         precision.skip(encoder, "too few decodable images in the calibration sample")
         return
-    chosen = precision.choose(encoder, np.stack(arrays), ("fp32",) if forced else modes, forced=forced)
+    sample = encoder.preprocess.normalize(np.stack(pixels)).numpy()
+    chosen = precision.choose(encoder, sample, ("fp32",) if forced else modes, forced=forced)
     precision.remember(encoder, modes)
     if forced and not encoder.calibration["modes"]["int8"]["faithful"]:
         m = encoder.calibration["modes"]["int8"]

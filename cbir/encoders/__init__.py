@@ -114,16 +114,10 @@ def from_config(config: dict[str, Any], device: str = "auto", weights: str | Non
     if weights is None:
         weights = {"file": w.get("path"), "none": "none"}.get(source, source)
     options = dict(config.get("options", {}))
-    enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device,
-                 precision=config.get("precision", "fp32"), **options)
-    enc.calibration = dict(config.get("calibration", {}))
-    if enc.precision == "int8":
-        from cbir.onnx_backend import OrtModel
+    enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device, **options)
+    from cbir import precision  # imports this module
 
-        record = enc.calibration.get("int8_model") or {}
-        if not record:
-            raise CbirError("this index says int8 but records no int8 model; rebuild it")
-        enc.runtime = OrtModel(record["path"], record.get("sha256"))
+    precision.restore(enc, config)
     if enc.weights.get("sha256") != w.get("sha256"):
         raise CbirError(
             f"encoder {config['name']}: the weights found ({enc.weights.get('path') or enc.weights.get('source')}, "
