@@ -67,11 +67,25 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 
 def _embed_timed(encoder: Encoder, x: torch.Tensor, batch: int = 16) -> tuple[np.ndarray, float]:
-    """Embeddings of x and the images/s it took, after a small warm-up (kernel choice, session start)."""
-    encoder.embed_tensor(x[: min(len(x), 8)])
-    t = time.perf_counter()
-    vecs = np.concatenate([encoder.embed_tensor(x[i:i + batch]) for i in range(0, len(x), batch)])
-    return vecs, len(x) / (time.perf_counter() - t)
+    """Embeddings of x and the images/s it took.
+
+    The first batch is not timed: it pays for choosing kernels for that batch shape (oneDNN creates bf16
+    primitives per shape, which made bf16 look barely faster than fp32 over 64 images). The rate is the median
+    over the later full batches, so one interruption on a shared machine does not decide the mode.
+    """
+    chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
+    vecs = [encoder.embed_tensor(chunks[0])]
+    times = []
+    for chunk in chunks[1:]:
+        t = time.perf_counter()
+        vecs.append(encoder.embed_tensor(chunk))
+        if len(chunk) == batch:
+            times.append(time.perf_counter() - t)
+    if not times:  # a sample of one batch: time it again
+        t = time.perf_counter()
+        encoder.embed_tensor(chunks[0])
+        times.append(time.perf_counter() - t)
+    return np.concatenate(vecs), len(chunks[0]) / float(np.median(times))
 
 
 def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
@@ -147,9 +161,9 @@ def _memo_path(encoder: Encoder, modes: tuple[str, ...]) -> Path:
 
     cfg = encoder.config
     key = {"encoder": {k: cfg[k] for k in ("name", "pooling", "weights", "preprocess", "options")},
-           "device": str(encoder.device), "cpu": _cpu_name(), "cores": os.cpu_count(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "modes": list(modes),
-           "sample": SAMPLE, "thresholds": [MIN_COSINE, MIN_OVERLAP, MIN_SPEEDUP]}
+           "folded_batchnorms": encoder.folded_batchnorms, "device": str(encoder.device), "cpu": _cpu_name(),
+           "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "modes": list(modes), "sample": SAMPLE, "thresholds": [MIN_COSINE, MIN_OVERLAP, MIN_SPEEDUP]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return cache_dir("precision") / f"{encoder.name}-{digest}.json"
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cbir import Index, precision
-from cbir.encoders import create, from_config
+from cbir.encoders import Encoder, Preprocess, create, from_config
 from cbir.errors import CbirError
 from cbir.images import discover
 
@@ -50,6 +52,30 @@ def test_bf16_on_real_weights_is_faithful_and_recorded(samples: Path) -> None:
         assert cal["modes"]["bf16"]["images_per_s"] >= precision.MIN_SPEEDUP * cal["modes"]["fp32"]["images_per_s"]
     again = from_config(enc.config, device="cpu")
     assert again.precision == chosen and again.calibration == cal
+
+
+class _SlowFirstCall(torch.nn.Module):
+    """A real network whose first forward for each batch size is slow, as oneDNN's bf16 kernels are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.seen = torch.nn.Conv2d(3, 8, 8, stride=8), set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) not in self.seen:
+            self.seen.add(len(x))
+            time.sleep(0.5)
+        return self.proj(x).mean((2, 3))
+
+
+def test_speed_is_measured_after_the_first_batch_and_vectors_cover_the_sample() -> None:
+    enc = Encoder("slow_first", _SlowFirstCall(), 8, Preprocess(size=32), "avg", {"source": "none"},
+                  torch.device("cpu"))
+    x = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)  # 16 + 16 + 8
+    found = precision.measure(enc, x, ("fp32",))
+    assert found["fp32"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # all 40 rows, in order
+    # a 0.5 s stall per new shape would put 40 images under 80 images/s if one were timed
+    assert found["fp32"]["images_per_s"] > 200
 
 
 def test_unfaithful_mode_is_never_chosen(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:

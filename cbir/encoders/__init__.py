@@ -84,12 +84,13 @@ PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
 def create(name: str, weights: str | None = None, pooling: str | None = None, device: str = "auto",
-           precision: str = "fp32", **options: Any) -> Encoder:
+           precision: str = "fp32", fold_batchnorm: bool = True, **options: Any) -> Encoder:
     """Build encoder `name`. weights: 'imagenet' (default where it applies), a file path, or 'none'.
 
     precision: 'fp32', 'bf16' (autocast), 'int8' (ONNX Runtime, calibrated by the indexer on the collection)
     or 'auto' (the indexer measures the modes on the collection and keeps the fastest that stays faithful
-    to fp32; see cbir.precision).
+    to fp32; see cbir.precision). fold_batchnorm merges batch norms into convolutions for speed; False keeps
+    the network exactly as built (to compare against, or to train).
     """
     entry = get_entry(name)
     pooling = pooling or entry.default_pooling
@@ -100,6 +101,8 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
     enc = entry.factory(weights=weights or entry.default_weights, pooling=pooling, device=resolve_device(device),
                         **options)
     enc.precision = "fp32" if enc.fixed_precision else precision
+    if fold_batchnorm:
+        enc.fold_batchnorm()
     return enc
 
 

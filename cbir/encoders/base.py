@@ -150,10 +150,22 @@ class Encoder:
     calibration: dict[str, Any] = field(default_factory=dict)  # what choose() measured
     runtime: Any = field(default=None, repr=False)  # the ONNX Runtime int8 model when precision is int8
     fixed_precision: bool = False  # a computation, not a network (the colour histogram): always fp32
+    folded_batchnorms: int = 0  # conv -> batch norm pairs merged by fold_batchnorm()
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
         if self.device.type == "cpu":
+            self.model.to(memory_format=torch.channels_last)
+
+    def fold_batchnorm(self) -> None:
+        """Merge each batch norm into the convolution before it (same vectors, faster; see _batchnorm.py)."""
+        from cbir.encoders._batchnorm import fold_batchnorm
+
+        size = self.preprocess.size
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        self.model, n = fold_batchnorm(self.model, example)
+        self.folded_batchnorms += n
+        if n and self.device.type == "cpu":
             self.model.to(memory_format=torch.channels_last)
 
     @property
