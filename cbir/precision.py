@@ -88,8 +88,12 @@ def _embed_timed(encoder: Encoder, x: torch.Tensor, batch: int = 16) -> tuple[np
     return np.concatenate(vecs), len(chunks[0]) / float(np.median(times))
 
 
-def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
-    """Per mode: images/s, and against fp32: mean cosine and top-10 overlap on `sample` [N, 3, H, W]."""
+def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32", "bf16"),
+            vectors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Per mode: images/s, and against fp32: mean cosine and top-10 overlap on `sample` [N, 3, H, W].
+
+    `vectors`, if given, receives each mode's embeddings of the sample (the indexer keeps the chosen ones).
+    """
     x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
     before = encoder.precision
     out: dict[str, Any] = {}
@@ -102,6 +106,8 @@ def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp3
             vecs, rate = _embed_timed(encoder, x)  # one pass gives both the vectors and the speed
             if ref is None:
                 ref = vecs
+            if vectors is not None:
+                vectors[mode] = vecs
             out[mode] = {
                 "images_per_s": round(rate, 2),
                 "mean_cosine": round(float(np.mean(np.sum(vecs * ref, axis=1))), 5),
@@ -113,15 +119,16 @@ def measure(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp3
 
 
 def choose(encoder: Encoder, sample: np.ndarray, modes: tuple[str, ...] = ("fp32", "bf16"),
-           forced: str | None = None) -> str:
+           forced: str | None = None, vectors: dict[str, np.ndarray] | None = None) -> str:
     """Set and return the encoder's precision, with the measurement in `encoder.calibration`.
 
     `forced` (the user asked for that mode) is used whatever the measurement says; it is still recorded.
+    `vectors` receives each measured mode's embeddings of the sample.
     """
     if forced is not None and forced not in modes:
         modes = (*modes, forced)
     started = time.perf_counter()
-    found = measure(encoder, sample, modes)
+    found = measure(encoder, sample, modes, vectors)
     base = found["fp32"]["images_per_s"]
     chosen = "fp32"
     for mode, m in found.items():

@@ -196,11 +196,16 @@ def build_index(root: Path, out: Path, encoder: Encoder, batch_size: int | None 
                 except OSError:
                     pass
             remaining.append(f)
+        embedded = len(remaining)
         if remaining and encoder.precision in ("auto", "int8") and \
                 not (encoder.precision == "int8" and encoder.runtime is not None):
-            _calibrate(root, remaining, encoder, progress)
+            sample = _calibrate(root, remaining, encoder, progress)
+            if sample is not None:  # the sample's vectors in the chosen precision are already made: keep them
+                work.write(sample)
+                done_now = set(sample.paths) | {p for p, _ in sample.skipped}
+                remaining = [f for f in remaining if f not in done_now]
         _embed(root, remaining, encoder, work, batch_size, workers, progress)
-        summary.embedded = len(remaining)
+        summary.embedded = embedded
         _commit(root, out, encoder, old, keep, work, found.skipped, summary, started, index_type or "auto",
                 bool(float16), progress)
         work.remove()
@@ -242,15 +247,19 @@ def _plan(root: Path, files: list[str], old: store_mod.Store | None, verify: boo
     return keep, todo
 
 
-def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -> None:
-    """Settle precision 'auto' (or calibrate 'int8') on a sample of the images about to be embedded."""
+def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -> Chunk | None:
+    """Settle precision 'auto' (or calibrate 'int8') on a sample of the images about to be embedded.
+
+    Returns the sample as a chunk embedded in the chosen precision (and the files of the sample that could
+    not be decoded, as skipped), so that the sample is not decoded and embedded a second time.
+    """
     from cbir import precision
 
     forced = "int8" if encoder.precision == "int8" else None
     if forced is None and len(files) < precision.AUTO_MIN_IMAGES:
         precision.skip(encoder, f"{len(files)} images to embed, fewer than {precision.AUTO_MIN_IMAGES}: "
                                 "not worth calibrating")
-        return
+        return None
     modes: tuple[str, ...] = ("fp32", "bf16")
     if not forced and len(files) >= precision.AUTO_INT8_MIN_IMAGES and precision.int8_possible(encoder):
         modes = (*modes, "int8")
@@ -258,17 +267,27 @@ def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -
         if progress:
             print(f"precision: {encoder.precision} (as measured on this machine before; "
                   f"{encoder.calibration['reused']})", file=sys.stderr, flush=True)
-        return
+        return None
     picks = np.unique(np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int))
     ds = DecodedFiles(root, [files[i] for i in picks], encoder)
-    pixels = [a for a in (ds[i][1] for i in range(len(ds))) if a is not None][: precision.SAMPLE]
-    if forced and len(pixels) < 4:
+    good: list[tuple] = []
+    bad: list[tuple[str, str]] = []
+    for i in range(len(ds)):  # spread over the collection; stops once the sample is full
+        item = ds[i]
+        if item[1] is None:
+            bad.append((ds.files[i], item[2]))
+        else:
+            good.append((ds.files[i], *item[1:]))
+            if len(good) == precision.SAMPLE:
+                break
+    if forced and len(good) < 4:
         raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
-    if not forced and len(pixels) < 16:
+    if not forced and len(good) < 16:
         precision.skip(encoder, "too few decodable images in the calibration sample")
-        return
-    sample = encoder.preprocess.normalize(np.stack(pixels)).numpy()
-    chosen = precision.choose(encoder, sample, ("fp32",) if forced else modes, forced=forced)
+        return None
+    sample = encoder.preprocess.normalize(np.stack([g[1] for g in good])).numpy()
+    vectors: dict[str, np.ndarray] = {}
+    chosen = precision.choose(encoder, sample, ("fp32",) if forced else modes, forced=forced, vectors=vectors)
     precision.remember(encoder, modes)
     if forced and not encoder.calibration["modes"]["int8"]["faithful"]:
         m = encoder.calibration["modes"]["int8"]
@@ -279,6 +298,10 @@ def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -
         rates = ", ".join(f"{m} {v['images_per_s']:.1f} img/s cos {v['mean_cosine']:.4f} "
                           f"overlap {v['top10_overlap']:.3f}" for m, v in encoder.calibration["modes"].items())
         print(f"precision: {chosen} ({rates})", file=sys.stderr, flush=True)
+    if chosen not in vectors:
+        return None
+    return Chunk([g[0] for g in good], vectors[chosen], np.array([g[3] for g in good], np.int64),
+                 np.array([g[4] for g in good], np.int64), [g[5] for g in good], bad)
 
 
 def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_size: int, workers: int | None,

@@ -17,6 +17,7 @@ from cbir import Index, precision
 from cbir.encoders import Encoder, Preprocess, create, from_config
 from cbir.errors import CbirError
 from cbir.images import discover
+from indexer.pipeline import build_index
 
 
 def _sample_batch(samples: Path, enc, n: int = 24) -> np.ndarray:
@@ -111,6 +112,38 @@ def test_auto_in_the_indexer_small_and_calibrated(tmp_path: Path, samples: Path,
     third = Index.build(samples, out=tmp_path / "third", device="cpu", precision="auto")
     assert "reused" not in third.encoder_config["calibration"]
     assert third.encoder_config["calibration"]["sample"] == 17
+
+
+def test_calibration_sample_is_embedded_once_in_the_chosen_precision(tmp_path: Path, samples: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The indexer keeps the calibration sample's vectors instead of decoding and embedding it again."""
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(samples, root)
+    (root / "aaa-not-a-photo.jpg").write_text("this is text, not a JPEG")  # first in the sample's order
+    ref = Index.build(root, out=tmp_path / "fp32", device="cpu", precision="fp32")
+    monkeypatch.setattr(precision, "AUTO_MIN_IMAGES", 10)
+    monkeypatch.setattr(precision, "SAMPLE", 16)
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)  # bf16 whatever the machine's timing: rows must differ
+    enc = create("efficientnet_lite0", device="cpu", precision="auto")
+    embedded: list[int] = []
+    embed_pixels = enc.embed_pixels
+
+    def counting(pixels: np.ndarray) -> np.ndarray:  # the real encoder, with a count of the rows it embeds
+        embedded.append(len(pixels))
+        return embed_pixels(pixels)
+
+    monkeypatch.setattr(enc, "embed_pixels", counting)
+    summary = build_index(root, tmp_path / "auto", enc)
+    idx = Index.open(tmp_path / "auto", device="cpu")
+    assert idx.encoder_config["precision"] == "bf16" and idx.encoder_config["calibration"]["sample"] == 16
+    assert sum(embedded) == len(ref) - 16 and summary.embedded == len(ref) + 1  # the sample is not redone
+    assert idx.store.paths == ref.store.paths and len(set(idx.store.paths)) == len(idx.store.paths)
+    assert [p for p, _ in idx.store.skipped] == ["aaa-not-a-photo.jpg"]
+    sims = idx.store.vectors @ ref.store.vectors.T
+    assert np.array_equal(sims.argmax(axis=1), np.arange(len(sims)))  # every row belongs to its own path
+    assert np.diag(sims).min() >= 0.98 and np.diag(sims).max() < 1 - 1e-7  # all in bf16, the sample's included
 
 
 def test_explicit_bf16_index_searches_like_fp32(tmp_path: Path, samples: Path) -> None:
