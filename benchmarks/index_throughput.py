@@ -4,7 +4,8 @@
 
 Inputs are generated once from real photos: 640 x 480 JPEGs and 12-megapixel (4000 x 3000) JPEGs. For each
 encoder the table gives, on the same machine in the same run:
-  model-only   images/s of the network alone on ready tensors (batch 1/8/16/32; fp32 and bf16; best of 3)
+  model-only   images/s of the network alone on ready tensors (batch 1/8/16/32; fp32 and bf16; median of 3
+               timings of 96 images each)
   naive        one image at a time: PIL open (no draft), preprocess, fp32 eager forward of the network as
                built (batch norms not folded); median of --repeats runs over --naive images
   kept BN      model-only in bf16 at batch 16 with the batch norms not folded into the convolutions, to
@@ -53,16 +54,20 @@ def make_inputs(data: Path, work: Path, n_small: int, n_large: int) -> tuple[Pat
     return small, large
 
 
-def model_rate(enc, batch: int, repeats: int = 3) -> float:
+def model_rate(enc, batch: int, repeats: int = 3, images: int = 96) -> float:
+    """Median over `repeats` timings of at least `images` images each (a single batch call is too short to
+    time on a shared machine)."""
     size = enc.preprocess.size
     x = torch.randn(batch, 3, size, size)
     enc.embed_tensor(x)
-    best = float("inf")
+    calls = max(1, images // batch)
+    rates = []
     for _ in range(repeats):
         t = time.perf_counter()
-        enc.embed_tensor(x)
-        best = min(best, time.perf_counter() - t)
-    return batch / best
+        for _ in range(calls):
+            enc.embed_tensor(x)
+        rates.append(calls * batch / (time.perf_counter() - t))
+    return median(rates)
 
 
 def naive_rate(enc, folder: Path, n: int) -> float:
