@@ -270,22 +270,20 @@ def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -
         return None
     picks = np.unique(np.linspace(0, len(files) - 1, num=2 * precision.SAMPLE).astype(int))
     ds = DecodedFiles(root, [files[i] for i in picks], encoder)
-    good: list[tuple] = []
-    bad: list[tuple[str, str]] = []
+    items: list[tuple] = []
+    pixels: list[np.ndarray] = []
     for i in range(len(ds)):  # spread over the collection; stops once the sample is full
-        item = ds[i]
-        if item[1] is None:
-            bad.append((ds.files[i], item[2]))
-        else:
-            good.append((ds.files[i], *item[1:]))
-            if len(good) == precision.SAMPLE:
+        items.append(ds[i])
+        if items[-1][1] is not None:
+            pixels.append(items[-1][1])
+            if len(pixels) == precision.SAMPLE:
                 break
-    if forced and len(good) < 4:
+    if forced and len(pixels) < 4:
         raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
-    if not forced and len(good) < 16:
+    if not forced and len(pixels) < 16:
         precision.skip(encoder, "too few decodable images in the calibration sample")
         return None
-    sample = encoder.preprocess.normalize(np.stack([g[1] for g in good])).numpy()
+    sample = encoder.preprocess.normalize(np.stack(pixels)).numpy()
     vectors: dict[str, np.ndarray] = {}
     chosen = precision.choose(encoder, sample, ("fp32",) if forced else modes, forced=forced, vectors=vectors)
     precision.remember(encoder, modes)
@@ -298,10 +296,15 @@ def _calibrate(root: Path, files: list[str], encoder: Encoder, progress: bool) -
         rates = ", ".join(f"{m} {v['images_per_s']:.1f} img/s cos {v['mean_cosine']:.4f} "
                           f"overlap {v['top10_overlap']:.3f}" for m, v in encoder.calibration["modes"].items())
         print(f"precision: {chosen} ({rates})", file=sys.stderr, flush=True)
-    if chosen not in vectors:
-        return None
-    return Chunk([g[0] for g in good], vectors[chosen], np.array([g[3] for g in good], np.int64),
-                 np.array([g[4] for g in good], np.int64), [g[5] for g in good], bad)
+    return _chunk(ds.files, items, vectors[chosen])
+
+
+def _chunk(files: list[str], items: list[tuple], vectors: np.ndarray) -> Chunk:
+    """DecodedFiles items (index into `files`) -> a work chunk; `vectors` are the decoded items' rows, in order."""
+    good = [it for it in items if it[1] is not None]
+    return Chunk([files[it[0]] for it in good], vectors, np.array([it[3] for it in good], np.int64),
+                 np.array([it[4] for it in good], np.int64), [it[5] for it in good],
+                 [(files[it[0]], it[2]) for it in items if it[1] is None])
 
 
 def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_size: int, workers: int | None,
@@ -315,13 +318,11 @@ def _embed(root: Path, files: list[str], encoder: Encoder, work: WorkDir, batch_
     skipped_total = 0
     with _progress(len(files), progress) as bar:
         for items in loader:
-            good = [it for it in items if it[1] is not None]
-            skipped = [(files[it[0]], it[2]) for it in items if it[1] is None]
-            skipped_total += len(skipped)
-            vecs = (encoder.embed_pixels(np.stack([it[1] for it in good])) if good
-                    else np.zeros((0, encoder.dim), np.float32))
-            work.write(Chunk([files[it[0]] for it in good], vecs, np.array([it[3] for it in good], np.int64),
-                             np.array([it[4] for it in good], np.int64), [it[5] for it in good], skipped))
+            pixels = [it[1] for it in items if it[1] is not None]
+            vecs = encoder.embed_pixels(np.stack(pixels)) if pixels else np.zeros((0, encoder.dim), np.float32)
+            chunk = _chunk(files, items, vecs)
+            work.write(chunk)
+            skipped_total += len(chunk.skipped)
             bar.update(len(items))
             bar.set_postfix(skipped=skipped_total, refresh=False)
 

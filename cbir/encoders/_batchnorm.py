@@ -19,8 +19,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 TOLERANCE = 1e-4  # relative to the largest output value, fp32
 
 
-def _pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv, batch norm) module names where the batch norm reads exactly the convolution's output."""
+def _pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """(conv, batch norm) module names where the batch norm reads exactly the convolution's output, and the
+    model's output on `example`."""
     names = {m: n for n, m in model.named_modules()}
     last: dict[str, tuple[nn.Module, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
@@ -41,11 +42,11 @@ def _pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
             hooks.append(m.register_forward_pre_hook(before_bn))
     try:
         with torch.inference_mode():
-            model(example)
+            out = model(example)
     finally:
         for h in hooks:
             h.remove()
-    return pairs
+    return pairs, out
 
 
 def _what_remains(bn: nn.BatchNorm2d) -> nn.Module:
@@ -63,7 +64,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     """
     if model.training or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return model, 0
-    pairs = _pairs(model, example)
+    pairs, want = _pairs(model, example)
     if not pairs:
         return model, 0
     folded = copy.deepcopy(model)
@@ -76,7 +77,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
             parent_name, _, child = bn_name.rpartition(".")
             setattr(modules[parent_name] if parent_name else folded, child, _what_remains(bn))
     with torch.inference_mode():
-        want, got = model(example).float(), folded(example).float()
+        want, got = want.float(), folded(example).float()
     if want.shape != got.shape or (want - got).abs().max() > TOLERANCE * max(want.abs().max().item(), 1e-6):
         return model, 0
     return folded, len(pairs)
