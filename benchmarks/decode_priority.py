@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-import indexer.pipeline as pipeline
+import indexer.decode as decode_stage
 from cbir.device import configure_threads
 from cbir.encoders import create
 from cbir.images import discover, load_image
+from indexer import BuildOptions, build
 
 SPAWN = multiprocessing.get_context("spawn")  # a forked child of a process running torch threads can hang
 
@@ -64,9 +65,9 @@ def with_decoder(enc, name: str, folder: str, nice: int, batch: int) -> tuple[fl
 
 
 def pipeline_rate(enc, folder: str, work: Path, workers: int, nice: int, batch: int) -> float:
-    pipeline.DECODE_NICE = nice
-    summary = pipeline.build_index(Path(folder), work / f"idx-w{workers}-n{nice}", enc, batch_size=batch,
-                                   workers=workers, mode="rebuild")
+    decode_stage.DECODE_NICE = nice
+    options = BuildOptions(batch_size=batch, workers=workers, mode="rebuild")
+    summary = build(Path(folder), work / f"idx-w{workers}-n{nice}", options, encoder=enc)
     return summary.images_per_s
 
 
@@ -109,7 +110,7 @@ def main() -> None:
             for workers, nice in configs:
                 rates[(workers, nice)].append(pipeline_rate(enc, args.images, work, workers, nice, args.batch))
         rows_b.append((name, statistics.median(model), {c: statistics.median(v) for c, v in rates.items()}))
-    pipeline.DECODE_NICE = 19
+    decode_stage.DECODE_NICE = 19
     print("\nB. whole `cbir index` pipeline, images/s (and / model-only measured in the same loop)")
     print("| encoder | model-only | 1 worker nice 0 | 1 worker nice 19 | 2 workers nice 0 | 2 workers nice 19 |")
     print("|---|---|---|---|---|---|")

@@ -35,7 +35,7 @@ from PIL import Image
 
 from cbir.encoders import create
 from cbir.images import discover
-from indexer.pipeline import build_index
+from indexer import BuildOptions, build
 
 
 def make_inputs(data: Path, work: Path, n_small: int, n_large: int) -> tuple[Path, Path]:
@@ -99,7 +99,7 @@ BATCHES = (1, 8, 16, 32)
 def pipeline_rate(name: str, weights: str | None, folder: Path, out: Path, precision: str,
                   batch: int | None = None) -> tuple[float, str]:
     enc = create(name, weights=weights, device="cpu", precision=precision)
-    summary = build_index(folder, out, enc, mode="rebuild", **({"batch_size": batch} if batch else {}))
+    summary = build(folder, out, BuildOptions(mode="rebuild", batch_size=batch), encoder=enc)
     return summary.images_per_s, enc.precision
 
 

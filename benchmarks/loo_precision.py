@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 
 from cbir import store
-from cbir.index import VECTORS, resolve_index_dir
+from cbir.layout import VECTORS, resolve_index_dir
 
 
 def loo_precision(vectors: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -2,7 +2,7 @@
 
     python benchmarks/preprocess_cost.py --images /tmp/cbir-throughput/640x480 [--encoder efficientnet_lite0]
 
-Stages are those of a decoding worker (indexer.pipeline.DecodedFiles): read the file and hash it, decode the
+Stages are those of a decoding worker (indexer.decode.DecodedFiles): read the file and hash it, decode the
 JPEG (draft mode, EXIF, RGB), then resize the centre-crop box to the network's input (Preprocess.pixels).
 Milliseconds per image, medians of --repeats passes over the images. With the model's own cost per image
 (2 cores / its images/s), this bounds what any overlap of decoding with inference can reach:
@@ -21,8 +21,9 @@ from statistics import median
 import torch
 
 from cbir.encoders import create
+from cbir.files import sha256_bytes
 from cbir.images import load_image
-from indexer.pipeline import DecodedFiles, read_and_hash
+from indexer.decode import DecodedFiles, read_file
 
 
 def per_image_ms(fn, items: list, repeats: int) -> float:
@@ -47,11 +48,11 @@ def main() -> None:
     files = sorted(p.name for p in folder.glob("*.jpg"))[: args.limit]
     enc = create(args.encoder, weights="none" if args.encoder != "efficientnet_lite0" else None, device="cpu")
     pre = enc.preprocess
-    data = [read_and_hash(folder / f)[0] for f in files]
+    data = [read_file(folder / f)[0] for f in files]
     decoded = [load_image(io.BytesIO(d), draft=pre.draft_size) for d in data]
-    ds = DecodedFiles(folder, files, enc)
+    ds = DecodedFiles(folder, files, pre)
     rows = [
-        ("read + sha256", per_image_ms(lambda f: read_and_hash(folder / f), files, args.repeats)),
+        ("read + sha256", per_image_ms(lambda f: sha256_bytes(read_file(folder / f)[0]), files, args.repeats)),
         ("decode (draft, EXIF, RGB)", per_image_ms(lambda d: load_image(io.BytesIO(d), draft=pre.draft_size),
                                                    data, args.repeats)),
         (f"resize crop box to {pre.size} ({pre.interpolation})", per_image_ms(pre.pixels, decoded, args.repeats)),

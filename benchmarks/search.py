@@ -6,7 +6,7 @@
 Vectors come from a clustered distribution (a two-level mixture of Gaussians: 200 topics, 25 clusters around
 each, points around the clusters, L2-normalised), like real embeddings and unlike iid noise, on which no
 approximate index works. Each index is
-built by cbir's own `VectorSearch.build` (so approximate kinds are tuned on the collection's own vectors to
+built by cbir's own `tuning.build` (so approximate kinds are tuned on the collection's own vectors to
 recall@10 >= 0.99), then measured with *other* queries from the same distribution: recall@10 here is against
 exact search on those fresh queries. A second table compares numpy and faiss for exact search per batch size.
 """
@@ -22,6 +22,7 @@ import time
 import faiss
 import numpy as np
 
+from cbir import tuning
 from cbir.search import VectorSearch, exact_numpy
 
 CLUSTERS, TOPICS, SPREAD = 5000, 200, 1.0
@@ -108,8 +109,7 @@ def main() -> None:
                 if kind == "hnsw" and n > args.hnsw_max:
                     continue
                 t = time.perf_counter()
-                vs = VectorSearch.build(x, np.arange(n, dtype=np.int64), index_type=kind,
-                                        progress=True)
+                vs = VectorSearch(*tuning.build(x, np.arange(n, dtype=np.int64), index_type=kind))
                 build = time.perf_counter() - t
                 tmp = f"/tmp/cbir-search-bench-{os.getpid()}.index"  # a file, not a second copy in memory
                 faiss.write_index(vs.index, tmp)

@@ -24,9 +24,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_latency import make_collection  # noqa: E402
 
-from cbir.encoders import create, from_config
+from cbir.encoders import from_config
 from cbir.store import read
-from indexer.pipeline import build_index
+from indexer import BuildOptions, build
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     images, alone, src = work / "images", work / "changed-alone", work / "index"
     make_collection(Path(args.data), images, args.images)
     t = time.perf_counter()
-    build_index(images, src, create("efficientnet_lite0", device="cpu", precision="auto"))
+    build(images, src, BuildOptions(device="cpu", precision="auto"))
     full = time.perf_counter() - t
     store = read(src / "vectors.h5", vectors=False)
     step = max(1, len(store.paths) // args.changed)
@@ -61,10 +61,10 @@ def main() -> None:
         idx = work / f"index-{r}"
         shutil.copytree(src, idx)
         enc = from_config(store.encoder_config, device="cpu")
-        summary = build_index(images, idx, enc, mode="update")
+        summary = build(images, idx, BuildOptions(mode="update"), encoder=enc)
         update_s.append(summary.seconds)
         enc = from_config(store.encoder_config, device="cpu")
-        alone_s.append(build_index(alone, work / f"alone-{r}", enc, mode="rebuild").seconds)
+        alone_s.append(build(alone, work / f"alone-{r}", BuildOptions(mode="rebuild"), encoder=enc).seconds)
         shutil.rmtree(idx)
     assert summary is not None
     u, a = statistics.median(update_s), statistics.median(alone_s)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from cbir.errors import CbirError
+from cbir.version import __version__
 
 if TYPE_CHECKING:
     from cbir.index import Index, Result

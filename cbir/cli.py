@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
@@ -14,33 +15,17 @@ from cbir.errors import CbirError
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from indexer import BuildOptions, build
 
-    from cbir.encoders import create
-    from cbir.index import DEFAULT_DIR
-    from indexer.pipeline import build_index
-
-    root = Path(args.dir)
-    if not root.is_dir():
-        raise CbirError(f"folder not found: {args.dir}" if not root.exists() else f"not a folder: {args.dir}")
-    out = Path(args.out) if args.out else DEFAULT_DIR / root.resolve().name
     if args.update and args.rebuild:
         raise CbirError("--update and --rebuild exclude each other")
     mode = "update" if args.update else "rebuild" if args.rebuild else "create"
-    if args.update and (out / "vectors.h5").is_file() and args.encoder is None:
-        from cbir.encoders import from_config
-        from cbir.store import read
-
-        enc = from_config(read(out / "vectors.h5", vectors=False).encoder_config, device=args.device)
-    else:
-        enc = create(args.encoder or "efficientnet_lite0", weights=args.weights, pooling=args.pooling,
-                     device=args.device, precision=args.precision or "auto")
-    print(f"encoder: {enc.name} ({enc.dim}-d, {enc.pooling} pooling, weights {enc.weights['source']}, "
-          f"device {enc.device})", file=sys.stderr)
-    summary = build_index(root, out, enc, batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.quiet, exclude=tuple(args.exclude), mode=mode, verify=args.verify,
-                          index_type=args.index_type, float16=True if args.float16 else None)
-    print(summary.describe())
+    options = BuildOptions(encoder=args.encoder, weights=args.weights, pooling=args.pooling, precision=args.precision,
+                           device=args.device, mode=mode,
+                           batch_size=args.batch_size, workers=args.workers, exclude=tuple(args.exclude),
+                           verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
+                           progress=not args.quiet)
+    print(build(args.dir, args.out, options).describe())
     return 0
 
 
@@ -88,7 +73,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why += f" (on {cal.get('measured_at', 'an earlier run')}, reused from {cal['reused']})"
     print(f"precision {enc.get('precision', 'fp32')}  {why}".rstrip())
     print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
-    from cbir.search import SearchPlan
+    from cbir.search_plan import SearchPlan
 
     plan = SearchPlan.from_dict({k: v for k, v in info["search"].items() if k not in ("gpu", "ntotal")})
     print(f"search    {plan.describe()}  gpu={info['search']['gpu']}")
@@ -104,8 +89,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_encoders(args: argparse.Namespace) -> int:
     from cbir.encoders import list_encoders
 
-    rows = [(e.name, "/".join(f"{p}:{d}" for p, d in e.dims.items()), e.default_pooling, e.weights_status(),
-             e.description) for e in list_encoders()]
+    rows = [(e.name, "/".join(f"{p}:{d or 'as trained'}" for p, d in e.dims.items()), e.default_pooling,
+             e.weights_status(), e.description) for e in list_encoders()]
     if args.json:
         print(json.dumps([dict(zip(("name", "dims", "default_pooling", "weights", "description"), r, strict=True))
                           for r in rows], indent=2))
@@ -187,13 +172,10 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from waitress import create_server
 
     from webui import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = create_app({"INDEXES": args.indexes, "DEVICE": args.device,
                       "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
@@ -210,11 +192,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cbir import __version__
+    from cbir.version import __version__
 
     p = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval: index a folder of "
                                 "images, then find the images most like a query image.")
     p.add_argument("--version", action="version", version=f"cbir {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' messages (faiss, torch)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("index", help="embed every image in a folder and write an index")
@@ -314,7 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("encoders", help="list encoders, their dimensions and whether their weights are here")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_encoders)
+    for command in sub.choices.values():  # also after the command: cbir index DIR -v
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="also show other libraries' messages (faiss, torch)")
     return p
+
+
+OUR_LOGGERS = ("cbir", "indexer", "webui")
+
+
+def _configure_logging(verbose: bool, timestamps: bool = False) -> None:
+    """cbir's own messages at INFO on stderr (-q only hides progress bars); other libraries' only with --verbose.
+
+    faiss, for one, reports at INFO which CPU build it could not load before it loads another: not a failure.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s" if timestamps else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cbir: error: -k must be at least 1", file=sys.stderr)
         return 2
     warnings.simplefilter("default")
+    _configure_logging(args.verbose, timestamps=args.command == "serve")
     try:
         return func(args)
     except CbirError as exc:

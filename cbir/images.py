@@ -60,61 +60,61 @@ def discover(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Disco
         raise FileNotFoundError(f"folder not found: {root}")
     if not root_path.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    exclude = tuple(exclude)
-    files: list[str] = []
-    skipped: list[Skipped] = []
-    seen_dirs: set[tuple[int, int]] = set()
+    walker = _Walker(tuple(exclude))
+    walker.walk(root_path, "")
+    return Discovery(walker.files, walker.skipped)
 
-    def walk(directory: Path, rel: str) -> None:
+
+class _Walker:
+    def __init__(self, exclude: tuple[str, ...]) -> None:
+        self.exclude = exclude
+        self.files: list[str] = []
+        self.skipped: list[Skipped] = []
+        self.seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(self, directory: Path, rel: str) -> None:
         try:
             st = directory.stat()
-        except OSError as exc:
-            skipped.append(Skipped(rel or ".", f"folder not readable: {exc.strerror or exc}"))
-            return
-        key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:
-            skipped.append(Skipped(rel, "folder already visited (symlink loop or duplicate link)"))
-            return
-        seen_dirs.add(key)
-        try:
+            key = (st.st_dev, st.st_ino)
+            if key in self.seen_dirs:
+                self.skipped.append(Skipped(rel, "folder already visited (symlink loop or duplicate link)"))
+                return
+            self.seen_dirs.add(key)
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            skipped.append(Skipped(rel or ".", f"folder not readable: {exc.strerror or exc}"))
+            self.skipped.append(Skipped(rel or ".", f"folder not readable: {exc.strerror or exc}"))
             return
         for entry in entries:
-            name = entry.name
-            child_rel = f"{rel}/{name}" if rel else name
-            if _is_junk(name, exclude) or any(fnmatch.fnmatch(child_rel, p) for p in exclude):
+            child_rel = f"{rel}/{entry.name}" if rel else entry.name
+            if _is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
             if is_dir:
-                walk(Path(entry.path), child_rel)
-                continue
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                child_rel.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = os.fsencode(child_rel).decode("utf-8", "backslashreplace")
-                skipped.append(Skipped(shown, "file name is not valid UTF-8"))
-                continue
-            if entry.is_symlink() and not os.path.exists(entry.path):
-                skipped.append(Skipped(child_rel, "broken symlink"))
-                continue
-            try:
-                regular = entry.is_file(follow_symlinks=True)
-            except OSError:
-                regular = False
-            if not regular:  # a FIFO or device named .jpg would block or stream forever
-                skipped.append(Skipped(child_rel, "not a regular file"))
-                continue
-            files.append(child_rel)
+                self.walk(Path(entry.path), child_rel)
+            elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                self.file(entry, child_rel)
 
-    walk(root_path, "")
-    return Discovery(files, skipped)
+    def file(self, entry: os.DirEntry, rel: str) -> None:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            self.skipped.append(Skipped(shown, "file name is not valid UTF-8"))
+            return
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            self.skipped.append(Skipped(rel, "broken symlink"))
+            return
+        try:
+            regular = entry.is_file(follow_symlinks=True)
+        except OSError:
+            regular = False
+        if not regular:  # a FIFO or device named .jpg would block or stream forever
+            self.skipped.append(Skipped(rel, "not a regular file"))
+            return
+        self.files.append(rel)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

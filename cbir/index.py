@@ -21,14 +21,13 @@ import numpy as np
 from PIL import Image
 
 from cbir import store as store_mod
+from cbir import tuning
 from cbir.encoders import Encoder, from_config
-from cbir.errors import CbirError
+from cbir.errors import CbirError, QueryImageError
 from cbir.images import ImageError, load_image
-from cbir.search import SearchPlan, VectorSearch, use_gpu
-
-VECTORS = "vectors.h5"
-FAISS = "faiss.index"
-DEFAULT_DIR = Path("indexes")
+from cbir.layout import FAISS, VECTORS, resolve_index_dir
+from cbir.search import VectorSearch, use_gpu
+from cbir.search_plan import SearchPlan
 
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
@@ -42,21 +41,6 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_index_dir(path: str | os.PathLike[str]) -> Path:
-    """Accept the index folder, its vectors.h5, or a bare name under ./indexes/."""
-    p = Path(path)
-    if p.is_file() and p.name == VECTORS:
-        p = p.parent
-    if not p.exists() and not p.is_absolute() and (DEFAULT_DIR / p).exists():
-        p = DEFAULT_DIR / p
-    if not (p / VECTORS).is_file():
-        if (p / ".work").is_dir():
-            raise CbirError(f"no index at {path} yet: an indexing run is in progress or was interrupted; run the "
-                            "same cbir index command again to finish it")
-        raise CbirError(f"no index at {path} (expected {p / VECTORS}); build one with: cbir index DIR --out {path}")
-    return p
 
 
 def _agrees(search: VectorSearch, store: store_mod.Store) -> bool:
@@ -90,29 +74,28 @@ class Index:
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
-    def build(cls, root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-              encoder: str = "efficientnet_lite0", weights: str | None = None, pooling: str | None = None,
-              batch_size: int | None = None, device: str = "auto", workers: int | None = None, progress: bool = False,
-              exclude: tuple[str, ...] = (), rebuild: bool = False, update: bool = False,
-              verify: bool = False, index_type: str | None = None, float16: bool | None = None,
-              precision: str = "auto") -> Index:
-        """Embed every image under `root` and write the index to `out` (default ./indexes/<folder name>)."""
-        from cbir.encoders import create
-        from indexer.pipeline import build_index
+    def build(cls, root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+              device: str = "auto", **options: Any) -> Index:
+        """Embed every image under `root` and write the index to `out` (default ./indexes/<folder name>).
 
-        root = Path(root)
-        out = Path(out) if out is not None else DEFAULT_DIR / root.resolve().name
-        enc = create(encoder, weights=weights, pooling=pooling, device=device, precision=precision)
+        `options` are those of `indexer.BuildOptions` (encoder, weights, pooling, precision, batch_size, workers,
+        progress, exclude, rebuild / update, verify, index_type, float16); with update=True the index keeps
+        the encoder it was built with.
+        """
+        from indexer import BuildOptions, build
+
+        update, rebuild = options.pop("update", False), options.pop("rebuild", False)
+        if update and rebuild:
+            raise CbirError("update and rebuild exclude each other")
         mode = "update" if update else "rebuild" if rebuild else "create"
-        build_index(root, out, enc, batch_size=batch_size, workers=workers, progress=progress,
-                    exclude=exclude, mode=mode, verify=verify, index_type=index_type, float16=float16)
-        index = cls.open(out, device=device)
-        index._encoder = enc
-        return index
+        summary = build(root, out, BuildOptions(device=device, mode=mode, **options))
+        return cls.open(summary.out, device=device, encoder=summary.encoder)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], device: str = "auto", weights: str | None = None) -> Index:
-        """Open an index folder. `weights` says where a weights file now is if the index was moved."""
+    def open(cls, path: str | os.PathLike[str], device: str = "auto", weights: str | None = None,
+             encoder: Encoder | None = None) -> Index:
+        """Open an index folder. `weights` says where a weights file now is if the index was moved; `encoder`
+        is a ready encoder to use for queries (one that built the index, or one shared between indexes)."""
         directory = resolve_index_dir(path)
         store = store_mod.read(directory / VECTORS, vectors=True)
         assert store.vectors is not None
@@ -127,8 +110,11 @@ class Index:
                               "(run cbir index --update to rebuild it)", stacklevel=2)
                 search = None
         if search is None:  # exact search is always right, and needs no training
-            search = VectorSearch.build(store.vectors, store.ids, gpu=gpu)
-        return cls(directory, store, search, device=device, weights=weights)
+            search = VectorSearch(tuning.flat(store.vectors, store.ids), gpu=gpu)
+        index = cls(directory, store, search, device=device, weights=weights)
+        if encoder is not None:
+            index.use_encoder(encoder)
+        return index
 
     # -- properties -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -153,6 +139,16 @@ class Index:
             if self._encoder is None:
                 self._encoder = from_config(self.encoder_config, device=self.device, weights=self._weights)
             return self._encoder
+
+    def use_encoder(self, encoder: Encoder) -> None:
+        """Embed queries with `encoder` (already built elsewhere); it must be the one the index records."""
+        mine, theirs = self.encoder_config, json.loads(json.dumps(encoder.config))  # as the file holds it
+        same = all(mine.get(key) == theirs.get(key) for key in ("name", "dim", "pooling", "preprocess", "precision")) \
+            and mine["weights"].get("sha256") == theirs["weights"].get("sha256")
+        if not same:
+            raise CbirError(f"encoder {encoder!r} is not the one index {self.name} was built with")
+        with self._lock:
+            self._encoder = encoder
 
     def path_of(self, id_: int) -> str:
         try:
@@ -186,7 +182,7 @@ class Index:
                 src = query if not isinstance(query, io.IOBase) else query.read()
                 im = load_image(src, draft=enc.preprocess.draft_size)
             except ImageError as exc:
-                raise CbirError(f"cannot use the query image: {exc}") from exc
+                raise QueryImageError(str(exc)) from exc
         return enc.embed([im])[0]
 
     def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
@@ -210,7 +206,14 @@ class Index:
                 break
         return results
 
+    def summary(self) -> dict[str, Any]:
+        """The few facts a list of indexes shows (the page, /api/indexes)."""
+        cfg = self.encoder_config
+        return {"images": len(self), "encoder": cfg["name"], "dim": cfg["dim"], "pooling": cfg["pooling"],
+                "created": self.store.attrs.get("created")}
+
     def info(self) -> dict[str, Any]:
+        """Everything `cbir info` shows."""
         a = self.store.attrs
         return {
             "index": str(self.directory),

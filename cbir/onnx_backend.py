@@ -9,7 +9,6 @@ network: depthwise-convolution networks such as EfficientNet-Lite0 lose much mor
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from cbir.errors import CbirError
+from cbir.files import atomic_path, sha256_bytes, sha256_file
 
 
 def available() -> bool:
@@ -52,19 +52,17 @@ def export_fp32(encoder: Any) -> Path:
     size = encoder.preprocess.size
     model = encoder.model.cpu().eval().to(memory_format=torch.contiguous_format)
     raw = path.with_suffix(f".raw-{os.getpid()}.onnx")
-    tmp = path.with_suffix(f".tmp-{os.getpid()}.onnx")
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
             torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(raw), dynamo=False, opset_version=17,
                               input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-        quant_pre_process(str(raw), str(tmp))  # shape inference and graph clean-up that quantization expects
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".onnx") as tmp:
+            quant_pre_process(str(raw), str(tmp))  # shape inference and graph clean-up that quantization expects
     except Exception as exc:
         raise CbirError(f"cannot export {encoder.name} to ONNX for int8: {exc.__class__.__name__}: {exc}") from exc
     finally:
         raw.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
         encoder.model.to(encoder.device)
         if encoder.device.type == "cpu":
             encoder.model.to(memory_format=torch.channels_last)
@@ -76,7 +74,7 @@ def quantize_int8(encoder: Any, calibration: np.ndarray) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-    digest = hashlib.sha256(calibration.tobytes()).hexdigest()[:16]
+    digest = sha256_bytes(calibration.tobytes())[:16]
     path = cache_dir() / f"{_key(encoder)}-int8-{digest}.onnx"
     if path.is_file():
         return path
@@ -89,22 +87,10 @@ def quantize_int8(encoder: Any, calibration: np.ndarray) -> Path:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    tmp = path.with_suffix(f".tmp-{os.getpid()}.onnx")
-    try:
+    with atomic_path(path, suffix=".onnx") as tmp:
         quantize_static(str(fp32), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class OrtModel:
@@ -117,7 +103,7 @@ class OrtModel:
         if not path.is_file():
             raise CbirError(f"the int8 model {path} is missing; re-index with --precision fp32 or bf16, or put "
                             "the file back")
-        self.path, self.sha256 = path, file_sha256(path)
+        self.path, self.sha256 = path, sha256_file(path)
         if sha256 is not None and sha256 != self.sha256:
             raise CbirError(f"the int8 model {path} is not the one the index was built with (sha256 differs)")
         opts = ort.SessionOptions()

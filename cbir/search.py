@@ -7,27 +7,23 @@ product over faiss's own storage (no copy): on these CPUs it beat IndexFlatIP by
 by 1.1-8x up to 16 queries at 100k x 1280 and x 2048, while at 64 queries faiss won at 2048 dimensions
 (benchmarks/search.py). So numpy answers batches up to 32 queries, faiss larger ones.
 
-What was chosen, and the recall@10 measured against exact search on a held-out sample of the collection's
-own vectors, is a `SearchPlan`, stored in the vectors file and shown by `cbir info`.
+This module only loads, saves and searches. Which kind of index to build, and the recall@10 measured against
+exact search on a held-out sample of the collection's own vectors, is decided in `cbir.tuning` and recorded
+as a `SearchPlan` (cbir.search_plan), stored in the vectors file and shown by `cbir info`.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
 from cbir.errors import CbirError
+from cbir.files import atomic_path
+from cbir.metrics import SIMS_BUDGET
+from cbir.search_plan import SearchPlan, apply_params
 
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
-EXACT_UP_TO = 50_000  # auto: exact search up to this many vectors
-TARGET_RECALL = 0.99
-SIMS_BUDGET = 1 << 25  # exact CPU search: at most this many similarities (128 MB) in memory at once
 NUMPY_MAX_BATCH = 32  # exact CPU search: numpy up to this many queries at once, faiss above
 
 
@@ -48,48 +44,8 @@ def use_gpu(device: str) -> bool:
     return device == "auto" or device.startswith("cuda")
 
 
-@dataclass
-class SearchPlan:
-    """The kind of index, its parameters, and how well it was measured to agree with exact search."""
-
-    type: str = "flat"
-    params: dict[str, Any] = field(default_factory=dict)
-    recall_at_10: float = 1.0  # measured against exact search; exact search is 1.0 by definition
-    queries: int = 0  # held-out sample size the recall was measured on (0: exact, nothing to measure)
-    build_s: float = 0.0
-    note: str = ""
-    requested: str = "auto"  # what the user asked for; --update builds the same kind again
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> SearchPlan:
-        return cls(**d) if d else cls()
-
-    def describe(self) -> str:
-        params = " ".join(f"{k}={v}" for k, v in self.params.items())
-        text = f"{self.type} {params}".strip()
-        if self.queries:
-            text += f"  recall@10 {self.recall_at_10:.4f} (measured on {self.queries} held-out queries)"
-        else:
-            text += "  exact"
-        return text + (f"  ({self.note})" if self.note else "")
-
-
 def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-
-
-def apply_params(inner: faiss.Index, plan: SearchPlan) -> None:
-    """Set the run-time knobs (nprobe, efSearch, k_factor) that the plan chose."""
-    p = plan.params
-    if plan.type in ("ivf", "ivfpq"):
-        faiss.extract_index_ivf(inner).nprobe = int(p["nprobe"])
-    if plan.type == "hnsw":
-        faiss.downcast_index(inner).hnsw.efSearch = int(p["ef_search"])
-    if plan.type == "ivfpq":
-        faiss.downcast_index(inner).k_factor = float(p["k_factor"])
 
 
 class VectorSearch:
@@ -115,41 +71,6 @@ class VectorSearch:
             self.gpu = True
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: np.ndarray, gpu: bool = False, index_type: str = "flat",
-              seed: int = 0, progress: bool = False) -> VectorSearch:
-        """Build the index; for approximate kinds, tune it to recall@10 >= 0.99 and record the measurement."""
-        if index_type not in INDEX_TYPES:
-            raise CbirError(f"unknown index type {index_type!r}: choose one of {', '.join(INDEX_TYPES)}")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        n, d = vectors.shape
-        kind = index_type
-        if kind == "auto":
-            kind = "flat" if n <= EXACT_UP_TO else "ivf"
-        started = time.perf_counter()
-        if kind != "flat" and n < 1000:
-            return cls._flat_index(vectors, ids, gpu, index_type, f"{kind} needs at least 1000 vectors; exact")
-        if kind == "flat":
-            return cls._flat_index(vectors, ids, gpu, index_type)
-        from cbir.tuning import build_approximate
-
-        index, plan = build_approximate(kind, vectors, ids, seed=seed, progress=progress)
-        if plan.type == "flat" and index_type == "auto":  # IVF could not reach the target: try a graph
-            index, plan = build_approximate("hnsw", vectors, ids, seed=seed, progress=progress)
-        if plan.type == "flat":  # nothing approximate reached the target: exact search
-            return cls._flat_index(vectors, ids, gpu, index_type, plan.note)
-        plan.build_s, plan.requested = round(time.perf_counter() - started, 2), index_type
-        return cls(index, plan, gpu=gpu)
-
-    @classmethod
-    def _flat_index(cls, vectors: np.ndarray, ids: np.ndarray, gpu: bool, requested: str = "flat",
-                    note: str = "") -> VectorSearch:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        if len(vectors):
-            index.add_with_ids(vectors, ids)
-        return cls(index, SearchPlan("flat", note=note, requested=requested), gpu=gpu)
-
-    @classmethod
     def load(cls, path: Path, plan: SearchPlan | None = None, gpu: bool = False) -> VectorSearch:
         try:
             return cls(faiss.read_index(str(path)), plan, gpu=gpu)
@@ -158,9 +79,8 @@ class VectorSearch:
 
     def save(self, path: Path) -> None:
         """Write beside the target, then rename: a reader never sees half a file."""
-        tmp = Path(f"{path}.tmp-{os.getpid()}")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
 
     @property
     def ntotal(self) -> int:

@@ -1,1 +1,17 @@
-"""Ingestion: turn a folder of images into an index (see pipeline.build_index)."""
+"""The ingestion pipeline, one stage per module, in the order data flows through them:
+
+    options  what the run is asked to do (BuildOptions)
+    run      the one entry point, running the stages in order: build(source, out, options) -> Summary
+    plan     new / changed / removed / already embedded by an interrupted run
+    decode   files -> Decoded records, in worker processes that die with the run
+    embed    decoded batches -> the encoder in its numeric mode -> chunks
+    work     chunks saved as they are made (an interrupted run resumes from them)
+    commit   kept rows + chunks -> vectors.h5 + faiss.index, renamed into place
+    lock     one writer per index folder
+"""
+
+from indexer.options import BuildOptions
+from indexer.run import build
+from indexer.summary import Summary
+
+__all__ = ["BuildOptions", "Summary", "build"]

@@ -1,14 +1,13 @@
-"""Crash-safe bookkeeping of an indexing run: a lock, and embedded batches saved as they are made.
+"""Write stage: embedded batches saved as they are made, so an interrupted run resumes.
 
 Every finished batch is written to `<index>/.work/chunk-NNNNNN.npz` (to a temporary name, then renamed),
 so a run killed at any moment, even by SIGKILL, leaves only whole chunks behind. Re-running the same
 command finds them (same encoder and root, recorded in `manifest.json`) and embeds only what is missing.
-The index files themselves are replaced only at the very end.
+The index files themselves are replaced only at the very end (commit.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -19,41 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from cbir.errors import CbirError
-
-WORK = ".work"
-LOCK = ".lock"
-
-
-class IndexLock:
-    """Exclusive lock on an index folder for the length of a writing run (released even on SIGKILL)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LOCK
-        self.fd: int | None = None
-
-    def __enter__(self) -> IndexLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise CbirError(f"another cbir index run (pid {holder}) is writing {self.path.parent}; wait for it to "
-                            "finish, then run this again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+from cbir.files import atomic_path
+from cbir.layout import WORK
 
 
 @dataclass
@@ -70,7 +36,7 @@ class WorkDir:
     """The chunks of one run; `open` keeps them only if they were made for the same job."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any]) -> None:
-        self.dir = index_dir / WORK
+        self.dir = Path(index_dir) / WORK
         self.manifest = manifest
         self.count = 0
 
@@ -87,9 +53,8 @@ class WorkDir:
                 return self.count
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
-        tmp = mpath.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.manifest, sort_keys=True))
-        os.replace(tmp, mpath)
+        with atomic_path(mpath) as tmp:
+            tmp.write_text(json.dumps(self.manifest, sort_keys=True))
         return 0
 
     def _chunk_files(self) -> list[Path]:
@@ -97,9 +62,7 @@ class WorkDir:
 
     def write(self, chunk: Chunk) -> None:
         self.count += 1
-        final = self.dir / f"chunk-{self.count:06d}.npz"
-        tmp = self.dir / f"tmp-{self.count:06d}.npz"
-        with open(tmp, "wb") as fh:
+        with atomic_path(self.dir / f"chunk-{self.count:06d}.npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, paths=np.array(chunk.paths, dtype=str), vectors=chunk.vectors,
                      mtime_ns=np.asarray(chunk.mtime_ns, np.int64), size=np.asarray(chunk.size, np.int64),
                      sha256=np.array(chunk.sha256, dtype=str),
@@ -107,7 +70,6 @@ class WorkDir:
                      skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
 
     def chunks(self) -> Iterator[Chunk]:
         for path in self._chunk_files():
@@ -118,7 +80,7 @@ class WorkDir:
                                      strict=True)))
 
     def done(self) -> dict[str, tuple[int, int]]:
-        """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped."""
+        """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""
         out: dict[str, tuple[int, int]] = {}
         for c in self.chunks():
             for p, s, m in zip(c.paths, c.size, c.mtime_ns, strict=True):

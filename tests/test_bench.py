@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir.bench import metrics
+from cbir import metrics
 from cbir.bench.run import BenchConfig, parse_encoders, run_bench
 from cbir.errors import CbirError
 from tests.test_training import labelled  # noqa: F401  (fixture: 3 classes x 12 generated images)

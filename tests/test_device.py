@@ -8,7 +8,8 @@ import torch
 
 from cbir.device import resolve_device
 from cbir.errors import CbirError
-from cbir.search import VectorSearch, gpu_count, use_gpu
+from cbir.search import gpu_count, use_gpu
+from tests.helpers import vector_search
 
 
 def clustered(n: int = 2000, d: int = 64, seed: int = 0) -> np.ndarray:
@@ -39,14 +40,14 @@ def test_faiss_gpu_is_used_only_when_it_can_be() -> None:
     assert use_gpu("cpu") is False
     assert use_gpu("auto") is (n > 0)
     x = clustered()
-    s = VectorSearch.build(x, np.arange(len(x)) * 10, gpu=True)
+    s = vector_search(x, np.arange(len(x)) * 10, gpu=True)
     assert s.gpu is (n > 0)
 
 
 def test_exact_search_matches_brute_force_with_ids() -> None:
     x = clustered()
     ids = np.arange(len(x), dtype=np.int64) * 7 + 3
-    s = VectorSearch.build(x, ids)
+    s = vector_search(x, ids)
     scores, found = s.search(x[:50], 10)
     brute = np.argsort(-(x[:50] @ x.T), axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(found[:, 0], ids[:50])
@@ -59,8 +60,8 @@ def test_exact_search_matches_brute_force_with_ids() -> None:
 def test_gpu_and_cpu_return_the_same_neighbours() -> None:
     x = clustered(5000, 128)
     ids = np.arange(len(x), dtype=np.int64)
-    cpu = VectorSearch.build(x, ids, gpu=False)
-    gpu = VectorSearch.build(x, ids, gpu=True)
+    cpu = vector_search(x, ids, gpu=False)
+    gpu = vector_search(x, ids, gpu=True)
     assert gpu.gpu
     _, a = cpu.search(x[:200], 10)
     _, b = gpu.search(x[:200], 10)

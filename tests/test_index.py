@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cbir import CbirError, Index
-from cbir.search import VectorSearch
 from tests.badfiles import EXPECTED_OK, EXPECTED_SKIPS
+from tests.helpers import vector_search
 
 
 def test_schema_of_vectors_file(sample_index: Index) -> None:
@@ -121,7 +121,7 @@ def test_failed_build_leaves_no_partial_index(tmp_path: Path, good_and_bad: Path
 def test_stale_faiss_file_is_detected_and_search_stays_correct(sample_index: Index, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(sample_index.directory, copy)
-    VectorSearch.build(sample_index.store.vectors[:5], np.arange(5)).save(copy / "faiss.index")
+    vector_search(sample_index.store.vectors[:5], np.arange(5)).save(copy / "faiss.index")
     with pytest.warns(UserWarning, match="does not match"):
         reopened = Index.open(copy)
     assert reopened.searcher.ntotal == len(sample_index)
@@ -158,7 +158,7 @@ def test_faiss_file_with_same_ids_but_other_vectors_is_caught(sample_index: Inde
     copy = tmp_path / "copy"
     shutil.copytree(sample_index.directory, copy)
     v = sample_index.store.vectors
-    VectorSearch.build(v[::-1].copy(), sample_index.store.ids).save(copy / "faiss.index")
+    vector_search(v[::-1].copy(), sample_index.store.ids).save(copy / "faiss.index")
     with pytest.warns(UserWarning, match="does not match"):
         reopened = Index.open(copy)
     assert reopened.search_vector(v[2], k=1)[0].id == int(sample_index.store.ids[2])

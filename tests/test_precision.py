@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cbir import Index, precision
+from cbir import Index
+from cbir import numeric as precision
 from cbir.encoders import Encoder, Preprocess, create, from_config
 from cbir.errors import CbirError
 from cbir.images import discover
-from indexer.pipeline import build_index
+from tests.helpers import build_index
 
 
 def _sample_batch(samples: Path, enc, n: int = 24) -> np.ndarray:

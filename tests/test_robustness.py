@@ -17,9 +17,9 @@ import pytest
 from cbir import CbirError, Index
 from cbir.cli import main
 from cbir.encoders import create
-from indexer.pipeline import build_index
-from indexer.work import IndexLock
+from indexer.lock import IndexLock
 from tests.badfiles import EXPECTED_OK, EXPECTED_SKIPS, jpeg_bytes, photo, write_bad_files
+from tests.helpers import build_index
 
 
 def make_folder(root: Path, n: int, seed0: int = 0, size: tuple[int, int] = (96, 72)) -> Path:
@@ -98,7 +98,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path: Path,
     data = make_folder(tmp_path / "data", 2)
     out = tmp_path / "idx"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from indexer.work import IndexLock\n"
+                               "from indexer.lock import IndexLock\n"
                                f"with IndexLock(Path({str(out)!r})):\n    print('locked', flush=True)\n"
                                "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
     try:
@@ -173,7 +173,7 @@ def test_hostile_corpus_completes_with_matching_counts(tmp_path: Path, encoder, 
         fh.write(jpeg_bytes(photo(seed=4)))
     (root / "vanishes.jpg").write_bytes(jpeg_bytes(photo(seed=5)))
 
-    import indexer.pipeline as pipeline
+    import indexer.run as pipeline
 
     real_discover = pipeline.discover
 

@@ -13,8 +13,10 @@ import pytest
 from cbir import Index
 from cbir.cli import main
 from cbir.errors import CbirError
-from cbir.search import EXACT_UP_TO, SearchPlan, VectorSearch, exact_numpy
+from cbir.search import VectorSearch, exact_numpy
+from cbir.search_plan import EXACT_UP_TO, SearchPlan
 from cbir.tuning import default_nlist, held_out, pq_subquantizers, recall_at_10
+from tests.helpers import vector_search
 
 
 def clustered(n: int, d: int, clusters: int = 100, spread: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -44,7 +46,7 @@ def test_exact_numpy_matches_faiss_flat(monkeypatch: pytest.MonkeyPatch) -> None
 def test_single_and_batched_queries_agree_and_return_ids() -> None:
     x = clustered(2000, 32)
     ids = np.arange(2000, dtype=np.int64) * 7 + 3
-    vs = VectorSearch.build(x, ids)
+    vs = vector_search(x, ids)
     _, one = vs.search(x[5], 10)  # numpy path
     _, many = vs.search(np.repeat(x[5:6], 40, axis=0), 10)  # above NUMPY_MAX_BATCH: faiss
     assert one[0, 0] == ids[5] and np.array_equal(one[0], many[0]) and np.array_equal(many[0], many[-1])
@@ -55,10 +57,10 @@ def test_single_and_batched_queries_agree_and_return_ids() -> None:
 def test_auto_is_exact_for_small_collections_and_ivf_above_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     x = clustered(4000, 32)
     ids = np.arange(4000, dtype=np.int64)
-    small = VectorSearch.build(x, ids, index_type="auto")
+    small = vector_search(x, ids, index_type="auto")
     assert small.plan.type == "flat" and small.exact and small.plan.requested == "auto"
-    monkeypatch.setattr("cbir.search.EXACT_UP_TO", 3000)
-    big = VectorSearch.build(x, ids, index_type="auto")
+    monkeypatch.setattr("cbir.tuning.EXACT_UP_TO", 3000)
+    big = vector_search(x, ids, index_type="auto")
     assert big.plan.type == "ivf" and big.plan.requested == "auto"
     assert big.plan.recall_at_10 >= 0.99 and big.plan.queries == 500
     assert big.plan.params["nlist"] == default_nlist(4000)
@@ -69,7 +71,7 @@ def test_auto_is_exact_for_small_collections_and_ivf_above_the_limit(monkeypatch
 def test_approximate_kinds_reach_the_target_and_the_recorded_recall_is_true(kind: str) -> None:
     x = clustered(6000, 64, clusters=60)
     ids = np.arange(6000, dtype=np.int64) + 100
-    vs = VectorSearch.build(x, ids, index_type=kind)
+    vs = vector_search(x, ids, index_type=kind)
     assert vs.plan.type == kind and vs.plan.recall_at_10 >= 0.99
     # Re-measure on other queries than the tuner used: the recall holds for the collection, not just its sample.
     rng = np.random.default_rng(7)
@@ -85,12 +87,12 @@ def test_unreachable_target_falls_back_to_exact_with_a_note() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 64)).astype(np.float32)  # iid noise: no structure for IVF to use
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    vs = VectorSearch.build(x, np.arange(3000), index_type="ivf")
+    vs = vector_search(x, np.arange(3000), index_type="ivf")
     assert vs.plan.type == "flat" and "did not reach" in vs.plan.note
-    tiny = VectorSearch.build(x[:50], np.arange(50), index_type="hnsw")
+    tiny = vector_search(x[:50], np.arange(50), index_type="hnsw")
     assert tiny.plan.type == "flat" and "at least 1000" in tiny.plan.note
     with pytest.raises(CbirError, match="unknown index type"):
-        VectorSearch.build(x, np.arange(3000), index_type="lsh")
+        vector_search(x, np.arange(3000), index_type="lsh")
 
 
 def test_recall_helper_on_a_hand_made_case() -> None:
@@ -105,7 +107,7 @@ def test_recall_helper_on_a_hand_made_case() -> None:
 
 def test_plan_survives_save_and_load(tmp_path: Path) -> None:
     x = clustered(5000, 32)
-    vs = VectorSearch.build(x, np.arange(5000), index_type="ivf")
+    vs = vector_search(x, np.arange(5000), index_type="ivf")
     vs.save(tmp_path / "f.index")
     again = VectorSearch.load(tmp_path / "f.index", SearchPlan.from_dict(vs.plan.to_dict()))
     assert faiss.extract_index_ivf(again._search_index).nprobe == vs.plan.params["nprobe"]

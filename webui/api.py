@@ -44,11 +44,7 @@ def search():
 
 @api.get("/indexes")
 def indexes():
-    out = []
-    for served in query.indexes().all():
-        cfg = served.index.encoder_config
-        out.append({"name": served.name, "images": len(served.index), "encoder": cfg["name"], "dim": cfg["dim"],
-                    "pooling": cfg["pooling"], "created": served.index.store.attrs.get("created")})
+    out = [{"name": served.name, **served.index.summary()} for served in query.indexes().all()]
     return jsonify(indexes=out, default=query.indexes().default)
 
 

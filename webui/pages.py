@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from pathlib import Path
 
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -47,27 +48,25 @@ def home():
     return _render(k=k)
 
 
-@pages.get("/image/<index>/<int:id_>")
-def image(index: str, id_: int):
+def _served_file(index: str, id_: int) -> Path:
+    """The indexed file behind (index, id), or 404: never a path from the request itself."""
     try:
-        idx = query.indexes().get(index)
+        path = safe_file(query.indexes().get(index), id_)
     except KeyError:
-        abort(404)
-    path = safe_file(idx, id_)
+        path = None
     if path is None:
         abort(404)
-    return send_file(path, max_age=3600)
+    return path
+
+
+@pages.get("/image/<index>/<int:id_>")
+def image(index: str, id_: int):
+    return send_file(_served_file(index, id_), max_age=3600)
 
 
 @pages.get("/thumb/<index>/<int:id_>")
 def thumbnail(index: str, id_: int):
-    try:
-        idx = query.indexes().get(index)
-    except KeyError:
-        abort(404)
-    path = safe_file(idx, id_)
-    if path is None:
-        abort(404)
+    path = _served_file(index, id_)
     st = path.stat()
     data = current_app.extensions["cbir_thumbs"].get((index, id_, st.st_mtime_ns, st.st_size), path)
     if data is None:

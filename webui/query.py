@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app, url_for
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, QueryImageError
 from webui.state import Busy, IndexSet
 
 
@@ -75,8 +75,10 @@ def search(index_name: str | None, k: int, image: bytes | None = None, id_: int 
             vector = state.embed(index, image)
         except Busy:
             raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
+        except QueryImageError as exc:
+            raise QueryError(400, f"not a usable image: {exc.reason}") from None
         except CbirError as exc:
-            raise QueryError(400, str(exc).replace("cannot use the query image: ", "not a usable image: ")) from None
+            raise QueryError(400, str(exc)) from None
         results = index.search_vector(vector, k=k)
     took = (time.perf_counter() - started) * 1000
     return {

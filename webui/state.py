@@ -16,7 +16,8 @@ from pathlib import Path
 
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
-from cbir.index import VECTORS, Index, resolve_index_dir
+from cbir.index import Index
+from cbir.layout import VECTORS, resolve_index_dir
 
 log = logging.getLogger("cbir.webui")
 
@@ -64,9 +65,10 @@ class IndexSet:
         sig = _signature(directory)
         index = Index.open(directory, device=self.device)
         key = index.store.attrs["encoder_config"]
-        if key not in self._encoders:
-            self._encoders[key] = index.encoder  # built once; indexes with the same encoder share it
-        index._encoder = self._encoders[key]
+        if key in self._encoders:
+            index.use_encoder(self._encoders[key])  # built once; indexes with the same encoder share it
+        else:
+            self._encoders[key] = index.encoder
         log.info("loaded index %s: %d images, encoder %s", name, len(index), index.encoder_config["name"])
         return Served(name, directory, index, sig)
 

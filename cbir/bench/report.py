@@ -76,8 +76,34 @@ def _thumb(root: Path, rel: str, px: int = 96) -> str:
 
 
 def write_reports(report: dict[str, Any], out: Path, root: Path, label_of: dict[str, str]) -> None:
+    """report.json, report.md, p_at_10.png and report.html (with sample queries) in `out`."""
     rankings = {n: e.pop("_ranking") for n, e in report["encoders"].items() if "_ranking" in e}
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out / "report.md").write_text("\n".join(_markdown(report)))
+    chart = _bar_chart(report)
+    (out / "p_at_10.png").write_bytes(chart)
+    p = report["protocol"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>cbir bench</title><style>",
+        "body{font:14px system-ui,sans-serif;margin:24px;color:#1c1e21}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        ".row{display:flex;gap:4px;align-items:center;margin:4px 0}.row img{width:72px;height:72px;object-fit:cover;"
+        "border:4px solid transparent}.q img{border-color:#1a73e8}.ok{border-color:#34a853!important}"
+        ".bad{border-color:#d93025!important}.lab{width:160px;font-size:12px}",
+        "</style></head><body>",
+        f"<h1>cbir bench</h1><p>{html.escape(report['dataset'])}: {report['images']} images, "
+        f"{report['classes']} classes; queries: {html.escape(p['queries'])}; seed {p['seed']}.</p>",
+        _md_table_to_html(_table(report)),
+        f"<h2>Precision@10</h2><img alt='P@10 per encoder' src='data:image/png;base64,"
+        f"{base64.b64encode(chart).decode()}'>",
+        "<h2>Sample queries</h2><p>Blue: query. Green: same label. Red: different label.</p>",
+        *_sample_rows(rankings, root, label_of),
+        "</body></html>",
+    ]
+    (out / "report.html").write_text("\n".join(parts))
+
+
+def _markdown(report: dict[str, Any]) -> list[str]:
     p = report["protocol"]
     m = report["machine"]
     md = [
@@ -96,47 +122,33 @@ def write_reports(report: dict[str, Any], out: Path, root: Path, label_of: dict[
         md += ["## Not run", ""] + [f"- {n}: {r}" for n, r in report["skipped"].items()] + [""]
     md += ["## Machine", "", f"{m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}, Python {m['python']}, "
            f"torch {m['torch']}", ""]
-    (out / "report.md").write_text("\n".join(md))
+    return md
 
-    chart = base64.b64encode(_bar_chart(report)).decode()
-    (out / "p_at_10.png").write_bytes(base64.b64decode(chart))
-    table_html = _md_table_to_html(_table(report))
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>cbir bench</title><style>",
-        "body{font:14px system-ui,sans-serif;margin:24px;color:#1c1e21}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        ".row{display:flex;gap:4px;align-items:center;margin:4px 0}.row img{width:72px;height:72px;object-fit:cover;"
-        "border:4px solid transparent}.q img{border-color:#1a73e8}.ok{border-color:#34a853!important}"
-        ".bad{border-color:#d93025!important}.lab{width:160px;font-size:12px}",
-        "</style></head><body>",
-        f"<h1>cbir bench</h1><p>{html.escape(report['dataset'])}: {report['images']} images, "
-        f"{report['classes']} classes; queries: {html.escape(p['queries'])}; seed {p['seed']}.</p>",
-        table_html, f"<h2>Precision@10</h2><img alt='P@10 per encoder' src='data:image/png;base64,{chart}'>",
-        "<h2>Sample queries</h2><p>Blue: query. Green: same label. Red: different label.</p>",
-    ]
-    if rankings:
-        q_pos, _, _, paths = next(iter(rankings.values()))
-        rng = np.random.default_rng(0)
-        picks = rng.choice(len(q_pos), size=min(SAMPLE_QUERIES, len(q_pos)), replace=False)
-        thumbs: dict[str, str] = {}
 
-        def t(rel: str) -> str:
-            if rel not in thumbs:
-                thumbs[rel] = _thumb(root, rel)
-            return thumbs[rel]
+def _sample_rows(rankings: dict[str, Any], root: Path, label_of: dict[str, str]) -> list[str]:
+    """A few seeded queries, each with every encoder's top 10 as thumbnails marked right or wrong."""
+    if not rankings:
+        return []
+    q_pos, _, _, paths = next(iter(rankings.values()))
+    picks = np.random.default_rng(0).choice(len(q_pos), size=min(SAMPLE_QUERIES, len(q_pos)), replace=False)
+    thumbs: dict[str, str] = {}
 
-        for qi in picks:
-            qpath = paths[q_pos[qi]]
-            parts.append(f"<h3>{html.escape(qpath)} ({html.escape(label_of.get(qpath, ''))})</h3>")
-            for name, (qp, top, rel, pth) in rankings.items():
-                cells = [f"<span class='q'><img src='{t(pth[qp[qi]])}' title='query'></span>"]
-                for r in range(top.shape[1]):
-                    g = pth[top[qi, r]]
-                    cls = "ok" if rel[qi, r] else "bad"
-                    cells.append(f"<img class='{cls}' src='{t(g)}' title='{html.escape(g)}'>")
-                parts.append(f"<div class='row'><span class='lab'>{html.escape(name)}</span>{''.join(cells)}</div>")
-    parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts))
+    def t(rel: str) -> str:
+        if rel not in thumbs:
+            thumbs[rel] = _thumb(root, rel)
+        return thumbs[rel]
+
+    parts = []
+    for qi in picks:
+        qpath = paths[q_pos[qi]]
+        parts.append(f"<h3>{html.escape(qpath)} ({html.escape(label_of.get(qpath, ''))})</h3>")
+        for name, (qp, top, rel, pth) in rankings.items():
+            cells = [f"<span class='q'><img src='{t(pth[qp[qi]])}' title='query'></span>"]
+            for r in range(top.shape[1]):
+                g = pth[top[qi, r]]
+                cells.append(f"<img class='{'ok' if rel[qi, r] else 'bad'}' src='{t(g)}' title='{html.escape(g)}'>")
+            parts.append(f"<div class='row'><span class='lab'>{html.escape(name)}</span>{''.join(cells)}</div>")
+    return parts
 
 
 def _md_table_to_html(lines: list[str]) -> str:

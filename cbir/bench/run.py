@@ -8,10 +8,10 @@ itself is excluded from its results. The colour-histogram and random-CNN baselin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from cbir import store
-from cbir.bench import metrics
-from cbir.encoders import WeightsUnavailable, create, get_entry
-from cbir.errors import CbirError
+from cbir import metrics, store
+from cbir.encoders import get_entry
+from cbir.errors import CbirError, WeightsUnavailable
 from cbir.training.data import load_collection, stratified_split, write_split
 
 BASELINES = ("colour_histogram", "random_cnn")
 TRAINABLE = ("siamese", "autoencoder")
 DEFAULT_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,10 +43,6 @@ class BenchConfig:
     labels: str = "auto"
     train_epochs: int | None = None
     progress: bool = True
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_encoders(text: str) -> list[tuple[str, str | None]]:
@@ -71,8 +67,6 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    from indexer.pipeline import build_index
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.queries not in ("test", "all"):
@@ -93,54 +87,73 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                      "gallery": "every image of the collection"},
         "machine": machine(), "encoders": {}, "skipped": {},
     }
-    label_of = dict(zip(coll.files, coll.labels, strict=True))
-    split_of = dict(zip(coll.files, split, strict=True))
+    ctx = _Context(cfg, coll, split, ks, out)
     for n, (name, weights) in enumerate(encoders, 1):
         tag = f"[{n}/{len(encoders)}] {name}"
-        key = name
-        entry: dict[str, Any] = {}
         try:
-            if name in TRAINABLE:
-                _say(f"{tag}: training on the train split")
-                model, train_s = _train(name, cfg, coll, split, out)
-                entry["training_seconds"] = round(train_s, 1)
-                weights = str(model)
-            enc = _create(name, weights, cfg.device)
+            key, entry = _bench_one(ctx, name, weights, tag)
         except WeightsUnavailable as exc:
             reason = f"{exc} (ask for '{name}:none' to run it with random weights, labelled as such)"
             report["skipped"][name] = reason
-            _say(f"{tag}: skipped: {reason}")
+            log.info(f"{tag}: skipped: {reason}")
             continue
-        if enc.weights.get("source") == "none" and name not in BASELINES:
-            key = f"{name} (random weights)"
-        entry.update({"encoder": name, "weights": enc.weights.get("source"), "dim": enc.dim,
-                      "random_weights": enc.weights.get("source") == "none", "precision": enc.precision})
-        _say(f"{tag}: embedding {len(coll.files)} images")
-        idx_dir = out / "indexes" / name
-        shutil.rmtree(idx_dir, ignore_errors=True)
-        summary = build_index(Path(cfg.dataset), idx_dir, enc, progress=cfg.progress, rebuild=True)
-        entry["embed_images_per_s"] = round(summary.images_per_s, 1)
-        t = time.perf_counter()
-        from cbir.index import Index
-
-        index = Index.open(idx_dir, device=cfg.device)
-        entry["index_build_seconds"] = round(time.perf_counter() - t + summary.seconds, 2)
-        entry.update(_evaluate(index, label_of, split_of, cfg.queries, ks, out / "topk" / f"{name}.csv"))
         report["encoders"][key] = entry
         elapsed = time.perf_counter() - started
-        eta = elapsed / n * (len(encoders) - n)
-        _say(f"{tag}: P@10 {entry['precision_at_10']:.4f}  mAP {entry['mAP']:.4f}  "
-             f"({elapsed:.0f} s so far, about {eta:.0f} s to go)")
+        log.info(f"{tag}: P@10 {entry['precision_at_10']:.4f}  mAP {entry['mAP']:.4f}  "
+                 f"({elapsed:.0f} s so far, about {elapsed / n * (len(encoders) - n):.0f} s to go)")
     report["seconds"] = round(time.perf_counter() - started, 1)
     from cbir.bench.report import write_reports
 
-    write_reports(report, out, coll.root, label_of)
+    write_reports(report, out, coll.root, ctx.label_of)
     return report
 
 
-def _create(name: str, weights: str | None, device: str):
+@dataclass
+class _Context:
+    cfg: BenchConfig
+    coll: Any
+    split: list[str]
+    ks: list[int]
+    out: Path
+
+    @property
+    def label_of(self) -> dict[str, str]:
+        return dict(zip(self.coll.files, self.coll.labels, strict=True))
+
+    @property
+    def split_of(self) -> dict[str, str]:
+        return dict(zip(self.coll.files, self.split, strict=True))
+
+
+def _bench_one(ctx: _Context, name: str, weights: str | None, tag: str) -> tuple[str, dict[str, Any]]:
+    """Train (if it is trainable), index the whole collection, evaluate: one row of the report."""
+    from cbir.index import Index
+    from indexer import BuildOptions, build
+
+    entry: dict[str, Any] = {}
+    if name in TRAINABLE:
+        log.info(f"{tag}: training on the train split")
+        model, train_s = _train(name, ctx.cfg, ctx.coll, ctx.split, ctx.out)
+        entry["training_seconds"] = round(train_s, 1)
+        weights = str(model)
+    idx_dir = ctx.out / "indexes" / name
+    shutil.rmtree(idx_dir, ignore_errors=True)
     # fp32, not 'auto': auto decides by timing, and a benchmark must give the same numbers for the same seed
-    return create(name, weights=weights, device=device, precision="fp32")
+    options = BuildOptions(encoder=name, weights=weights, precision="fp32", device=ctx.cfg.device, mode="rebuild",
+                           progress=ctx.cfg.progress)
+    log.info(f"{tag}: embedding {len(ctx.coll.files)} images")
+    summary = build(ctx.cfg.dataset, idx_dir, options)
+    enc = summary.encoder
+    random = enc.weights.get("source") == "none"
+    key = f"{name} (random weights)" if random and name not in BASELINES else name
+    entry.update({"encoder": name, "weights": enc.weights.get("source"), "dim": enc.dim, "random_weights": random,
+                  "precision": enc.precision, "embed_images_per_s": round(summary.images_per_s, 1)})
+    t = time.perf_counter()
+    index = Index.open(idx_dir, device=ctx.cfg.device, encoder=enc)
+    entry["index_build_seconds"] = round(time.perf_counter() - t + summary.seconds, 2)
+    entry.update(_evaluate(index, ctx.label_of, ctx.split_of, ctx.cfg.queries, ctx.ks,
+                           ctx.out / "topk" / f"{name}.csv"))
+    return key, entry
 
 
 def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tuple[Path, float]:

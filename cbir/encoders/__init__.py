@@ -18,11 +18,12 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from cbir.device import resolve_device
-from cbir.encoders.base import POOLINGS, Encoder, Preprocess, WeightsUnavailable
-from cbir.errors import CbirError
+from cbir.encoders.base import POOLINGS, Encoder, Preprocess
+from cbir.errors import CbirError, WeightsUnavailable
+from cbir.weights import Weights
 
 __all__ = ["Encoder", "EncoderEntry", "Preprocess", "WeightsUnavailable", "POOLINGS", "register", "create",
-           "from_config", "list_encoders", "get_entry"]
+           "from_config", "list_encoders", "get_entry", "Weights"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class EncoderEntry:
     name: str
     factory: Callable[..., Encoder]
     description: str
-    dims: dict[str, int]  # output dimension per pooling choice
+    dims: dict[str, int | None]  # output dimension per pooling choice; None: set by the weights (trained models)
     default_pooling: str
     default_weights: str
     weights_status: Callable[[], str]  # one line: where the default weights are, or what is missing
@@ -44,11 +45,19 @@ _REGISTRY: dict[str, EncoderEntry] = {}
 _plugins_loaded = False
 
 
-def register(name: str, *, description: str, dims: dict[str, int], default_pooling: str,
+def register(name: str, *, description: str, dims: dict[str, int | None], default_pooling: str,
              default_weights: str = "imagenet", weights_status: Callable[[], str] | None = None):
-    """Class-free registration: decorate a factory `f(weights, pooling, device, **options) -> Encoder`."""
+    """Class-free registration: decorate a factory `f(weights: Weights, pooling, device, **options) -> Encoder`.
+
+    A name is registered once: a second encoder under the same name is an error, not a silent replacement.
+    `dims` declares the output dimension per pooling; `create` checks every encoder it builds against it.
+    """
 
     def decorate(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        known = _REGISTRY.get(name)
+        if known is not None and (known.factory.__module__, known.factory.__qualname__) != \
+                (factory.__module__, factory.__qualname__):  # the same module imported twice is not a clash
+            raise CbirError(f"encoder name {name!r} is already registered by {known.factory.__module__}")
         _REGISTRY[name] = EncoderEntry(name, factory, description, dims, default_pooling, default_weights,
                                        weights_status or (lambda: "n/a"))
         return factory
@@ -89,7 +98,7 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
 
     precision: 'fp32', 'bf16' (autocast), 'int8' (ONNX Runtime, calibrated by the indexer on the collection)
     or 'auto' (the indexer measures the modes on the collection and keeps the fastest that stays faithful
-    to fp32; see cbir.precision). fold_batchnorm merges batch norms into convolutions for speed; False keeps
+    to fp32; see cbir.numeric). fold_batchnorm merges batch norms into convolutions for speed; False keeps
     the network exactly as built (to compare against, or to train).
     """
     entry = get_entry(name)
@@ -98,8 +107,11 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
         raise CbirError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(entry.dims)}")
     if precision not in PRECISIONS:
         raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    enc = entry.factory(weights=weights or entry.default_weights, pooling=pooling, device=resolve_device(device),
-                        **options)
+    parsed = Weights.parse(weights or entry.default_weights, encoder=name)
+    enc = entry.factory(weights=parsed, pooling=pooling, device=resolve_device(device), **options)
+    if entry.dims[pooling] is not None and enc.dim != entry.dims[pooling]:
+        raise CbirError(f"encoder {name} declares dimension {entry.dims[pooling]} for pooling {pooling} but built "
+                        f"{enc.dim}: fix its register(dims=...)")
     enc.precision = "fp32" if enc.fixed_precision else precision
     if fold_batchnorm:
         enc.fold_batchnorm()
@@ -116,11 +128,11 @@ def from_config(config: dict[str, Any], device: str = "auto", weights: str | Non
     source = w.get("source")
     if weights is None:
         weights = {"file": w.get("path"), "none": "none"}.get(source, source)
+        if source == "imagenet" and "enum" in w:  # a torchvision variant, e.g. ResNet50_Weights.IMAGENET1K_V2
+            weights = str(w["enum"]).rpartition(".")[2]
     options = dict(config.get("options", {}))
     enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device, **options)
-    from cbir import precision  # imports this module
-
-    precision.restore(enc, config)
+    enc.restore_mode(config)
     if enc.weights.get("sha256") != w.get("sha256"):
         raise CbirError(
             f"encoder {config['name']}: the weights found ({enc.weights.get('path') or enc.weights.get('source')}, "

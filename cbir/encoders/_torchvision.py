@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbir.encoders.base import WeightsUnavailable, load_state, sha256_file, sha256_state, state_dict_from_file
-
-RANDOM_SEED = 0
+from cbir.errors import WeightsUnavailable
+from cbir.weights import Weights, load_state, seeded, sha256_state, state_dict_from_file
 
 
 def checkpoint_path(weights_enum: Any) -> Path:
@@ -32,34 +31,38 @@ def status(weights_enum: Any) -> str:
     return f"present ({path})" if path.is_file() else f"missing: put {path.name} in {path.parent} or use --weights FILE"
 
 
-def build(name: str, constructor: Any, enum_cls: Any, weights: str) -> tuple[nn.Module, dict[str, Any]]:
+def _fetch(name: str, member: Any) -> Path:
+    """The enum member's file in torch's hub folder; downloaded only when allowed and missing."""
+    path = checkpoint_path(member)
+    if path.is_file():
+        return path
+    hint = (f"ImageNet weights for {name} are not on this machine. Put the file {path.name} in "
+            f"{path.parent} (set TORCH_HOME to move that folder), or pass --weights FILE with a "
+            f"state dict, or --weights none for random weights (tests only).")
+    if offline():
+        raise WeightsUnavailable(hint)
+    try:
+        member.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # no network, proxy, partial download...
+        raise WeightsUnavailable(f"{hint} (download failed: {exc.__class__.__name__})") from exc
+    return path
+
+
+def build(name: str, constructor: Any, enum_cls: Any, weights: Weights) -> tuple[nn.Module, dict[str, Any]]:
     """Make the torchvision network `constructor` with the asked weights; return it and their identity."""
-    if weights == "none":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            model = constructor(weights=None)
-        return model, {"source": "none", "seed": RANDOM_SEED, "sha256": sha256_state(model)}
+    if weights.source == "none":
+        model = seeded(lambda: constructor(weights=None))
+        return model, weights.identity(sha256=sha256_state(model))
     model = constructor(weights=None)
-    if weights == "imagenet" or weights in enum_cls.__members__:
-        member = enum_cls.IMAGENET1K_V1 if weights == "imagenet" else enum_cls[weights]
-        path = checkpoint_path(member)
-        if not path.is_file():
-            hint = (f"ImageNet weights for {name} are not on this machine. Put the file {path.name} in "
-                    f"{path.parent} (set TORCH_HOME to move that folder), or pass --weights FILE with a "
-                    f"state dict, or --weights none for random weights (tests only).")
-            if offline():
-                raise WeightsUnavailable(hint)
-            try:
-                member.get_state_dict(progress=True, check_hash=True)
-            except Exception as exc:  # no network, proxy, partial download...
-                raise WeightsUnavailable(f"{hint} (download failed: {exc.__class__.__name__})") from exc
+    if weights.source == "imagenet":
+        variant = weights.variant or "IMAGENET1K_V1"
+        if variant not in enum_cls.__members__:
+            choices = ", ".join(enum_cls.__members__)
+            raise WeightsUnavailable(f"{name} has no weights {variant}; choose one of {choices}")
+        member = enum_cls[variant]
+        path = _fetch(name, member)
         load_state(model, state_dict_from_file(path), str(path))
-        ident = {"source": "imagenet", "enum": str(member), "path": str(path), "sha256": sha256_file(path)}
-        return model, ident
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailable(
-            f"weights for {name}: {weights!r} is neither 'imagenet', 'none' nor an existing file"
-        )
-    load_state(model, state_dict_from_file(path), str(path))
-    return model, {"source": "file", "path": str(path.resolve()), "sha256": sha256_file(path)}
+        return model, Weights("file", path).identity(source="imagenet", enum=str(member))
+    assert weights.path is not None
+    load_state(model, state_dict_from_file(weights.path), str(weights.path))
+    return model, weights.identity()

@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from cbir.encoders.base import Encoder, Preprocess, WeightsUnavailable, sha256_file
-from cbir.errors import CbirError
+from cbir.encoders.base import Encoder, Preprocess
+from cbir.errors import CbirError, WeightsUnavailable
+from cbir.weights import Weights
 
 
-def create_trained(kind: str, weights: str, pooling: str, device: torch.device) -> Encoder:
+def create_trained(kind: str, weights: Weights, pooling: str, device: torch.device) -> Encoder:
     from cbir.training.models import load_checkpoint, network_from_checkpoint
 
-    if weights in ("imagenet", "none", "", None):
+    if weights.path is None:
         raise WeightsUnavailable(
             f"the {kind} encoder is trained on your images: run 'cbir train {kind} DIR --out MODEL.pt', "
             f"then pass --weights MODEL.pt"
         )
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailable(f"{kind} model file not found: {weights}")
     try:
-        ckpt = load_checkpoint(str(path))
+        ckpt = load_checkpoint(str(weights.path))
     except CbirError as exc:
         raise WeightsUnavailable(str(exc)) from exc
     if ckpt["kind"] != kind:
-        raise WeightsUnavailable(f"{weights} holds a model of kind {ckpt['kind']}, not {kind}")
-    net, pre, dim = network_from_checkpoint(ckpt, str(path))
+        raise WeightsUnavailable(f"{weights.path} holds a model of kind {ckpt['kind']}, not {kind}")
+    net, pre, dim = network_from_checkpoint(ckpt, str(weights.path))
     training = ckpt.get("training", {})
-    ident = {"source": "file", "path": str(path.resolve()), "sha256": sha256_file(path), "kind": kind,
-             "arch": ckpt["arch"], "trained_on": training.get("fingerprint"),
-             "training_metric": training.get("metric"), "training_best_val": training.get("best_val")}
+    ident = weights.identity(kind=kind, arch=ckpt["arch"], trained_on=training.get("fingerprint"),
+                             training_metric=training.get("metric"), training_best_val=training.get("best_val"))
     return Encoder(kind, net, dim, Preprocess.from_dict(ckpt["preprocess"]), pooling, ident, device)

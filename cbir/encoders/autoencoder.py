@@ -7,10 +7,11 @@ import torch
 from cbir.encoders import register
 from cbir.encoders._trained import create_trained
 from cbir.encoders.base import Encoder
+from cbir.weights import Weights
 
 
 @register("autoencoder", description="Conv autoencoder bottleneck, trained here: cbir train autoencoder DIR",
-          dims={"bottleneck": 256}, default_pooling="bottleneck", default_weights="",
+          dims={"bottleneck": None}, default_pooling="bottleneck", default_weights="",
           weights_status=lambda: "trained: pass --weights MODEL.pt")
-def create(weights: str, pooling: str, device: torch.device) -> Encoder:
+def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     return create_trained("autoencoder", weights, pooling, device)

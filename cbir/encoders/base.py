@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,10 +14,6 @@ from torch import nn
 from cbir.errors import CbirError
 
 POOLINGS = ("gem", "avg", "max", "fc")
-
-
-class WeightsUnavailable(CbirError):
-    """Weights that the encoder needs are not on this machine."""
 
 
 @dataclass(frozen=True)
@@ -102,30 +95,13 @@ def make_pool(pooling: str) -> nn.Module:
     raise CbirError(f"unknown pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_state(model: nn.Module) -> str:
-    """Hash of the parameters and buffers themselves, for weights that have no file (random or trained)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    import cbir
+    from cbir.version import __version__
 
-    versions = {"cbir": cbir.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    versions = {"cbir": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
                 "timm": timm.__version__, "numpy": np.__version__}
     return {k: str(v) for k, v in versions.items()}  # plain str: checkpoints must load with weights_only
 
@@ -146,7 +122,7 @@ class Encoder:
     weights: dict[str, Any]
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # fp32, bf16 or int8; "auto" until cbir.precision.choose() has measured this encoder
+    precision: str = "fp32"  # numeric mode: fp32, bf16 or int8; "auto" until cbir.numeric.choose() has measured it
     calibration: dict[str, Any] = field(default_factory=dict)  # what choose() measured
     runtime: Any = field(default=None, repr=False)  # the ONNX Runtime int8 model when precision is int8
     fixed_precision: bool = False  # a computation, not a network (the colour histogram): always fp32
@@ -167,6 +143,22 @@ class Encoder:
         self.folded_batchnorms += n
         if n and self.device.type == "cpu":
             self.model.to(memory_format=torch.channels_last)
+
+    def restore_mode(self, config: dict[str, Any]) -> None:
+        """Embed the way an index's encoder record says: its numeric mode, its calibration and, for int8, the
+        very model its rows came from."""
+        self.precision = "fp32" if self.fixed_precision else config.get("precision", "fp32")
+        self.calibration = dict(config.get("calibration", {}))
+        if self.precision != "int8":
+            self.runtime = None
+            return
+        record = self.calibration.get("int8_model") or {}
+        if not record:
+            raise CbirError("this index says int8 but records no int8 model; rebuild it")
+        if self.runtime is None or self.runtime.sha256 != record.get("sha256"):
+            from cbir.onnx_backend import OrtModel
+
+            self.runtime = OrtModel(record["path"], record.get("sha256"))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -211,27 +203,3 @@ class Encoder:
         w = self.weights.get("source", "?")
         return (f"Encoder({self.name}, dim={self.dim}, pooling={self.pooling}, weights={w}, device={self.device}, "
                 f"precision={self.precision})")
-
-
-def state_dict_from_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a state dict (or a cbir checkpoint holding one under 'state_dict') without running pickled code."""
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsUnavailable(f"weights file not found: {path}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a bad file
-        raise WeightsUnavailable(f"cannot read weights file {path}: {exc}") from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsUnavailable(f"weights file {path} does not hold a state dict")
-    return obj
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise WeightsUnavailable(f"weights in {source} do not fit this network: {first}") from exc

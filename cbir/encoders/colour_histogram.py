@@ -11,6 +11,7 @@ from torch import nn
 
 from cbir.encoders import register
 from cbir.encoders.base import Encoder, Preprocess
+from cbir.weights import Weights
 
 PREPROCESS = Preprocess(size=128, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 BINS = 8
@@ -43,6 +44,6 @@ class HSVHistogram(nn.Module):
 @register("colour_histogram", description="HSV colour histogram 8x8x8, Hellinger (baseline, no weights)",
           dims={"hist": BINS**3}, default_pooling="hist", default_weights="none",
           weights_status=lambda: "none needed")
-def create(weights: str, pooling: str, device: torch.device) -> Encoder:
+def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     return Encoder("colour_histogram", HSVHistogram(), BINS**3, PREPROCESS, pooling,
                    {"source": "none", "sha256": "none"}, device, fixed_precision=True)

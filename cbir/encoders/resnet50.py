@@ -9,6 +9,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 from cbir.encoders import _torchvision as tv
 from cbir.encoders import register
 from cbir.encoders.base import Encoder, Preprocess, make_pool
+from cbir.weights import Weights
 
 PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)
 
@@ -16,7 +17,7 @@ PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)
 @register("resnet50", description="ResNet50, ImageNet (torchvision); GeM over the last conv map",
           dims={"gem": 2048, "avg": 2048, "max": 2048, "fc": 1000}, default_pooling="gem",
           weights_status=lambda: tv.status(ResNet50_Weights.IMAGENET1K_V1))
-def create(weights: str, pooling: str, device: torch.device) -> Encoder:
+def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     model, ident = tv.build("resnet50", resnet50, ResNet50_Weights, weights)
     if pooling == "fc":
         net: nn.Module = model  # ResNet has no hidden FC layer: its only FC layer's output is used

@@ -7,10 +7,11 @@ import torch
 from cbir.encoders import register
 from cbir.encoders._trained import create_trained
 from cbir.encoders.base import Encoder
+from cbir.weights import Weights
 
 
 @register("siamese", description="Siamese net, contrastive loss, trained here: cbir train siamese DIR",
-          dims={"head": 256}, default_pooling="head", default_weights="",
+          dims={"head": None}, default_pooling="head", default_weights="",
           weights_status=lambda: "trained: pass --weights MODEL.pt")
-def create(weights: str, pooling: str, device: torch.device) -> Encoder:
+def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     return create_trained("siamese", weights, pooling, device)

@@ -9,6 +9,7 @@ from torchvision.models import VGG16_Weights, vgg16
 from cbir.encoders import _torchvision as tv
 from cbir.encoders import register
 from cbir.encoders.base import Encoder, Preprocess, make_pool
+from cbir.weights import Weights
 
 PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)
 
@@ -16,7 +17,7 @@ PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)
 @register("vgg16", description="VGG16, ImageNet (torchvision); GeM over conv5_3",
           dims={"gem": 512, "avg": 512, "max": 512, "fc": 4096}, default_pooling="gem",
           weights_status=lambda: tv.status(VGG16_Weights.IMAGENET1K_V1))
-def create(weights: str, pooling: str, device: torch.device) -> Encoder:
+def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     model, ident = tv.build("vgg16", vgg16, VGG16_Weights, weights)
     if pooling == "fc":
         # conv -> 7x7 pool -> fc6 -> relu -> dropout -> fc7 -> relu (dropout is inactive in eval)

@@ -132,7 +132,7 @@ def _normalise(im: Image.Image, pre: Preprocess) -> np.ndarray:
 
 
 @torch.inference_mode()
-def cache_views(coll: Collection, pre: Preprocess, trunk: nn.Module, views: int, seed: int,
+def cache_views(coll: Collection, pre: Preprocess, trunk: nn.Module, *, views: int, seed: int,
                 device: torch.device, batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
     """[N, views, ...] float16 trunk outputs, and a mask of images that decoded (others are dropped)."""
     from tqdm import tqdm

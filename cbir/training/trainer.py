@@ -5,8 +5,8 @@ Files written beside MODEL.pt: MODEL.last.pt (resume state), MODEL.split.csv, MO
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -20,11 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir import metrics
 from cbir.device import configure_threads, resolve_device
-from cbir.encoders.base import library_versions
+from cbir.encoders.base import Preprocess, library_versions
 from cbir.errors import CbirError
+from cbir.files import atomic_path
 from cbir.training import models
-from cbir.training.data import cache_views, load_collection, stratified_split, write_split
+from cbir.training.data import Collection, cache_views, load_collection, stratified_split, write_split
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,10 +98,29 @@ def contrastive_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float, har
 
 def precision_at_k(queries: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray,
                    q_index_in_gallery: np.ndarray, k: int = 10) -> float:
-    sims = queries @ gallery.T
-    sims[np.arange(len(queries)), q_index_in_gallery] = -np.inf
-    top = np.argsort(-sims, axis=1)[:, :k]
-    return float((g_labels[top] == q_labels[:, None]).mean())
+    ranking = metrics.rank(queries, gallery, q_index_in_gallery, depth=k)
+    return float(metrics.precision_at(metrics.relevance(ranking, q_labels, g_labels), k).mean())
+
+
+@dataclass
+class _State:
+    """Where training stands: what resuming restores."""
+
+    baseline: float
+    best: float = -math.inf
+    best_epoch: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Saved:
+    """What every saved model records besides its weights."""
+
+    arch: dict[str, Any]
+    preprocess: Preprocess
+    coll: Collection
+    started: float
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -120,6 +143,40 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
+        coll, split = self._collection()
+        arch = self._arch()
+        net, pre, trainable = self._network(arch)
+        self._cache(coll, split, pre, net.trunk)
+        net.to(self.device)
+        opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+        state = _State(baseline=self.validate(net))
+        if cfg.resume:
+            state = self._resume(net, opt, sched)
+        log.info(f"{cfg.kind} ({arch.get('backbone', 'conv')}): {int(self.is_train.sum())} train / "
+                 f"{int(self.is_val.sum())} val images; before training: val {self.metric_name} {state.baseline:.4f}")
+        saved = _Saved(arch, pre, coll, started)
+        interrupted = False
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            self._epochs(net, opt, sched, state, saved)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning(f"\ninterrupted in epoch {state.epoch}; {self.out} holds the best model so far "
+                        f"(cbir train ... --resume continues)")
+            if state.best == -math.inf:
+                self._save_model(net, saved, _State(baseline=state.baseline, best=state.baseline,
+                                                    history=state.history))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self._plot(state.history)
+        return {"best_val": state.best, "best_epoch": state.best_epoch, "baseline_val": state.baseline,
+                "metric": self.metric_name, "epochs_run": len(state.history),
+                "seconds": time.perf_counter() - started, "interrupted": interrupted, "out": str(self.out)}
+
+    def _collection(self) -> tuple[Collection, list[str]]:
+        cfg = self.cfg
         coll = load_collection(cfg.data, cfg.labels)
         split = cfg.extra.get("assignments") or stratified_split(coll, cfg.split, cfg.seed)
         if len(split) != len(coll.files):
@@ -130,24 +187,25 @@ class Trainer:
             raise CbirError(f"--resume: no interrupted run to continue ({self.last_path} not found)")
         if not cfg.resume and self.last_path.is_file():
             self.last_path.unlink()
+        return coll, split
 
-        arch = self._arch()
-        if cfg.kind == "siamese":
-            net, pre = models.build_siamese(arch, pretrained=cfg.extra.get("backbone_weights", "imagenet"))
-            trunk, trainable = net.trunk, net.trainable()
-        else:
-            net, pre = models.build_autoencoder(arch, pretrained=cfg.extra.get("backbone_weights", "imagenet"))
-            trunk, trainable = net.trunk, net.trainable()
-        for p in trunk.parameters():
+    def _network(self, arch: dict[str, Any]) -> tuple[nn.Module, Preprocess, nn.Module]:
+        pretrained = self.cfg.extra.get("backbone_weights", "imagenet")
+        build = models.build_siamese if self.cfg.kind == "siamese" else models.build_autoencoder
+        net, pre = build(arch, pretrained=pretrained)
+        for p in net.trunk.parameters():
             p.requires_grad_(False)
+        return net, pre, net.trainable()
 
+    def _cache(self, coll: Collection, split: list[str], pre: Preprocess, trunk: nn.Module) -> None:
+        """Run the frozen trunk once over every view of the train and val images; sets the masks and labels."""
         use = np.array([s in ("train", "val") for s in split])
         files = [f for f, u in zip(coll.files, use, strict=True) if u]
-        sub = type(coll)(coll.root, files, [lab for lab, u in zip(coll.labels, use, strict=True) if u]
+        sub = Collection(coll.root, files, [lab for lab, u in zip(coll.labels, use, strict=True) if u]
                          if coll.labels else None)
         sub_split = [s for s, u in zip(split, use, strict=True) if u]
-        cached, ok = cache_views(sub, pre, trunk, cfg.views, cfg.seed, self.device, progress=cfg.progress)
-        self.cached = cached
+        self.cached, ok = cache_views(sub, pre, trunk, views=self.cfg.views, seed=self.cfg.seed, device=self.device,
+                                      progress=self.cfg.progress)
         self.is_train = np.array([s == "train" for s in sub_split]) & ok
         self.is_val = np.array([s == "val" for s in sub_split]) & ok
         if self.is_train.sum() < 2 or self.is_val.sum() < 1:
@@ -157,59 +215,35 @@ class Trainer:
                        else np.arange(len(sub.files)))
         self.has_labels = names is not None
 
-        net.to(self.device)
-        opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
-        history: list[dict[str, float]] = []
-        best, best_epoch, start_epoch = -math.inf, 0, 0
-        baseline = self.validate(net)
-        if cfg.resume:
-            state = torch.load(self.last_path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state["state_dict"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
-            start_epoch = state["epoch"]
-            baseline = state["baseline"]
-            print(f"resuming after epoch {start_epoch} (best {best:.4f} at epoch {best_epoch})", file=sys.stderr)
-        metric_name = self.metric_name
-        print(f"{cfg.kind} ({arch.get('backbone', 'conv')}): {int(self.is_train.sum())} train / "
-              f"{int(self.is_val.sum())} val images; before training: val {metric_name} {baseline:.4f}",
-              file=sys.stderr)
+    def _resume(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> _State:
+        saved = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["state_dict"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = _State(baseline=saved["baseline"], best=saved["best"], best_epoch=saved["best_epoch"],
+                       epoch=saved["epoch"], history=saved["history"])
+        log.info(f"resuming after epoch {state.epoch} (best {state.best:.4f} at epoch {state.best_epoch})")
+        return state
 
-        interrupted = False
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _interrupt)
-        epoch = start_epoch
-        try:
-            for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                loss, ips = self.train_epoch(net, opt, epoch)
-                score = self.validate(net)
-                sched.step(score)
-                history.append({"epoch": epoch, "loss": loss, "val": score, "images_per_s": ips,
-                                "lr": opt.param_groups[0]["lr"]})
-                improved = score > best
-                if improved:
-                    best, best_epoch = score, epoch
-                    self._save_model(net, arch, pre, coll, history, baseline, best, best_epoch, started)
-                self._save_last(net, opt, sched, history, best, best_epoch, epoch, baseline)
-                print(f"epoch {epoch:>3}/{cfg.epochs}  loss {loss:.4f}  val {metric_name} {score:.4f}"
-                      f"{'  (best)' if improved else ''}  {ips:.0f} img/s", file=sys.stderr)
-                if epoch - best_epoch >= cfg.patience:
-                    print(f"early stop: no better val {metric_name} for {cfg.patience} epochs", file=sys.stderr)
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            print(f"\ninterrupted in epoch {epoch}; {self.out} holds the best model so far "
-                  f"(cbir train ... --resume continues)", file=sys.stderr)
-            if best == -math.inf:
-                self._save_model(net, arch, pre, coll, history, baseline, baseline, 0, started)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        self._plot(history)
-        return {"best_val": best, "best_epoch": best_epoch, "baseline_val": baseline, "metric": metric_name,
-                "epochs_run": len(history), "seconds": time.perf_counter() - started, "interrupted": interrupted,
-                "out": str(self.out)}
+    def _epochs(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: _State, saved: _Saved) -> None:
+        cfg = self.cfg
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            state.epoch = epoch
+            loss, ips = self.train_epoch(net, opt, epoch)
+            score = self.validate(net)
+            sched.step(score)
+            state.history.append({"epoch": epoch, "loss": loss, "val": score, "images_per_s": ips,
+                                  "lr": opt.param_groups[0]["lr"]})
+            improved = score > state.best
+            if improved:
+                state.best, state.best_epoch = score, epoch
+                self._save_model(net, saved, state)
+            self._save_last(net, opt, sched, state)
+            log.info(f"epoch {epoch:>3}/{cfg.epochs}  loss {loss:.4f}  val {self.metric_name} {score:.4f}"
+                     f"{'  (best)' if improved else ''}  {ips:.0f} img/s")
+            if epoch - state.best_epoch >= cfg.patience:
+                log.info(f"early stop: no better val {self.metric_name} for {cfg.patience} epochs")
+                break
 
     # ---------------------------------------------------------------------------------------------
     def _arch(self) -> dict[str, Any]:
@@ -317,12 +351,13 @@ class Trainer:
         return float((top1 == q_in_g).mean())
 
     # ---------------------------------------------------------------------------------------------
-    def _save_model(self, net, arch, pre, coll, history, baseline, best, best_epoch, started) -> None:
+    def _save_model(self, net: nn.Module, saved: _Saved, state: _State) -> None:
+        coll = saved.coll
         ckpt = {
             "format": "cbir-model-1",
             "kind": self.cfg.kind,
-            "arch": arch,
-            "preprocess": pre.to_dict(),
+            "arch": saved.arch,
+            "preprocess": saved.preprocess.to_dict(),
             "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
             "training": {
                 "data_root": str(Path(coll.root).resolve()),
@@ -332,24 +367,22 @@ class Trainer:
                 "split": list(self.cfg.split),
                 "seed": self.cfg.seed,
                 "metric": self.metric_name,
-                "baseline_val": float(baseline),
-                "best_val": float(best),
-                "best_epoch": int(best_epoch),
-                "history": history,
-                "seconds": time.perf_counter() - started,
+                "baseline_val": float(state.baseline),
+                "best_val": float(state.best),
+                "best_epoch": int(state.best_epoch),
+                "history": state.history,
+                "seconds": time.perf_counter() - saved.started,
                 "versions": library_versions(),
             },
         }
-        tmp = Path(f"{self.out}.tmp-{os.getpid()}")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.out)
+        with atomic_path(self.out) as tmp:
+            torch.save(ckpt, tmp)
 
-    def _save_last(self, net, opt, sched, history, best, best_epoch, epoch, baseline) -> None:
-        tmp = Path(f"{self.last_path}.tmp-{os.getpid()}")
-        torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "history": history, "best": best, "best_epoch": best_epoch, "epoch": epoch,
-                    "baseline": baseline}, tmp)
-        os.replace(tmp, self.last_path)
+    def _save_last(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: _State) -> None:
+        with atomic_path(self.last_path) as tmp:
+            torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "history": state.history, "best": state.best,
+                        "best_epoch": state.best_epoch, "epoch": state.epoch, "baseline": state.baseline}, tmp)
 
     def _plot(self, history: list[dict[str, float]]) -> None:
         if not history:

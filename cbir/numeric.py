@@ -1,4 +1,5 @@
-"""Choosing an encoder's arithmetic by measurement: a faster mode only where it is faster *and* faithful.
+"""An encoder's numeric mode (fp32, bf16, int8), chosen by measurement: a faster mode only where it is faster
+*and* faithful.
 
 bf16 autocast roughly doubles convolution throughput on CPUs with AVX512-BF16/AMX and on GPUs, and is
 slower on CPUs without them; int8 (ONNX Runtime, see onnx_backend.py) is faster still but loses more,
@@ -12,7 +13,6 @@ machine, so it is taken at first use only (delete that folder to measure again).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from cbir.encoders import Encoder
+from cbir.errors import CbirError
+from cbir.files import atomic_path, sha256_bytes
+from cbir.metrics import overlap, rank
 
 MIN_COSINE = 0.995
 MIN_OVERLAP = 0.95
@@ -44,26 +47,17 @@ def prepare_int8(encoder: Encoder, calibration: np.ndarray) -> None:
     from cbir import onnx_backend
 
     if not onnx_backend.available():
-        from cbir.errors import CbirError
-
         raise CbirError("--precision int8 needs ONNX Runtime: pip install onnxruntime onnx")
     encoder.runtime = onnx_backend.OrtModel(onnx_backend.quantize_int8(encoder, calibration))
 
 
 def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     """Mean share of each row's top-k neighbours (itself excluded) that two embeddings of the same rows agree on."""
-    n = len(a)
-    k = min(k, n - 1)
+    k = min(k, len(a) - 1)
     if k < 1:
         return 1.0
-
-    def top(x: np.ndarray) -> np.ndarray:
-        sims = x @ x.T
-        np.fill_diagonal(sims, -np.inf)
-        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
-
-    ta, tb = top(a), top(b)
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta.tolist(), tb.tolist(), strict=True)]))
+    rows = np.arange(len(a))
+    return overlap(rank(a, a, rows, k), rank(b, b, rows, k))
 
 
 def _embed_timed(encoder: Encoder, x: torch.Tensor, batch: int = 16) -> tuple[np.ndarray, float]:
@@ -171,11 +165,11 @@ def _memo_path(encoder: Encoder, modes: tuple[str, ...]) -> Path:
            "folded_batchnorms": encoder.folded_batchnorms, "device": str(encoder.device), "cpu": _cpu_name(),
            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "modes": list(modes), "sample": SAMPLE, "thresholds": [MIN_COSINE, MIN_OVERLAP, MIN_SPEEDUP]}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    digest = sha256_bytes(json.dumps(key, sort_keys=True, default=str).encode())[:32]
     return cache_dir("precision") / f"{encoder.name}-{digest}.json"
 
 
-def recall(encoder: Encoder, modes: tuple[str, ...]) -> bool:
+def reuse_measurement(encoder: Encoder, modes: tuple[str, ...]) -> bool:
     """Take an earlier measurement of this encoder on this machine, if there is one (never an int8 choice:
     its model is quantized on the collection's own images)."""
     path = _memo_path(encoder, modes)
@@ -191,36 +185,16 @@ def recall(encoder: Encoder, modes: tuple[str, ...]) -> bool:
     return True
 
 
-def remember(encoder: Encoder, modes: tuple[str, ...]) -> None:
+def keep_measurement(encoder: Encoder, modes: tuple[str, ...]) -> None:
+    """Cache the measurement just taken for the next run of the same encoder on this machine."""
     cal = encoder.calibration
     if cal.get("chosen") not in ("fp32", "bf16") or cal.get("forced") or "modes" not in cal:
         return
-    path = _memo_path(encoder, modes)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps({**cal, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, sort_keys=True))
-        os.replace(tmp, path)
+        with atomic_path(_memo_path(encoder, modes)) as tmp:
+            tmp.write_text(json.dumps({**cal, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, sort_keys=True))
     except OSError:  # a read-only home only costs the next run a measurement
-        tmp.unlink(missing_ok=True)
-
-
-def restore(encoder: Encoder, config: dict[str, Any]) -> None:
-    """Embed the way an index's encoder config says: its precision, its calibration and, for int8, the very
-    model its rows came from."""
-    from cbir.errors import CbirError
-
-    encoder.precision = "fp32" if encoder.fixed_precision else config.get("precision", "fp32")
-    encoder.calibration = dict(config.get("calibration", {}))
-    if encoder.precision != "int8":
-        encoder.runtime = None
-        return
-    record = encoder.calibration.get("int8_model") or {}
-    if not record:
-        raise CbirError("this index says int8 but records no int8 model; rebuild it")
-    if encoder.runtime is None or encoder.runtime.sha256 != record.get("sha256"):
-        from cbir.onnx_backend import OrtModel
-
-        encoder.runtime = OrtModel(record["path"], record.get("sha256"))
+        pass
 
 
 def skip(encoder: Encoder, reason: str) -> None:

@@ -1,0 +1,120 @@
+"""The weights argument, parsed once: 'imagenet', 'none' (seeded random), a file, or a named variant.
+
+Like torchvision's weight enums, the parsed value carries its identity: `Weights.identity()` is what an
+index records, and what `cbir.encoders.from_config` checks the rebuilt encoder against (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbir.errors import WeightsUnavailable
+from cbir.files import sha256_file
+
+RANDOM_SEED = 0
+SOURCES = ("imagenet", "none", "file")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """source: 'imagenet' (the publisher's weights; `variant` names one of several), 'none', or 'file'."""
+
+    source: str
+    path: Path | None = None
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | Weights | None, encoder: str = "encoder") -> Weights:
+        if isinstance(text, Weights):
+            return text
+        value = (text or "none").strip()
+        if value in ("imagenet", "none"):
+            return cls(value)
+        path = Path(value).expanduser()
+        if path.is_file():
+            return cls("file", path.resolve())
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", value):  # a torchvision enum member, e.g. IMAGENET1K_V2
+            return cls("imagenet", variant=value)
+        raise WeightsUnavailable(f"weights for {encoder}: model file not found: {value} ({value!r} is neither "
+                                 "'imagenet', 'none' nor an existing file)")
+
+    @property
+    def argument(self) -> str:
+        """The command-line form that parses back to this value."""
+        return str(self.path) if self.path is not None else self.variant or self.source
+
+    def identity(self, **extra: Any) -> dict[str, Any]:
+        """What an index records about these weights; a file's sha256 is computed here."""
+        ident: dict[str, Any] = {"source": self.source}
+        if self.path is not None:
+            ident.update(path=str(self.path), sha256=sha256_file(self.path))
+        if self.source == "none":
+            ident["seed"] = RANDOM_SEED
+        ident.update(extra)
+        return ident
+
+
+def seeded(constructor: Callable[[], nn.Module], seed: int = RANDOM_SEED) -> nn.Module:
+    """Build a network with reproducible random weights, leaving the caller's random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return constructor()
+
+
+def sha256_state(model: nn.Module) -> str:
+    """Hash of the parameters and buffers themselves, for weights that have no file (random or trained)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict (or a cbir checkpoint holding one under 'state_dict') without running pickled code."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsUnavailable(f"weights file not found: {path}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        raise WeightsUnavailable(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsUnavailable(f"weights file {path} does not hold a state dict")
+    return obj
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightsUnavailable(f"weights in {source} do not fit this network: {first}") from exc
+
+
+def load_by_position(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Accept the network's own key names, or another naming whose tensors match one for one in order."""
+    target = model.state_dict()
+    if set(state) == set(target):
+        load_state(model, state, source)
+        return
+    if len(state) != len(target):
+        raise WeightsUnavailable(f"weights in {source} hold {len(state)} tensors; {arch} has {len(target)}")
+    renamed: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (key, want), tensor in zip(target.items(), state.values(), strict=True):
+        if tuple(want.shape) != tuple(tensor.shape):
+            raise WeightsUnavailable(f"weights in {source} do not fit {arch} at {key}")
+        renamed[key] = tensor
+    load_state(model, renamed, source)
+

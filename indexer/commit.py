@@ -1,0 +1,136 @@
+"""Commit stage: kept rows and new chunks -> a new vectors.h5 and faiss.index, renamed into place.
+
+Both files are written beside the old ones and renamed at the very end, vectors.h5 last (the commit point):
+a reader sees the old index or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cbir import store as store_mod
+from cbir import tuning
+from cbir.encoders import Encoder
+from cbir.files import atomic_path
+from cbir.images import Skipped
+from cbir.layout import FAISS, VECTORS
+from cbir.search import VectorSearch
+from cbir.store import Store
+from cbir.version import __version__
+from indexer.work import Chunk, WorkDir
+
+BLOCK = 1024  # rows written at a time: memory stays flat however large the collection
+
+
+@dataclass
+class CommitJob:
+    root: Path
+    out: Path
+    encoder: Encoder
+    old: Store | None  # the index being updated, if any
+    keep: dict[str, int]  # path -> row of `old` to keep
+    work: WorkDir
+    discovery_skips: list[Skipped] = field(default_factory=list)
+    index_type: str = "auto"
+    float16: bool = False
+    started: float = 0.0
+
+
+@dataclass
+class Committed:
+    indexed: int
+    added: int
+    skipped: list[Skipped]
+
+
+@dataclass
+class _Rows:
+    """Where each row of the new index comes from."""
+
+    order: list[str]  # paths, sorted: the row order of the new file
+    ids: dict[str, int]
+    new: dict[str, tuple[int, int]]  # path -> (chunk number, row in chunk)
+    chunks: list[Chunk]
+    skipped: dict[str, str]
+
+
+def commit(job: CommitJob) -> Committed:
+    rows = _gather(job)
+    attrs = {"encoder": job.encoder.name, "encoder_config": json.dumps(job.encoder.config, sort_keys=True),
+             "root": str(job.root.resolve()), "cbir_version": __version__, "created": store_mod.now_iso(),
+             "vector_dtype": "float16" if job.float16 else "float32"}
+    with atomic_path(job.out / VECTORS) as tmp_vec, atomic_path(job.out / FAISS) as tmp_faiss:
+        writer = store_mod.VectorWriter(tmp_vec, job.encoder.dim, attrs, dtype=attrs["vector_dtype"])
+        try:
+            for p in sorted(rows.skipped):
+                writer.add_skipped(p, rows.skipped[p])
+            _write_rows(writer, rows, job)
+            writer.close({"seconds": time.perf_counter() - job.started, "skipped_count": len(rows.skipped)})
+        finally:
+            writer.abort()
+        final = store_mod.read(tmp_vec)
+        assert final.vectors is not None
+        index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
+        VectorSearch(index, plan).save(tmp_faiss)
+        store_mod.set_attrs(tmp_vec, {"search": json.dumps(plan.to_dict(), sort_keys=True)})
+    old_paths = set(job.old.paths) if job.old is not None else set()
+    return Committed(len(rows.order), sum(p not in old_paths for p in rows.order),
+                     [Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+
+
+def _gather(job: CommitJob) -> _Rows:
+    chunks = list(job.work.chunks())
+    new: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {s.path: s.reason for s in job.discovery_skips}
+    for ci, c in enumerate(chunks):
+        for r, p in enumerate(c.paths):
+            new[p] = (ci, r)
+            skipped.pop(p, None)
+        for p, reason in c.skipped:
+            if p not in new:
+                skipped[p] = reason
+    order = sorted(set(job.keep) | set(new))
+    return _Rows(order, _assign_ids(order, job.old), new, chunks, skipped)
+
+
+def _assign_ids(order: list[str], old: Store | None) -> dict[str, int]:
+    """A fresh index numbers its rows 0..N-1 in path order; an update keeps old ids and numbers new files after."""
+    if old is None:
+        return {p: n for n, p in enumerate(order)}
+    old_ids = {p: int(old.ids[i]) for i, p in enumerate(old.paths)}
+    next_id = int(old.ids.max()) + 1 if len(old.ids) else 0
+    ids: dict[str, int] = {}
+    for p in order:
+        if p in old_ids:
+            ids[p] = old_ids[p]
+        else:
+            ids[p] = next_id
+            next_id += 1
+    return ids
+
+
+def _write_rows(writer: store_mod.VectorWriter, rows: _Rows, job: CommitJob) -> None:
+    dim = job.encoder.dim
+    for start in range(0, len(rows.order), BLOCK):
+        part = rows.order[start:start + BLOCK]
+        vecs = np.empty((len(part), dim), np.float32)
+        mt = np.empty(len(part), np.int64)
+        sz = np.empty(len(part), np.int64)
+        hs: list[str] = []
+        for j, p in enumerate(part):
+            if p in rows.new:
+                ci, r = rows.new[p]
+                c = rows.chunks[ci]
+                vecs[j], mt[j], sz[j] = c.vectors[r], c.mtime_ns[r], c.size[r]
+                hs.append(c.sha256[r])
+            else:
+                old, i = job.old, job.keep[p]
+                assert old is not None and old.vectors is not None
+                vecs[j], mt[j], sz[j] = old.vectors[i], old.mtime_ns[i], old.size[i]
+                hs.append(old.sha256[i] if old.sha256 is not None else "")
+        writer.append(vecs, part, mt, sz, ids=[rows.ids[p] for p in part], sha256=hs)

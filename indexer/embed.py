@@ -1,0 +1,130 @@
+"""Embed stage: decoded batches -> the encoder in its numeric mode -> chunks for the write stage.
+
+Numeric mode 'auto' (or 'int8') is settled first on a sample of the images about to be embedded
+(cbir.numeric); the sample's vectors in the chosen mode are kept, so it is not decoded and embedded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cbir import numeric
+from cbir.encoders import Encoder
+from cbir.errors import CbirError
+from indexer.decode import Decoded, batches, decode
+from indexer.options import BuildOptions
+from indexer.work import Chunk, WorkDir
+
+log = logging.getLogger(__name__)
+
+
+def default_batch(encoder: Encoder) -> int:
+    """16 on a CPU (benchmarks/index_throughput.py: the best or within 5% of it for every encoder), 64 on a GPU."""
+    return 64 if encoder.device.type == "cuda" else 16
+
+
+def to_chunk(items: list[Decoded], vectors: np.ndarray) -> Chunk:
+    """Decoded items -> a work chunk; `vectors` are the rows of the decodable items, in order."""
+    good = [it for it in items if it.ok]
+    return Chunk([it.file for it in good], vectors, np.array([it.mtime_ns for it in good], np.int64),
+                 np.array([it.size for it in good], np.int64), [it.sha256 for it in good],
+                 [(it.file, it.reason) for it in items if not it.ok])
+
+
+def embed_files(root: Path, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions) -> None:
+    """Embed `files` batch by batch, each batch saved as a chunk the moment it is made."""
+    if not files:
+        return
+    sample = calibrate(root, files, encoder)
+    if sample is not None:
+        work.write(sample)
+        done = set(sample.paths) | {p for p, _ in sample.skipped}
+        files = [f for f in files if f not in done]
+    batch_size = options.batch_size or default_batch(encoder)
+    skipped = 0
+    with _progress(len(files), options.progress) as bar:
+        for items in batches(root, files, encoder.preprocess, batch_size, options.workers):
+            pixels = [it.pixels for it in items if it.ok]
+            vecs = encoder.embed_pixels(np.stack(pixels)) if pixels else np.zeros((0, encoder.dim), np.float32)
+            chunk = to_chunk(items, vecs)
+            work.write(chunk)
+            skipped += len(chunk.skipped)
+            bar.update(len(items))
+            bar.set_postfix(skipped=skipped, refresh=False)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="indexing", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _modes_to_measure(encoder: Encoder, n_files: int) -> tuple[str, ...] | None:
+    """The modes worth measuring for this job, or None when the encoder's mode is settled already."""
+    if encoder.precision == "int8":
+        return None if encoder.runtime is not None else ("fp32",)
+    if encoder.precision != "auto":
+        return None
+    if n_files < numeric.AUTO_MIN_IMAGES:
+        numeric.skip(encoder, f"{n_files} images to embed, fewer than {numeric.AUTO_MIN_IMAGES}: "
+                              "not worth calibrating")
+        return None
+    if n_files >= numeric.AUTO_INT8_MIN_IMAGES and numeric.int8_possible(encoder):
+        return ("fp32", "bf16", "int8")
+    return ("fp32", "bf16")
+
+
+def calibrate(root: Path, files: list[str], encoder: Encoder) -> Chunk | None:
+    """Settle numeric mode 'auto' (or calibrate 'int8') on a sample of `files`.
+
+    Returns the sample as a chunk embedded in the chosen mode (its undecodable files as skipped), or None when
+    nothing was embedded (mode already settled, a measurement reused, or too few images).
+    """
+    modes = _modes_to_measure(encoder, len(files))
+    if modes is None:
+        return None
+    forced = "int8" if encoder.precision == "int8" else None
+    if not forced and numeric.reuse_measurement(encoder, modes):
+        log.info(f"precision: {encoder.precision} (as measured on this machine before; "
+                 f"{encoder.calibration['reused']})")
+        return None
+    items = _sample(root, files, encoder)
+    pixels = [it.pixels for it in items if it.ok]
+    if forced and len(pixels) < 4:
+        raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
+    if not forced and len(pixels) < 16:
+        numeric.skip(encoder, "too few decodable images in the calibration sample")
+        return None
+    vectors: dict[str, np.ndarray] = {}
+    sample = encoder.preprocess.normalize(np.stack(pixels)).numpy()
+    chosen = numeric.choose(encoder, sample, modes, forced=forced, vectors=vectors)
+    numeric.keep_measurement(encoder, modes)
+    _report(encoder, chosen, forced)
+    return to_chunk(items, vectors[chosen])
+
+
+def _sample(root: Path, files: list[str], encoder: Encoder) -> list[Decoded]:
+    """Decoded files spread over the collection, until SAMPLE of them decode."""
+    picks = np.unique(np.linspace(0, len(files) - 1, num=2 * numeric.SAMPLE).astype(int))
+    items: list[Decoded] = []
+    for i in picks:
+        items.append(decode(root, files[i], encoder.preprocess))
+        if sum(it.ok for it in items) == numeric.SAMPLE:
+            break
+    return items
+
+
+def _report(encoder: Encoder, chosen: str, forced: str | None) -> None:
+    modes = encoder.calibration["modes"]
+    if forced and not modes["int8"]["faithful"]:
+        m = modes["int8"]
+        log.warning(f"warning: int8 is not faithful on this encoder (mean cosine {m['mean_cosine']:.4f}, top-10 "
+                    f"overlap {m['top10_overlap']:.3f} against fp32); --precision auto would not use it")
+    rates = ", ".join(f"{m} {v['images_per_s']:.1f} img/s cos {v['mean_cosine']:.4f} "
+                      f"overlap {v['top10_overlap']:.3f}" for m, v in modes.items())
+    log.info(f"precision: {chosen} ({rates})")

@@ -1,0 +1,69 @@
+"""Plan stage: which files to embed (new, changed, not yet embedded by an interrupted run) and which rows to keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cbir.files import sha256_file
+from cbir.store import Store
+
+
+@dataclass
+class Plan:
+    keep: dict[str, int] = field(default_factory=dict)  # path -> row of the old index, kept as it is
+    todo: list[str] = field(default_factory=list)  # files to embed, in discovery order
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    resumed: int = 0  # files of `todo` that an interrupted run already embedded (see `resume`)
+
+
+def make_plan(root: Path, files: list[str], old: Store | None, verify: bool = False) -> Plan:
+    """Everything is new without an old index; with one, a file is unchanged when its size and mtime (and with
+    `verify` its sha256) are the ones recorded."""
+    if old is None:
+        return Plan(todo=list(files))
+    row = {p: i for i, p in enumerate(old.paths)}
+    plan = Plan()
+    for f in files:
+        i = row.get(f)
+        if i is None:
+            plan.todo.append(f)
+        elif _unchanged(root / f, old, i, verify):
+            plan.keep[f] = i
+            plan.unchanged += 1
+        else:
+            plan.todo.append(f)
+            plan.changed += 1
+    present = set(files)
+    plan.removed = sum(p not in present for p in old.paths)
+    return plan
+
+
+def _unchanged(path: Path, old: Store, i: int, verify: bool) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    same = st.st_size == old.size[i] and st.st_mtime_ns == old.mtime_ns[i]
+    if same and verify and old.sha256 is not None:
+        same = sha256_file(path) == old.sha256[i]
+    return same
+
+
+def resume(plan: Plan, root: Path, done: dict[str, tuple[int, int]]) -> list[str]:
+    """The files of the plan that no saved chunk holds yet (a saved file that changed since is embedded again)."""
+    remaining = []
+    for f in plan.todo:
+        prev = done.get(f)
+        if prev is not None:
+            try:
+                st = (root / f).stat()
+                if prev == (-1, -1) or prev == (st.st_size, st.st_mtime_ns):
+                    plan.resumed += 1
+                    continue
+            except OSError:
+                pass
+        remaining.append(f)
+    return remaining

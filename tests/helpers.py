@@ -1,0 +1,24 @@
+"""Small shorthands for tests: build an index with a ready encoder, build a search index with its plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir import tuning
+from cbir.encoders import Encoder
+from cbir.search import VectorSearch
+from indexer import BuildOptions, Summary, build
+
+
+def build_index(root: Path, out: Path, encoder: Encoder, **options: Any) -> Summary:
+    """indexer.build with `encoder` and BuildOptions(**options)."""
+    return build(root, out, BuildOptions(**options), encoder=encoder)
+
+
+def vector_search(vectors: np.ndarray, ids: np.ndarray, gpu: bool = False, **kwargs: Any) -> VectorSearch:
+    """The search index `tuning.build` chooses (index_type=..., seed=...), ready to search."""
+    index, plan = tuning.build(vectors, ids, **kwargs)
+    return VectorSearch(index, plan, gpu=gpu)
