@@ -172,14 +172,12 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from waitress import create_server
-
     from webui import create_app
+    from webui.server import make_server
 
     app = create_app({"INDEXES": args.indexes, "DEVICE": args.device,
                       "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                           max_request_body_size=int(args.max_upload_mb * 1024 * 1024) + 65536)
+    server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     names = ", ".join(app.extensions["cbir"].names)
     print(f"serving {names} on http://{args.host}:{server.effective_port}/  (Ctrl+C stops)", flush=True)
     try:

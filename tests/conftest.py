@@ -49,3 +49,26 @@ def sample_index(tmp_path_factory: pytest.TempPathFactory, good_and_bad: Path):
 
     out = tmp_path_factory.mktemp("idx") / "sample"
     return Index.build(good_and_bad, out=out, encoder="efficientnet_lite0", device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(index_dirs, **config) -> base URL of the real app under waitress on 127.0.0.1 (any free port),
+    set up exactly as `cbir serve` sets it up; every server started is closed at the end of the session."""
+    import threading
+
+    from webui import create_app
+    from webui.server import make_server
+
+    servers = []
+
+    def start(indexes: list[Path], **config) -> str:
+        app = create_app({"INDEXES": [str(p) for p in indexes], "DEVICE": "cpu", **config})
+        srv = make_server(app, host="127.0.0.1", port=0, threads=4)
+        threading.Thread(target=srv.run, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.effective_port}"
+
+    yield start
+    for srv in servers:
+        srv.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,10 @@ def chromium_path() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, samples: Path):
-    from waitress import create_server
-
-    from webui import create_app
-
+def server(tmp_path_factory: pytest.TempPathFactory, samples: Path, start_server) -> str:
     out = tmp_path_factory.mktemp("browser") / "sample"
     Index.build(samples, out=out, device="cpu")
-    app = create_app({"INDEXES": [out], "DEVICE": "cpu"})
-    srv = create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.effective_port}"
-    srv.close()
+    return start_server([out])
 
 
 @pytest.fixture(scope="module")
