@@ -44,6 +44,47 @@ def test_register_decorator_plugs_in_a_new_encoder() -> None:
         encoders._REGISTRY.pop("tiny_test")
 
 
+def test_registry_refuses_a_second_encoder_of_the_same_name_and_a_wrong_dimension() -> None:
+    from torch import nn
+
+    from cbir.encoders.base import Encoder, Preprocess
+
+    def make(dim: int):
+        def factory(weights, pooling: str, device: torch.device) -> Encoder:
+            net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            return Encoder("tiny_dims", net, dim, Preprocess(size=32), pooling, {"source": "none", "sha256": "0"},
+                           device)
+        return factory
+
+    encoders.register("tiny_dims", description="test", dims={"avg": 5}, default_pooling="avg",
+                      default_weights="none")(make(3))
+    try:
+        with pytest.raises(CbirError, match="declares dimension 5 for pooling avg but built 3"):
+            create("tiny_dims", device="cpu")
+        with pytest.raises(CbirError, match="'tiny_dims' is already registered"):
+            encoders.register("tiny_dims", description="other", dims={"avg": 3}, default_pooling="avg")(make(3))
+        with pytest.raises(CbirError, match="already registered"):
+            encoders.register("efficientnet_lite0", description="mine", dims={"avg": 3}, default_pooling="avg")(make(3))
+    finally:
+        encoders._REGISTRY.pop("tiny_dims")
+    assert encoders.get_entry("efficientnet_lite0").description.startswith("EfficientNet-Lite0")
+
+
+def test_weights_argument_is_parsed_once_into_a_value_with_its_identity(tmp_path: Path) -> None:
+    from cbir.weights import Weights
+
+    assert Weights.parse("imagenet") == Weights("imagenet")
+    assert Weights.parse("IMAGENET1K_V2") == Weights("imagenet", variant="IMAGENET1K_V2")
+    assert Weights.parse("none").identity()["seed"] == 0
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"abc")
+    w = Weights.parse(str(f))
+    assert w.source == "file" and w.identity()["sha256"].startswith("ba7816bf")
+    assert Weights.parse(w.argument) == w
+    with pytest.raises(WeightsUnavailable, match="model file not found"):
+        Weights.parse(str(tmp_path / "missing.pt"), encoder="siamese")
+
+
 def test_unknown_names_are_clear_errors() -> None:
     with pytest.raises(CbirError, match="unknown encoder 'nope'.*available"):
         create("nope")

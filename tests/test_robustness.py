@@ -94,6 +94,18 @@ def test_cli_update_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["index", str(data), "--out", str(tmp_path / "i"), "--update", "--rebuild"]) == 2
 
 
+def test_api_update_keeps_the_encoder_the_index_was_built_with(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", 3)
+    out = tmp_path / "idx"
+    Index.build(data, out=out, encoder="colour_histogram", device="cpu")
+    (data / "extra.jpg").write_bytes(jpeg_bytes(photo(seed=99)))
+    index = Index.build(data, out=out, update=True, device="cpu")  # no encoder named: the index's own
+    assert index.encoder_config["name"] == "colour_histogram" and len(index) == 4
+    assert index.encoder.name == "colour_histogram"
+    with pytest.raises(CbirError, match="--update keeps the encoder"):
+        Index.build(data, out=out, update=True, encoder="efficientnet_lite0", device="cpu")
+
+
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path: Path, encoder) -> None:
     data = make_folder(tmp_path / "data", 2)
     out = tmp_path / "idx"
