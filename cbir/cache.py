@@ -11,3 +11,9 @@ def cache_dir(kind: str) -> Path:
     path = Path(os.environ.get("CBIR_CACHE") or Path.home() / ".cache" / "cbir") / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def model_key(config: dict) -> str:
+    """One cached derived model per network, pooling, input size and weights (from an encoder's config)."""
+    sha = str(config["weights"].get("sha256", "nohash"))[:16]
+    return f"{config['name']}-{config['pooling']}-{config['preprocess']['size']}-{sha}"

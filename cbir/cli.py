@@ -36,6 +36,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results = index.search(args.image, k=args.k)
     took = (time.perf_counter() - started) * 1000
+    if not args.no_prepare and index.encoder_config.get("precision", "fp32") == "fp32":
+        index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
         print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
                           "took_ms": round(took, 2), "results": [r.to_dict() for r in results]}, indent=2))
@@ -230,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--device", default="auto")
     s.add_argument("--weights", help="where the index's weights file is now, if it moved")
+    s.add_argument("--no-prepare", action="store_true", help="do not export the ONNX query model that makes later "
+                   "searches of an fp32 index start faster")
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")

@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from cbir import store as store_mod
 from cbir import tuning
-from cbir.encoders import Encoder, from_config
 from cbir.errors import CbirError, QueryImageError
 from cbir.images import ImageError, load_image
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
 from cbir.search import VectorSearch, use_gpu
 from cbir.search_plan import SearchPlan
 
+if TYPE_CHECKING:
+    from cbir.encoders import Encoder
+    from cbir.onnx_query import OnnxQueryEncoder
+
+log = logging.getLogger(__name__)
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
@@ -69,6 +74,7 @@ class Index:
         self.device = device
         self._weights = weights
         self._encoder: Encoder | None = None
+        self._onnx: OnnxQueryEncoder | None | bool = False  # False: not looked for yet
         self._lock = threading.Lock()
         self._pos = {int(i): n for n, i in enumerate(store.ids)}
 
@@ -137,8 +143,31 @@ class Index:
         """The encoder this index was built with, rebuilt exactly from its record (loaded once)."""
         with self._lock:
             if self._encoder is None:
+                from cbir.encoders import from_config
+
                 self._encoder = from_config(self.encoder_config, device=self.device, weights=self._weights)
             return self._encoder
+
+    @property
+    def query_encoder(self) -> Encoder | OnnxQueryEncoder:
+        """What embeds image queries: the encoder if it is built already, else the verified ONNX model of an fp32
+        index (no torch to load: see cbir/onnx_query.py), else the encoder."""
+        if self._encoder is None and self._onnx is False:
+            from cbir.onnx_query import load
+
+            self._onnx = load(self.encoder_config)
+        return self._encoder or self._onnx or self.encoder
+
+    def prepare_fast_queries(self) -> bool:
+        """Export and verify the ONNX query model of an fp32 index, so later processes need no torch to search."""
+        from cbir.onnx_query import load, prepare
+
+        if self._onnx or load(self.encoder_config) is not None:
+            return True
+        ok = prepare(self.encoder)
+        log.info("prepared the ONNX query model of this encoder: later searches start without torch" if ok else
+                 "the ONNX query model does not match this encoder closely enough; searches keep using torch")
+        return ok
 
     def use_encoder(self, encoder: Encoder) -> None:
         """Embed queries with `encoder` (already built elsewhere); it must be the one the index records."""
@@ -172,7 +201,7 @@ class Index:
             if v.shape[0] != self.store.dim:
                 raise CbirError(f"query vector has dimension {v.shape[0]}, index {self.name} has {self.store.dim}")
             return v / max(float(np.linalg.norm(v)), 1e-12)
-        enc = self.encoder
+        enc = self.query_encoder
         if isinstance(query, Image.Image):
             im = query.convert("RGB")
         else:

@@ -38,8 +38,10 @@ def cache_dir() -> Path:
 
 
 def _key(encoder: Any) -> str:
-    sha = str(encoder.weights.get("sha256", "nohash"))[:16]
-    return f"{encoder.name}-{encoder.pooling}-{encoder.preprocess.size}-{sha}"
+    from cbir.cache import model_key
+
+    return model_key({"name": encoder.name, "pooling": encoder.pooling, "weights": encoder.weights,
+                      "preprocess": {"size": encoder.preprocess.size}})
 
 
 def export_fp32(encoder: Any) -> Path:

@@ -1,0 +1,52 @@
+"""Start-up: a search of an fp32 index embeds its query through the verified ONNX model, without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir import Index
+from cbir.cli import main
+
+
+@pytest.fixture(scope="module")
+def fp32_index(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Path:
+    out = tmp_path_factory.mktemp("startup") / "idx"
+    Index.build(samples, out=out, device="cpu", precision="fp32")
+    return out
+
+
+def test_second_search_needs_no_torch_and_gives_the_same_answer(fp32_index: Path, samples: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    query = sorted(samples.rglob("*.jpg"))[3]
+    assert main(["search", str(fp32_index), str(query), "--json"]) == 0  # torch; prepares the ONNX model
+    first = json.loads(capsys.readouterr().out)
+    code = ("import json, sys\nfrom cbir import Index\n"
+            f"index = Index.open({str(fp32_index)!r}, device='cpu')\n"
+            f"v = index.embed({str(query)!r})\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'timm': 'timm' in sys.modules,"
+            " 'kind': type(index.query_encoder).__name__, 'vector': v.tolist(),"
+            f" 'ids': [r.id for r in index.search_vector(v, k=10)]}}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    second = json.loads(out.stdout)
+    assert second["kind"] == "OnnxQueryEncoder" and not second["torch"] and not second["timm"]
+    assert second["ids"] == [r["id"] for r in first["results"]]
+    ref = Index.open(fp32_index, device="cpu")
+    assert type(ref.encoder).__name__ == "Encoder"  # built: queries now go through torch
+    assert float(np.dot(ref.embed(str(query)), np.asarray(second["vector"], np.float32))) >= 0.9999
+
+
+def test_bf16_index_never_uses_the_onnx_model(tmp_path: Path, samples: Path) -> None:
+    from cbir.onnx_query import load
+
+    out = tmp_path / "bf16"
+    index = Index.build(samples / "cat", out=out, device="cpu", precision="bf16")
+    assert index.encoder_config["precision"] == "bf16"
+    assert load(index.encoder_config) is None
+    assert index.prepare_fast_queries() is False
+    assert type(Index.open(out, device="cpu").query_encoder).__name__ == "Encoder"
