@@ -174,10 +174,19 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from webui.auth import is_loopback
+
+    token = args.token or os.environ.get("CBIR_TOKEN") or None
+    if not is_loopback(args.host) and not token and not args.public:
+        raise CbirError(f"--host {args.host} makes every image of the collection reachable from the network; set a "
+                        "token (CBIR_TOKEN=... or --token ...) that visitors must give, or pass --public to share "
+                        "it with anyone who can reach this machine")
     from webui import create_app
     from webui.server import make_server
 
-    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device,
+    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
                       "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     names = ", ".join(app.extensions["cbir"].names)
@@ -288,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
     s.add_argument("--device", default="auto")
     s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
+                   "users of this machine cannot see in the process list)")
+    s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="describe an index")

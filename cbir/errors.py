@@ -9,6 +9,10 @@ class WeightsUnavailable(CbirError):
     """Weights that the encoder needs are not on this machine."""
 
 
+class BoxError(CbirError):
+    """A region of a query image that cannot be used (no area, or outside the picture)."""
+
+
 class QueryImageError(CbirError):
     """A query image that cannot be used; `reason` says why in words a page can show as they are."""
 

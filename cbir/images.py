@@ -182,3 +182,28 @@ def load_image(source: str | os.PathLike[str] | bytes | io.IOBase, draft: int | 
         if "truncated" in text.lower():
             raise ImageError("truncated image (the file ends early)") from exc
         raise ImageError(f"corrupt image: {text}") from exc
+
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the picture as shown (EXIF applied)
+
+
+def parse_box(text: str) -> Box:
+    """'x0,y0,x1,y1' -> four numbers; raises ValueError with a plain reason."""
+    try:
+        parts = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"box must be four numbers x0,y0,x1,y1 in image pixels, not {text[:40]!r}") from None
+    if len(parts) != 4 or not all(np.isfinite(parts)):
+        raise ValueError(f"box must be four numbers x0,y0,x1,y1 in image pixels, not {text[:40]!r}")
+    return parts  # type: ignore[return-value]
+
+
+def crop(im: Image.Image, box: Box) -> Image.Image:
+    """The region `box` of `im`; raises ValueError when it is empty or reaches outside the picture."""
+    x0, y0, x1, y1 = box
+    w, h = im.size
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"the box {x0:g},{y0:g},{x1:g},{y1:g} has no area (x0 < x1 and y0 < y1 are needed)")
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        raise ValueError(f"the box {x0:g},{y0:g},{x1:g},{y1:g} reaches outside the image ({w}x{h} pixels)")
+    return im.crop((round(x0), round(y0), max(round(x1), round(x0) + 1), max(round(y1), round(y0) + 1)))

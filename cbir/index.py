@@ -23,8 +23,8 @@ from PIL import Image
 
 from cbir import store as store_mod
 from cbir import tuning
-from cbir.errors import CbirError, QueryImageError
-from cbir.images import ImageError, load_image
+from cbir.errors import BoxError, CbirError, QueryImageError
+from cbir.images import Box, ImageError, crop, load_image
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
 from cbir.search import VectorSearch, use_gpu
 from cbir.search_plan import SearchPlan
@@ -77,6 +77,7 @@ class Index:
         self._onnx: OnnxQueryEncoder | None | bool = False  # False: not looked for yet
         self._lock = threading.Lock()
         self._pos = {int(i): n for n, i in enumerate(store.ids)}
+        self._by_path: dict[str, int] | None = None
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
@@ -185,6 +186,12 @@ class Index:
         except KeyError:
             raise CbirError(f"no image with id {id_} in index {self.name}") from None
 
+    def id_of(self, path: str) -> int | None:
+        """The id of the image at `path` (relative to the root), or None."""
+        if self._by_path is None:
+            self._by_path = {p: int(i) for p, i in zip(self.store.paths, self.store.ids, strict=True)}
+        return self._by_path.get(path)
+
     def vector_of(self, id_: int) -> np.ndarray:
         self.path_of(id_)
         assert self.store.vectors is not None
@@ -194,8 +201,9 @@ class Index:
         return self.root / self.path_of(id_)
 
     # -- searching ------------------------------------------------------------------------------------
-    def embed(self, query: Query) -> np.ndarray:
-        """A query (path, bytes, PIL image or ready vector) as one L2-normalised vector."""
+    def embed(self, query: Query, box: Box | None = None) -> np.ndarray:
+        """A query (path, bytes, PIL image or ready vector) as one L2-normalised vector; `box` (x0, y0, x1, y1 in
+        the picture's pixels) embeds only that region."""
         if isinstance(query, np.ndarray):
             v = np.asarray(query, np.float32).reshape(-1)
             if v.shape[0] != self.store.dim:
@@ -209,18 +217,24 @@ class Index:
                 raise CbirError(f"query image not found: {query}")
             try:
                 src = query if not isinstance(query, io.IOBase) else query.read()
-                im = load_image(src, draft=enc.preprocess.draft_size)
+                im = load_image(src, draft=None if box else enc.preprocess.draft_size)
             except ImageError as exc:
                 raise QueryImageError(str(exc)) from exc
+        if box is not None:
+            try:
+                im = crop(im, box)
+            except ValueError as exc:
+                raise BoxError(str(exc)) from None
         return enc.embed([im])[0]
 
     def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
         """The k most similar indexed images, best first."""
         return self.search_vector(self.embed(query), k, exclude_ids)
 
-    def search_id(self, id_: int, k: int = 10, include_self: bool = False) -> list[Result]:
-        """"More like this" for an indexed image, without decoding it again."""
-        return self.search_vector(self.vector_of(id_), k, () if include_self else (int(id_),))
+    def search_id(self, id_: int, k: int = 10, include_self: bool = False, box: Box | None = None) -> list[Result]:
+        """"More like this" for an indexed image (its stored vector; with `box`, that region of its file)."""
+        vector = self.vector_of(id_) if box is None else self.embed(self.file_of(id_), box=box)
+        return self.search_vector(vector, k, () if include_self else (int(id_),))
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
         if not isinstance(k, int) or k < 1:

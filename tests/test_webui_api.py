@@ -167,3 +167,56 @@ def test_app_factory_loads_nothing_at_import() -> None:
     code = "import webui, sys; assert 'torch' not in sys.modules, 'torch at import'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("/api/search?id=1&box=0,0,0,10", "no area"),
+        ("/api/search?id=1&box=10,10,5,20", "no area"),
+        ("/api/search?id=1&box=-5,0,20,20", "outside the image"),
+        ("/api/search?id=1&box=0,0,100000,20", "outside the image"),
+        ("/api/search?id=1&box=1,2,3", "four numbers"),
+        ("/api/search?id=1&box=a,b,c,d", "four numbers"),
+        ("/api/search?id=1&box=nan,0,5,5", "four numbers"),
+    ],
+)
+def test_bad_boxes_are_plain_400s(served: dict, url: str, words: str) -> None:
+    r = served["client"].get(url)
+    assert r.status_code == 400 and words in r.get_json()["error"], r.get_json()
+
+
+def test_box_searches_a_region_of_an_upload_and_of_an_indexed_image(served: dict) -> None:
+    from PIL import Image
+
+    c = served["client"]
+    data = chelsea(served)
+    w, h = Image.open(io.BytesIO(data)).size
+    whole = c.post("/api/search?k=5", data=data, content_type="image/jpeg").get_json()
+    part = c.post(f"/api/search?k=5&box=0,0,{w // 3},{h // 3}", data=data, content_type="image/jpeg").get_json()
+    assert part["box"] == [0, 0, w // 3, h // 3] and [r["score"] for r in part["results"]] != \
+        [r["score"] for r in whole["results"]]
+    assert c.post(f"/api/search?box=0,0,{w + 1},{h}", data=data, content_type="image/jpeg").status_code == 400
+    by_id = c.get(f"/api/search?id={whole['results'][0]['id']}&k=5&box=0,0,40,40").get_json()
+    assert by_id["box"] == [0, 0, 40, 40] and len(by_id["results"]) == 5
+    assert whole["results"][0]["id"] not in [r["id"] for r in by_id["results"]]
+
+
+def test_one_query_in_several_indexes(served: dict) -> None:
+    c = served["client"]
+    cat_id = c.get("/api/search?index=cats&id=0&k=1").get_json()["results"][0]["id"]
+    body = c.get(f"/api/search?id={cat_id}&index=cats,sample&k=3").get_json()
+    assert [col["index"] for col in body["columns"]] == ["cats", "sample"] and body["k"] == 3
+    assert all(len(col["results"]) == 3 for col in body["columns"])
+    assert body["query"]["path"] not in [r["path"] for col in body["columns"] for r in col["results"]]
+    assert c.get("/api/search?id=0&index=cats,nope").status_code == 404
+
+
+def test_serve_on_a_network_address_needs_a_token() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cbir", "serve", "/no/such/index", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "CBIR_TOKEN": ""})
+    assert proc.returncode == 2 and "CBIR_TOKEN" in proc.stderr and "--public" in proc.stderr
+    assert "serving" not in proc.stdout

@@ -32,14 +32,21 @@ def _uploaded_image() -> bytes:
 
 @api.route("/search", methods=["GET", "POST"])
 def search():
+    """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares."""
     k = query.parse_k(request.args.get("k"))
     index = request.args.get("index") or None
+    box = query.parse_region(request.args.get("box"))
     if request.method == "GET":
         raw_id = request.args.get("id")
         if raw_id is None:
             raise query.QueryError(400, "GET /api/search needs ?id=N (an indexed image); POST an image instead")
-        return jsonify(query.search(index, k, id_=query.parse_id(raw_id)))
-    return jsonify(query.search(index, k, image=_uploaded_image()))
+        if index and "," in index:
+            if box is not None:
+                raise query.QueryError(400, "box works with one index at a time")
+            return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id),
+                                         k))
+        return jsonify(query.search(index, k, id_=query.parse_id(raw_id), box=box))
+    return jsonify(query.search(index, k, image=_uploaded_image(), box=box))
 
 
 @api.get("/indexes")

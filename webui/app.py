@@ -13,6 +13,7 @@ DEFAULTS: dict[str, Any] = {
     "RELOAD_CHECK_SECONDS": 1.0,  # how often to look for a rebuilt index on disk
     "BUSY_TIMEOUT_SECONDS": 15.0,  # wait for the encoder at most this long, then 503
     "MAX_K": 100,
+    "TOKEN": None,  # set: every page, API call, image and thumbnail needs it (see auth.py)
 }
 
 
@@ -31,9 +32,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
     app.extensions["cbir_thumbs"] = ThumbnailCache()
 
+    from webui import auth
     from webui.api import api
     from webui.pages import pages
 
+    auth.install(app)
     app.register_blueprint(api)
     app.register_blueprint(pages)
     return app

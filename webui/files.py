@@ -61,3 +61,14 @@ def make_thumbnail(source: Path | bytes, px: int = THUMB_PX) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=82)
     return buf.getvalue()
+
+
+def display_size(path: Path) -> tuple[int, int] | None:
+    """Width and height of a picture as shown (EXIF orientation applied), from its header only."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return (h, w) if turned else (w, h)

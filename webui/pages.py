@@ -1,4 +1,4 @@
-"""The page (works without JavaScript: a plain form posts to /), images and thumbnails by id."""
+"""The pages (they work without JavaScript): the collection, a search, regions, side by side; images by id."""
 
 from __future__ import annotations
 
@@ -6,23 +6,25 @@ import base64
 import logging
 from pathlib import Path
 
+import numpy as np
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cbir.images import ImageError
 from webui import query
-from webui.files import make_thumbnail, safe_file
+from webui.files import display_size, make_thumbnail, safe_file
 
 pages = Blueprint("pages", __name__)
 log = logging.getLogger("cbir.webui")
+PAGE_SIZE = 48
 
 
-def _render(status: int = 200, **ctx):
+def _render(status: int = 200, template: str = "page.html", **ctx):
     state = query.indexes()
     ctx.setdefault("k", 10)
     ctx.setdefault("index", state.default)
     served = [(s.name, s.index.encoder_config["name"], len(s.index)) for s in state.all()]
-    return render_template("page.html", indexes=served, max_k=current_app.config["MAX_K"],
+    return render_template(template, indexes=served, max_k=current_app.config["MAX_K"],
                            max_mb=current_app.config["MAX_CONTENT_LENGTH"] // (1024 * 1024), **ctx), status
 
 
@@ -31,21 +33,64 @@ def home():
     index = request.values.get("index") or None
     try:
         k = query.parse_k(request.values.get("k"))
+        box = query.parse_region(request.values.get("box"))
         if request.method == "POST":
             upload = request.files.get("image")
             data = upload.read() if upload else b""
-            result = query.search(index, k, image=data)
+            result = query.search(index, k, image=data, box=box)
             preview = "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(data)).decode()
             return _render(result=result, query_src=preview, k=k, index=result["index"])
         if request.args.get("id") is not None:
-            result = query.search(index, k, id_=query.parse_id(request.args["id"]))
-            qsrc = f"/thumb/{result['index']}/{result['query_id']}"
-            return _render(result=result, query_src=qsrc, k=k, index=result["index"])
+            return _id_search(index, k, query.parse_id(request.args["id"]), box)
+        return _collection(index, k)
     except query.QueryError as exc:
         return _render(exc.status, error=exc.message, index=index)
     except ImageError as exc:
         return _render(400, error=f"not a usable image: {exc}", index=index)
-    return _render(k=k)
+
+
+def _id_search(index: str | None, k: int, id_: int, box):
+    result = query.search(index, k, id_=id_, box=box)
+    name, idx = query.get_index(result["index"])
+    path = safe_file(idx, id_)
+    size = display_size(path) if path is not None else None
+    return _render(result=result, query_src=f"/thumb/{name}/{id_}", query_size=size, query_id=id_, k=k, index=name,
+                   compare=len(query.indexes().names) > 1)
+
+
+def _collection(index: str | None, k: int):
+    """The landing page: the index as a paged grid of thumbnails (in id order, or shuffled with a seed)."""
+    name, idx = query.get_index(index)
+    ids = np.asarray(idx.store.ids, np.int64)
+    seed = request.args.get("shuffle", "")
+    if seed.isdigit():
+        ids = ids[np.random.default_rng(int(seed)).permutation(len(ids))]
+    pages_total = max(1, -(-len(ids) // PAGE_SIZE))
+    try:
+        page = min(max(1, int(request.args.get("page", "1"))), pages_total)
+    except ValueError:
+        raise query.QueryError(400, "page must be a whole number") from None
+    tiles = [(int(i), idx.path_of(int(i))) for i in ids[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]]
+    return _render(tiles=tiles, page=page, pages_total=pages_total, shuffle=seed if seed.isdigit() else "",
+                   k=k, index=name, new_seed=int(np.random.default_rng().integers(1, 10**6)))
+
+
+@pages.get("/compare")
+def compare():
+    """One indexed image's top-k in every listed index (default: all served), in columns, overlap marked."""
+    state = query.indexes()
+    names = [n for n in (request.args.get("index") or ",".join(state.names)).split(",") if n]
+    try:
+        k = query.parse_k(request.args.get("k"))
+        raw = request.args.get("id")
+        if raw is None:
+            raise query.QueryError(400, "compare needs ?id=N: open an image, then choose “compare”")
+        found = query.compare(names, query.parse_id(raw), k)
+    except query.QueryError as exc:
+        return _render(exc.status, error=exc.message)
+    q = found["query"]
+    return _render(template="compare.html", found=found, k=k, index=q["index"],
+                   query_src=f"/thumb/{q['index']}/{q['id']}")
 
 
 def _served_file(index: str, id_: int) -> Path:
@@ -74,6 +119,11 @@ def thumbnail(index: str, id_: int):
     resp = current_app.response_class(data, mimetype="image/jpeg")
     resp.headers["Cache-Control"] = "public, max-age=3600"
     return resp
+
+
+@pages.get("/favicon.ico")
+def favicon():
+    return current_app.send_static_file("favicon.svg"), 200, {"Content-Type": "image/svg+xml"}
 
 
 @pages.app_errorhandler(HTTPException)

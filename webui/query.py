@@ -7,7 +7,10 @@ from typing import Any
 
 from flask import current_app, url_for
 
-from cbir.errors import CbirError, QueryImageError
+from cbir.errors import BoxError, CbirError, QueryImageError
+from cbir.images import Box, parse_box
+from cbir.index import Index
+from webui.files import safe_file
 from webui.state import Busy, IndexSet
 
 
@@ -51,42 +54,75 @@ def parse_id(raw: str) -> int:
         raise QueryError(400, f"id must be a whole number, not {raw[:20]!r}") from None
 
 
+def parse_region(raw: str | None) -> Box | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return parse_box(raw)
+    except ValueError as exc:
+        raise QueryError(400, str(exc)) from None
+
+
 def indexes() -> IndexSet:
     return current_app.extensions["cbir"]
 
 
-def search(index_name: str | None, k: int, image: bytes | None = None, id_: int | None = None) -> dict[str, Any]:
+def get_index(name: str | None) -> tuple[str, Index]:
     state = indexes()
     try:
-        index = state.get(index_name)
+        return name or state.default, state.get(name)
     except KeyError:
-        raise QueryError(404, f"no index named {index_name!r}; served: {', '.join(state.names)}") from None
-    name = index_name or state.default
+        raise QueryError(404, f"no index named {name!r}; served: {', '.join(state.names)}") from None
+
+
+def search(index_name: str | None, k: int, image: bytes | None = None, id_: int | None = None,
+           box: Box | None = None) -> dict[str, Any]:
+    name, index = get_index(index_name)
     started = time.perf_counter()
     if id_ is not None:
-        try:
-            results = index.search_id(id_, k=k)
-        except CbirError:
-            raise QueryError(404, f"no image with id {id_} in index {name}") from None
+        results = _by_id(index, name, id_, k, box)
     else:
         if not image:
             raise QueryError(400, "the upload is empty: choose an image file")
-        try:
-            vector = state.embed(index, image)
-        except Busy:
-            raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
-        except QueryImageError as exc:
-            raise QueryError(400, f"not a usable image: {exc.reason}") from None
-        except CbirError as exc:
-            raise QueryError(400, str(exc)) from None
-        results = index.search_vector(vector, k=k)
-    took = (time.perf_counter() - started) * 1000
+        results = index.search_vector(_embed(index, image, box), k=k)
+    return describe(name, index, results, k, id_, box=box, took_ms=(time.perf_counter() - started) * 1000)
+
+
+def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None) -> list:
+    try:
+        index.path_of(id_)
+    except CbirError:
+        raise QueryError(404, f"no image with id {id_} in index {name}") from None
+    if box is None:
+        return index.search_id(id_, k=k)
+    path = safe_file(index, id_)
+    if path is None:
+        raise QueryError(404, f"the file of image {id_} is missing, so a region of it cannot be searched")
+    return index.search_vector(_embed(index, path, box), k=k, exclude_ids=(id_,))
+
+
+def _embed(index: Index, source, box: Box | None):
+    try:
+        return indexes().embed(index, source, box)
+    except Busy:
+        raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
+    except QueryImageError as exc:
+        raise QueryError(400, f"not a usable image: {exc.reason}") from None
+    except BoxError as exc:
+        raise QueryError(400, str(exc)) from None
+    except CbirError as exc:
+        raise QueryError(400, str(exc)) from None
+
+
+def describe(name: str, index: Index, results: list, k: int, id_: int | None, *, box: Box | None = None,
+             took_ms: float = 0.0) -> dict[str, Any]:
     return {
         "index": name,
         "encoder": index.encoder_config["name"],
         "k": k,
-        "took_ms": round(took, 2),
+        "took_ms": round(took_ms, 2),
         "query_id": id_,
+        "box": list(box) if box is not None else None,
         "results": [
             {
                 **r.to_dict(),
@@ -98,3 +134,35 @@ def search(index_name: str | None, k: int, image: bytes | None = None, id_: int 
             for r in results
         ],
     }
+
+
+def compare(names: list[str], id_: int, k: int) -> dict[str, Any]:
+    """The same indexed image as the query of several indexes (over the same images), side by side.
+
+    The query is image `id_` of the first index; in the others it is the image with the same path (its stored
+    vector), or, when an index lacks that path, the file embedded by that index's encoder.
+    """
+    first_name, first = get_index(names[0])
+    try:
+        path = first.path_of(id_)
+    except CbirError:
+        raise QueryError(404, f"no image with id {id_} in index {first_name}") from None
+    columns = []
+    for name in names:
+        name, index = get_index(name)
+        other = index.id_of(path)
+        started = time.perf_counter()
+        if other is not None:
+            results = index.search_id(other, k=k)
+        else:
+            file = safe_file(first, id_)
+            if file is None:
+                raise QueryError(404, f"the file of image {id_} is missing")
+            results = index.search_vector(_embed(index, file, None), k=k)
+        columns.append(describe(name, index, results, k, other, took_ms=(time.perf_counter() - started) * 1000))
+    shared = set.intersection(*[{r["path"] for r in c["results"]} for c in columns]) if columns else set()
+    for c in columns:
+        for r in c["results"]:
+            r["in_every_column"] = r["path"] in shared
+    return {"query": {"index": first_name, "id": id_, "path": path}, "k": k, "columns": columns,
+            "overlap": len(shared)}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
+from cbir.images import Box
 from cbir.index import Index
 from cbir.layout import VECTORS, resolve_index_dir
 
@@ -111,11 +112,12 @@ class IndexSet:
         if time.monotonic() - self._last_check >= self.check_every:
             self.reload()
 
-    def embed(self, index: Index, data: bytes):
-        """Embed an upload; one embedding at a time (the CPU is saturated by one), bounded wait."""
+    def embed(self, index: Index, data: bytes | Path, box: Box | None = None):
+        """Embed an upload (or an indexed file, for a region); one embedding at a time (the CPU is saturated by
+        one), bounded wait."""
         if not self._embed_lock.acquire(timeout=self.busy_timeout):
             raise Busy()
         try:
-            return index.embed(data)
+            return index.embed(data, box=box)
         finally:
             self._embed_lock.release()

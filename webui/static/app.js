@@ -1,4 +1,6 @@
-// Progressive enhancement of the plain form: search without reloading, drag-and-drop, paste, "more like this".
+// Progressive enhancement of the plain pages: search an upload without reloading, drag-and-drop, paste, and
+// drag a box on the query picture to search with that region. Links ("more like this", the collection) are plain
+// links, so every search by id has its own URL and the back button works.
 (() => {
   const form = document.getElementById("search-form");
   const fileInput = document.getElementById("file");
@@ -9,8 +11,12 @@
   const title = document.getElementById("results-title");
   const querySection = document.getElementById("query");
   const queryImg = document.getElementById("query-img");
+  const region = document.getElementById("region");
+  const boxEl = document.getElementById("box");
+  const collection = document.getElementById("collection");
   const indexSel = document.getElementById("index");
   const kSel = document.getElementById("k");
+  let lastFile = null;
 
   const say = (text, isError) => { status.textContent = text; status.className = isError ? "error" : ""; };
   const params = (extra) => new URLSearchParams({ k: kSel.value, index: indexSel.value, ...extra });
@@ -21,49 +27,85 @@
       const li = document.createElement("li");
       li.className = `card ${r.similarity}`;
       li.dataset.id = r.id;
-      li.innerHTML = `<a class="more" href="/?id=${r.id}&index=${encodeURIComponent(data.index)}&k=${data.k}" title="more like this"><img alt=""></a>
+      li.innerHTML = `<a class="more" title="more like this"><img alt=""></a>
         <div class="caption"><span class="rank">#${r.rank}</span><span class="score"></span>
         <span class="path"></span><a class="open" target="_blank" rel="noopener">open</a></div>`;
+      li.querySelector("a.more").href = `/?${new URLSearchParams({ id: r.id, index: data.index, k: data.k })}`;
       li.querySelector("img").src = r.thumbnail_url;
       li.querySelector("img").alt = r.path;
       li.querySelector(".score").textContent = `${r.score.toFixed(3)} · ${r.similarity}`;
       li.querySelector(".path").textContent = r.path;
       li.querySelector(".path").title = r.path;
       li.querySelector(".open").href = r.image_url;
-      li.querySelector("a.more").addEventListener("click", (ev) => { ev.preventDefault(); searchId(r.id, r.thumbnail_url); });
       grid.appendChild(li);
     }
     title.textContent = `Top ${data.results.length} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
     section.hidden = false;
+    if (collection) collection.hidden = true;
     say("");
   }
 
   async function call(url, options) {
     say("Searching…");
     let resp;
-    try { resp = await fetch(url, options); } catch (e) { say("The server cannot be reached.", true); return; }
+    try { resp = await fetch(url, options); } catch (e) { say("The server cannot be reached.", true); return false; }
     let data = null;
     try { data = await resp.json(); } catch (e) { /* not JSON */ }
-    if (!resp.ok) { say((data && data.error) || `The server answered ${resp.status}.`, true); return; }
+    if (!resp.ok) { say((data && data.error) || `The server answered ${resp.status}.`, true); return false; }
     render(data);
+    return true;
   }
 
-  function searchFile(file) {
-    if (!file) return;
-    queryImg.src = URL.createObjectURL(file);
+  function searchFile(file, box) {
+    if (!file) return Promise.resolve(false);
+    if (file !== lastFile) {
+      lastFile = file;
+      queryImg.src = URL.createObjectURL(file);
+      region.dataset.id = "";
+      region.dataset.w = region.dataset.h = "";
+      boxEl.hidden = true;
+    }
     querySection.hidden = false;
     const body = new FormData();
     body.append("image", file, file.name || "pasted-image");
-    call(`/api/search?${params()}`, { method: "POST", body });
+    return call(`/api/search?${params(box ? { box: box.join(",") } : {})}`, { method: "POST", body });
   }
 
-  function searchId(id, thumb) {
-    fileInput.value = "";
-    queryImg.src = thumb;
-    querySection.hidden = false;
-    history.replaceState(null, "", `/?${params({ id })}`);
-    call(`/api/search?${params({ id })}`);
+  // Region: drag on the query picture; the box is kept in the picture's own pixels.
+  function imageSize() {
+    const w = Number(region.dataset.w) || queryImg.naturalWidth;
+    const h = Number(region.dataset.h) || queryImg.naturalHeight;
+    return [w, h];
   }
+  function placeBox(x0, y0, x1, y1) {
+    const rw = region.clientWidth, rh = region.clientHeight;
+    Object.assign(boxEl.style, { left: `${(100 * Math.min(x0, x1)) / rw}%`, top: `${(100 * Math.min(y0, y1)) / rh}%`,
+      width: `${(100 * Math.abs(x1 - x0)) / rw}%`, height: `${(100 * Math.abs(y1 - y0)) / rh}%` });
+    boxEl.hidden = false;
+  }
+  let start = null;
+  const point = (ev) => {
+    const r = region.getBoundingClientRect();
+    return [Math.max(0, Math.min(r.width, ev.clientX - r.left)), Math.max(0, Math.min(r.height, ev.clientY - r.top))];
+  };
+  region.addEventListener("pointerdown", (ev) => { start = point(ev); region.setPointerCapture(ev.pointerId); ev.preventDefault(); });
+  region.addEventListener("pointermove", (ev) => { if (start) placeBox(...start, ...point(ev)); });
+  region.addEventListener("pointerup", (ev) => {
+    if (!start) return;
+    const end = point(ev);
+    const [x0, y0] = start;
+    start = null;
+    if (Math.abs(end[0] - x0) < 6 || Math.abs(end[1] - y0) < 6) { boxEl.hidden = true; return; }
+    const [w, h] = imageSize();
+    const sx = w / region.clientWidth, sy = h / region.clientHeight;
+    const box = [Math.min(x0, end[0]) * sx, Math.min(y0, end[1]) * sy, Math.max(x0, end[0]) * sx, Math.max(y0, end[1]) * sy]
+      .map((v, i) => Math.round(Math.min(v, i % 2 ? h : w)));
+    if (region.dataset.id !== "") {
+      location.href = `/?${params({ id: region.dataset.id, box: box.join(",") })}`;
+    } else {
+      searchFile(lastFile, box);
+    }
+  });
 
   form.addEventListener("submit", (ev) => { ev.preventDefault(); searchFile(fileInput.files[0]); });
   fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
@@ -74,11 +116,7 @@
     const item = [...(ev.clipboardData || {}).items || []].find((i) => i.type.startsWith("image/"));
     if (item) { ev.preventDefault(); searchFile(item.getAsFile()); }
   });
-  for (const a of grid.querySelectorAll("a.more")) {
-    a.addEventListener("click", (ev) => {
-      ev.preventDefault();
-      const li = a.closest("li");
-      searchId(li.dataset.id, a.querySelector("img").src);
-    });
+  if (collection && indexSel.tagName === "SELECT") {
+    indexSel.addEventListener("change", () => { location.href = `/?${new URLSearchParams({ index: indexSel.value })}`; });
   }
 })();
