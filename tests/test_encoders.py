@@ -111,9 +111,10 @@ def test_random_weights_are_reproducible_and_identified() -> None:
     np.testing.assert_array_equal(a.embed(IMAGES[:1]), b.embed(IMAGES[:1]))
 
 
-def test_efficientnet_real_weights_recognise_a_cat(samples: Path) -> None:
-    """The packaged ImageNet weights load by position and classify the bundled cat photo as a cat."""
-    enc = create("efficientnet_lite0", device="cpu")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_real_weights_recognise_a_cat(samples: Path, name: str) -> None:
+    """The packaged ImageNet weights load by position (offline) and classify the bundled cat photo as a cat."""
+    enc = create(name, device="cpu")
     backbone = enc.model.backbone
     x = torch.from_numpy(enc.preprocess(load_image(samples / "cat" / "chelsea.jpg")))[None]
     with torch.inference_mode():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbir.encoders.base import Preprocess
-from cbir.encoders.efficientnet_lite0 import network as lite0_network
+from cbir.encoders.efficientnet_lite import network as lite_network
 from cbir.encoders.random_cnn import seed_cnn
 from cbir.errors import CbirError
 from cbir.weights import Weights, load_state
@@ -48,7 +48,7 @@ class SiameseNet(nn.Module):
 
 
 def _lite0(pretrained: str) -> nn.Module:
-    return lite0_network(Weights.parse(pretrained, encoder="efficientnet_lite0"))[0]
+    return lite_network(Weights.parse(pretrained, encoder="efficientnet_lite0"))[0]
 
 
 def build_siamese(arch: dict[str, Any], pretrained: str = "none") -> tuple[SiameseNet, Preprocess]:
