@@ -24,7 +24,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                            device=args.device, mode=mode,
                            batch_size=args.batch_size, workers=args.workers, exclude=tuple(args.exclude),
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
-                           progress=not args.quiet)
+                           qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet)
     print(build(args.dir, args.out, options).describe())
     return 0
 
@@ -79,7 +79,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     plan = SearchPlan.from_dict({k: v for k, v in info["search"].items() if k not in ("gpu", "ntotal")})
     print(f"search    {plan.describe()}  gpu={info['search']['gpu']}")
-    print(f"storage   {info['vector_dtype']} vectors")
+    from cbir.expansion import Expansion
+
+    print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
+          f"{'   preset ' + info['preset'] if info['preset'] else ''}")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
     for p, r in index.store.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
@@ -231,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["fp32", "bf16", "int8", "auto"], default=None,
                    help="encoder arithmetic: fp32, bf16, int8 (ONNX Runtime, calibrated on this collection), or "
                         "auto (default: the fastest mode that stays faithful to fp32 on a calibration sample)")
+    s.add_argument("--preset", choices=["fast", "balanced", "best"], help="a measured configuration: fast "
+                   "(efficientnet_lite0, the default), balanced (+ query expansion and database augmentation, same "
+                   "speed, better neighbours), best (efficientnet_lite0+efficientnet_lite2 fused, + both; slower)")
+    s.add_argument("--qe", type=int, metavar="K", help="alpha-query expansion at search time with the top K "
+                   "neighbours (0: off, default; 2 is the published setting)")
+    s.add_argument("--dba", type=int, metavar="K", help="alpha-database-side augmentation at index time with the top "
+                   "K neighbours (0: off, default; 2 is the published setting)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 

@@ -13,6 +13,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cbir import store
 from cbir.index import Index
 
 # Chosen by benchmarks/duplicates.py on 212 animals4 photos x 4 copies (resize 70%, JPEG q40, crop 10%, mirror),
@@ -64,7 +65,11 @@ def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD) -> dict[
     same_bytes = [sorted(g) for g in identical.values() if len(g) > 1]
     byte_group = {i: n for n, g in enumerate(same_bytes) for i in g}
 
-    pairs = similar_pairs(s.vectors, threshold)
+    # the encoder's own rows: database-side augmentation pulls look-alikes together, which is right for
+    # search and wrong for deciding what is a copy
+    own = store.read(s.path, vectors=False, raw=True).raw_vectors if index.expansion.dba_k else s.vectors
+    assert own is not None
+    pairs = similar_pairs(own, threshold)
     uf = _UnionFind(len(s.paths))
     best: dict[int, float] = defaultdict(float)
     for i, j, score in pairs:

@@ -24,6 +24,7 @@ from PIL import Image
 from cbir import store as store_mod
 from cbir import tuning
 from cbir.errors import BoxError, CbirError, QueryImageError
+from cbir.expansion import Expansion, combine
 from cbir.images import Box, ImageError, crop, load_image
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
 from cbir.search import VectorSearch, use_gpu
@@ -78,6 +79,8 @@ class Index:
         self._lock = threading.Lock()
         self._pos = {int(i): n for n, i in enumerate(store.ids)}
         self._by_path: dict[str, int] | None = None
+        self.expansion = Expansion.from_dict(json.loads(store.attrs["expansion"])) if "expansion" in store.attrs \
+            else Expansion()
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
@@ -237,9 +240,11 @@ class Index:
         return self.search_vector(vector, k, () if include_self else (int(id_),))
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
+        """The k nearest to `vector` (after the index's query expansion, if it has one), best first."""
         if not isinstance(k, int) or k < 1:
             raise CbirError(f"k must be a positive whole number, not {k!r}")
-        scores, ids = self.searcher.search(vector[None, :], k + len(exclude_ids))
+        query = self.expand(vector[None, :], [exclude_ids])
+        scores, ids = self.searcher.search(query, k + len(exclude_ids))
         results: list[Result] = []
         for score, id_ in zip(scores[0], ids[0], strict=True):
             if id_ < 0 or int(id_) in exclude_ids:
@@ -248,6 +253,24 @@ class Index:
             if len(results) == k:
                 break
         return results
+
+    def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None) -> np.ndarray:
+        """alpha-QE of query rows [B, D] with their top neighbours (ids in `exclude[i]` left out), as the index
+        records it; the rows themselves when it records none."""
+        qe = self.expansion
+        if not qe.qe_k:
+            return np.ascontiguousarray(queries, dtype=np.float32)
+        exclude = exclude or [()] * len(queries)
+        extra = max((len(e) for e in exclude), default=0)
+        scores, ids = self.searcher.search(queries, qe.qe_k + extra)
+        picked_s = np.zeros((len(queries), qe.qe_k), np.float32)
+        picked_v = np.zeros((len(queries), qe.qe_k, self.store.dim), np.float32)
+        assert self.store.vectors is not None
+        for row, (s, found) in enumerate(zip(scores, ids, strict=True)):
+            keep = [(float(a), int(b)) for a, b in zip(s, found, strict=True) if b >= 0 and b not in exclude[row]]
+            for j, (score, id_) in enumerate(keep[: qe.qe_k]):
+                picked_s[row, j], picked_v[row, j] = score, self.store.vectors[self._pos[id_]]
+        return combine(np.asarray(queries, np.float32), picked_v, picked_s, qe.qe_alpha)
 
     def summary(self) -> dict[str, Any]:
         """The few facts a list of indexes shows (the page, /api/indexes)."""
@@ -269,5 +292,7 @@ class Index:
             "cbir_version": a.get("cbir_version"),
             "search": {**self.searcher.plan.to_dict(), "gpu": self.searcher.gpu, "ntotal": self.searcher.ntotal},
             "vector_dtype": a.get("vector_dtype", "float32"),
+            "expansion": self.expansion.to_dict(),
+            "preset": a.get("preset") or None,
             "seconds": float(a.get("seconds", 0.0)),
         }

@@ -1,7 +1,8 @@
 """The vectors file (`vectors.h5`): embeddings and the metadata that belongs to each row, in one HDF5 file.
 
 Layout (format 1):
-    vectors   float32 [N, D]   L2-normalised rows (optionally float16 on disk)
+    vectors   float32 [N, D]   L2-normalised rows, as searched (optionally float16 on disk)
+    raw_vectors float32 [N, D] the encoder's own rows, when `vectors` hold their alpha-DBA (see expansion.py)
     paths     utf-8    [N]     relative to the attribute `root`
     ids       int64    [N]     stable ids; FAISS returns these
     mtime_ns  int64    [N]
@@ -9,7 +10,8 @@ Layout (format 1):
     sha256    utf-8    [N]     content hash (byte-identical duplicates, --update --verify)
     skipped/path, skipped/reason   utf-8 [M]
     attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete,
-           vector_dtype (float32|float16), search (JSON: the search plan and its measured recall)
+           vector_dtype (float32|float16), search (JSON: the search plan and its measured recall),
+           expansion (JSON: alpha-QE and alpha-DBA settings; absent: none)
 
 Rows are appended batch by batch as they are embedded, so memory does not grow with the collection;
 `complete` is set only when the writer closes normally, and readers refuse a file without it.
@@ -108,6 +110,7 @@ class Store:
     skipped: list[tuple[str, str]]
     sha256: list[str] | None = None  # content hash per file (absent in files from before it was recorded)
     vectors: np.ndarray | None = field(default=None, repr=False)
+    raw_vectors: np.ndarray | None = field(default=None, repr=False)  # with DBA: the encoder's rows, if asked
 
     @property
     def encoder_config(self) -> dict[str, Any]:
@@ -129,7 +132,8 @@ def _strings(ds: h5py.Dataset) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else s for s in ds[()]]
 
 
-def read(path: Path, vectors: bool = True) -> Store:
+def read(path: Path, vectors: bool = True, raw: bool = False) -> Store:
+    """The file's columns in memory; `vectors` the searched rows, `raw` also the encoder's own rows (updates)."""
     path = Path(path)
     if not path.is_file():
         raise CbirError(f"no vectors file at {path}")
@@ -152,6 +156,9 @@ def read(path: Path, vectors: bool = True) -> Store:
             )
             if vectors:
                 store.vectors = np.ascontiguousarray(f["vectors"][()], dtype=np.float32)
+            if raw:
+                source = f["raw_vectors"] if "raw_vectors" in f else f["vectors"]
+                store.raw_vectors = np.ascontiguousarray(source[()], dtype=np.float32)
     except OSError as exc:
         raise CbirError(f"cannot read {path}: {exc}") from exc
     n = len(store.paths)
@@ -160,6 +167,15 @@ def read(path: Path, vectors: bool = True) -> Store:
     if store.vectors is not None and store.vectors.shape != (n, store.dim):
         raise CbirError(f"{path} is inconsistent: vectors {store.vectors.shape} for {n} paths of dim {store.dim}")
     return store
+
+
+def replace_vectors(path: Path, searched: np.ndarray) -> None:
+    """Keep the encoder's rows as `raw_vectors` and store `searched` (their DBA) as `vectors` (before the rename)."""
+    with h5py.File(path, "a") as f:
+        old = f["vectors"]
+        dtype, chunks = old.dtype, old.chunks
+        f.move("vectors", "raw_vectors")
+        f.create_dataset("vectors", data=searched.astype(dtype), maxshape=(None, searched.shape[1]), chunks=chunks)
 
 
 def set_attrs(path: Path, attrs: dict[str, Any]) -> None:

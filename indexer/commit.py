@@ -16,6 +16,7 @@ import numpy as np
 from cbir import store as store_mod
 from cbir import tuning
 from cbir.encoders import Encoder
+from cbir.expansion import Expansion, augment_database
 from cbir.files import atomic_path
 from cbir.images import Skipped
 from cbir.layout import FAISS, VECTORS
@@ -39,6 +40,8 @@ class CommitJob:
     index_type: str = "auto"
     float16: bool = False
     started: float = 0.0
+    expansion: Expansion = field(default_factory=Expansion)
+    preset: str | None = None
 
 
 @dataclass
@@ -63,7 +66,7 @@ def commit(job: CommitJob) -> Committed:
     rows = _gather(job)
     attrs = {"encoder": job.encoder.name, "encoder_config": json.dumps(job.encoder.config, sort_keys=True),
              "root": str(job.root.resolve()), "cbir_version": __version__, "created": store_mod.now_iso(),
-             "vector_dtype": "float16" if job.float16 else "float32"}
+             "vector_dtype": "float16" if job.float16 else "float32", "preset": job.preset or ""}
     with atomic_path(job.out / VECTORS) as tmp_vec, atomic_path(job.out / FAISS) as tmp_faiss:
         writer = store_mod.VectorWriter(tmp_vec, job.encoder.dim, attrs, dtype=attrs["vector_dtype"])
         try:
@@ -76,11 +79,29 @@ def commit(job: CommitJob) -> Committed:
         final = store_mod.read(tmp_vec)
         assert final.vectors is not None
         index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
+        if job.expansion.dba_k and len(final.ids) > 1:
+            searched = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
+            store_mod.replace_vectors(tmp_vec, searched)
+            index, plan = tuning.build(searched, final.ids, index_type=job.index_type)
         VectorSearch(index, plan).save(tmp_faiss)
-        store_mod.set_attrs(tmp_vec, {"search": json.dumps(plan.to_dict(), sort_keys=True)})
+        store_mod.set_attrs(tmp_vec, {"search": json.dumps(plan.to_dict(), sort_keys=True),
+                                      "expansion": json.dumps(job.expansion.to_dict(), sort_keys=True)})
     old_paths = set(job.old.paths) if job.old is not None else set()
     return Committed(len(rows.order), sum(p not in old_paths for p in rows.order),
                      [Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+
+
+def _augment(vectors: np.ndarray, ids: np.ndarray, search: VectorSearch, expansion: Expansion) -> np.ndarray:
+    """alpha-DBA of every row, neighbours found with the index just built (positions, not ids)."""
+    order = np.argsort(ids)
+    sorted_ids = ids[order]
+
+    def by_position(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, found = search.search(queries, k)
+        at = np.clip(np.searchsorted(sorted_ids, found), 0, len(ids) - 1)
+        return scores, np.where(found >= 0, order[at], -1)
+
+    return augment_database(vectors, by_position, expansion.dba_k, expansion.dba_alpha)
 
 
 def _gather(job: CommitJob) -> _Rows:
@@ -130,7 +151,7 @@ def _write_rows(writer: store_mod.VectorWriter, rows: _Rows, job: CommitJob) -> 
                 hs.append(c.sha256[r])
             else:
                 old, i = job.old, job.keep[p]
-                assert old is not None and old.vectors is not None
-                vecs[j], mt[j], sz[j] = old.vectors[i], old.mtime_ns[i], old.size[i]
+                assert old is not None and old.raw_vectors is not None
+                vecs[j], mt[j], sz[j] = old.raw_vectors[i], old.mtime_ns[i], old.size[i]
                 hs.append(old.sha256[i] if old.sha256 is not None else "")
         writer.append(vecs, part, mt, sz, ids=[rows.ids[p] for p in part], sha256=hs)

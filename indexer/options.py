@@ -9,6 +9,14 @@ from cbir.errors import CbirError
 MODES = ("create", "rebuild", "update")
 DEFAULT_ENCODER = "efficientnet_lite0"
 
+# Measured configurations (benchmarks/RESULTS.md, "Better neighbours without labels"): animals4 leave-one-out P@10
+# through the search API, and indexing images/s on 2 cores. Expansion settings are the published ones (k=2, a=3).
+PRESETS: dict[str, dict[str, object]] = {
+    "fast": {"encoder": "efficientnet_lite0", "qe": 0, "dba": 0},  # P@10 0.929, the fastest
+    "balanced": {"encoder": "efficientnet_lite0", "qe": 2, "dba": 2},  # P@10 0.940 at the same speed
+    "best": {"encoder": "efficientnet_lite0+efficientnet_lite2", "qe": 2, "dba": 2},  # P@10 0.950, ~60% the speed
+}
+
 
 @dataclass
 class BuildOptions:
@@ -32,6 +40,9 @@ class BuildOptions:
     verify: bool = False
     index_type: str | None = None
     float16: bool | None = None
+    qe: int | None = None  # alpha-QE neighbours at search time (0: off; None: as before, else off)
+    dba: int | None = None  # alpha-DBA neighbours at index time (0: off; None: as before, else off)
+    preset: str | None = None  # fast / balanced / best: fills the encoder and expansion not given explicitly
     progress: bool = False
 
     def validate(self) -> None:
@@ -41,4 +52,14 @@ class BuildOptions:
             raise CbirError("--batch-size must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise CbirError("--workers must be 0 or more")
+        for name in ("qe", "dba"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 50:
+                raise CbirError(f"--{name} is a number of neighbours from 0 (off) to 50, not {value}")
         self.exclude = tuple(self.exclude)
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise CbirError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+            for key, value in PRESETS[self.preset].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)

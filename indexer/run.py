@@ -18,6 +18,7 @@ from cbir import store as store_mod
 from cbir.device import configure_threads
 from cbir.encoders import Encoder, create, from_config
 from cbir.errors import CbirError
+from cbir.expansion import Expansion
 from cbir.images import Discovery, discover
 from cbir.layout import VECTORS, default_out
 from cbir.store import Store
@@ -50,7 +51,8 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     configure_threads()
     started = time.perf_counter()
     with IndexLock(out):
-        old = store_mod.read(out / VECTORS) if opts.mode == "update" and (out / VECTORS).is_file() else None
+        old = store_mod.read(out / VECTORS, vectors=False, raw=True) \
+            if opts.mode == "update" and (out / VECTORS).is_file() else None
         if old is not None:
             _check_same_encoder(old, enc, out)
             enc.restore_mode(old.encoder_config)  # new rows embedded as the old ones were
@@ -60,7 +62,8 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         todo = resume(plan, root, work.done())
         embed_files(root, todo, enc, work, opts)
         index_type, float16 = _search_settings(opts, old)
-        done = commit(CommitJob(root, out, enc, old, plan.keep, work, found.skipped, index_type, float16, started))
+        done = commit(CommitJob(root, out, enc, old, plan.keep, work, found.skipped, index_type, float16, started,
+                                _expansion(opts, old), opts.preset))
         work.remove()
     return Summary(out, enc, opts.mode, done.indexed, done.skipped, time.perf_counter() - started, len(todo),
                    plan.resumed, done.added, plan.changed, plan.removed, plan.unchanged)
@@ -98,6 +101,14 @@ def _manifest(root: Path, enc: Encoder, mode: str, old: Store | None) -> dict:
     """What makes saved chunks reusable: same collection, same encoder, same job."""
     return {"root": str(root.resolve()), "encoder": enc.config["weights"], "name": enc.name, "pooling": enc.pooling,
             "mode": mode, "base": old.attrs.get("created") if old is not None else None}
+
+
+def _expansion(opts: BuildOptions, old: Store | None) -> Expansion:
+    """alpha-QE / alpha-DBA as asked, else as the old index had them, else none."""
+    before = Expansion.from_dict(json.loads(old.attrs["expansion"])) if old is not None and \
+        "expansion" in old.attrs else Expansion()
+    return Expansion(qe_k=before.qe_k if opts.qe is None else opts.qe,
+                     dba_k=before.dba_k if opts.dba is None else opts.dba)
 
 
 def _search_settings(opts: BuildOptions, old: Store | None) -> tuple[str, bool]:

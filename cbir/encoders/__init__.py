@@ -102,21 +102,38 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
     to fp32; see cbir.numeric). fold_batchnorm merges batch norms into convolutions for speed; False keeps
     the network exactly as built (to compare against, or to train).
     """
+    if precision not in PRECISIONS:
+        raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    enc = _fused_encoder(name, weights, pooling, device) if "+" in name else \
+        _single(name, weights, pooling, device, options)
+    enc.precision = "fp32" if enc.fixed_precision else precision
+    if fold_batchnorm:
+        enc.fold_batchnorm()
+    return enc
+
+
+def _single(name: str, weights: str | None, pooling: str | None, device: str, options: dict[str, Any]) -> Encoder:
     entry = get_entry(name)
     pooling = pooling or entry.default_pooling
     if pooling not in entry.dims:
         raise CbirError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(entry.dims)}")
-    if precision not in PRECISIONS:
-        raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     parsed = Weights.parse(weights or entry.default_weights, encoder=name)
     enc = entry.factory(weights=parsed, pooling=pooling, device=resolve_device(device), **options)
     if entry.dims[pooling] is not None and enc.dim != entry.dims[pooling]:
         raise CbirError(f"encoder {name} declares dimension {entry.dims[pooling]} for pooling {pooling} but built "
                         f"{enc.dim}: fix its register(dims=...)")
-    enc.precision = "fp32" if enc.fixed_precision else precision
-    if fold_batchnorm:
-        enc.fold_batchnorm()
     return enc
+
+
+def _fused_encoder(name: str, weights: str | None, pooling: str | None, device: str) -> Encoder:
+    """`a+b[:weights][*w]`: see _fused.py; weights go inside the name, per part."""
+    from cbir.encoders._fused import POOLING, create_fused
+
+    if weights not in (None, "", "parts"):
+        raise CbirError("a fused encoder takes weights per part, in its name: name:FILE+name2 (not --weights)")
+    if pooling not in (None, POOLING):
+        raise CbirError(f"a fused encoder pools each part its own way; its pooling is {POOLING!r}")
+    return create_fused(name, resolve_device(device), create)
 
 
 def from_config(config: dict[str, Any], device: str = "auto", weights: str | None = None) -> Encoder:

@@ -1,0 +1,97 @@
+"""Fused encoders: an ensemble for retrieval, e.g. `efficientnet_lite0+efficientnet_lite2` or
+`efficientnet_lite2+colour_histogram*0.5` or `efficientnet_lite0+siamese:models/siamese.pt`.
+
+Each part's vector is L2-normalised and scaled by the square root of its weight (default 1), the parts are
+concatenated and the whole re-normalised, so the cosine of two fused vectors is the weighted mean of the parts'
+cosines. One decode serves every part: the picture is cut once, at the largest part's input size and centre
+crop, in [0, 1]; each part resizes that crop to its own input size and applies its own normalisation. The name
+itself is the complete description (`from_config` rebuilds every part from it, each part's weights checked by
+sha256 like any encoder's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbir.encoders.base import Encoder
+from cbir.errors import CbirError
+from cbir.preprocess import Preprocess
+
+SEP = "+"
+POOLING = "concat"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    weights: str | None = None
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> Part:
+        """'name[:weights][*weight]'"""
+        head, _, weight = text.strip().partition("*")
+        name, _, weights = head.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise CbirError(f"fused encoder part {text!r}: the weight after * must be a number") from None
+        if not name or w <= 0 or not math.isfinite(w):
+            raise CbirError(f"fused encoder part {text!r}: give name[:weights][*weight] with a weight above 0")
+        return cls(name, weights or None, w)
+
+    @property
+    def spec(self) -> str:
+        weights = f":{self.weights}" if self.weights else ""
+        weight = f"*{self.weight:g}" if self.weight != 1 else ""
+        return f"{self.name}{weights}{weight}"
+
+
+class FusedNet(nn.Module):
+    """[B, 3, S, S] pixels in [0, 1] -> concatenated, weighted, per-part L2-normalised features."""
+
+    def __init__(self, parts: list[Encoder], weights: list[float], size: int) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(p.model for p in parts)
+        self.sizes = [p.preprocess.size for p in parts]
+        self.size = size
+        for i, p in enumerate(parts):
+            self.register_buffer(f"mean{i}", torch.tensor(p.preprocess.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"std{i}", torch.tensor(p.preprocess.std).view(1, 3, 1, 1), persistent=False)
+        self.scales = [math.sqrt(w) for w in weights]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i, (model, size, scale) in enumerate(zip(self.parts, self.sizes, self.scales, strict=True)):
+            xi = x if size == self.size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                           align_corners=False)
+            xi = (xi - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")
+            out.append(F.normalize(model(xi).float().flatten(1), dim=1) * scale)
+        return torch.cat(out, dim=1)
+
+
+def create_fused(spec: str, device: torch.device, create: Callable[..., Encoder]) -> Encoder:
+    """The fused encoder `spec`; `create` builds each part (cbir.encoders.create, passed in: no import cycle)."""
+    parts = [Part.parse(t) for t in spec.split(SEP)]
+    if len(parts) < 2:
+        raise CbirError(f"a fused encoder needs two parts or more, not {spec!r}")
+    if any(SEP in p.name for p in parts):
+        raise CbirError(f"fused encoders do not nest: {spec!r}")
+    built = [create(p.name, weights=p.weights, device=str(device), precision="fp32", fold_batchnorm=False)
+             for p in parts]
+    big = max(built, key=lambda e: e.preprocess.size).preprocess
+    common = Preprocess(size=big.size, resize="center_crop", crop_pct=big.crop_pct, mean=(0.0, 0.0, 0.0),
+                        std=(1.0, 1.0, 1.0), interpolation=big.interpolation)
+    idents = [e.weights for e in built]
+    digest = hashlib.sha256("".join(str(i.get("sha256")) for i in idents).encode()).hexdigest()
+    canonical = SEP.join(p.spec for p in parts)
+    net = FusedNet(built, [p.weight for p in parts], big.size)
+    return Encoder(canonical, net, sum(e.dim for e in built), common, POOLING,
+                   {"source": "parts", "parts": idents, "sha256": digest}, device)

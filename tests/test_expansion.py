@@ -1,0 +1,96 @@
+"""Better neighbours without labels: query expansion and database augmentation recorded in the index, fused
+encoders that round-trip through the index file, presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cbir import CbirError, Index
+from cbir.encoders import create, from_config
+from cbir.expansion import Expansion, augment_database, combine
+from cbir.images import load_image
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Index:
+    out = tmp_path_factory.mktemp("qe") / "idx"
+    return Index.build(samples, out=out, device="cpu", qe=2, dba=2)
+
+
+def test_combine_weights_neighbours_by_cosine_to_the_power_alpha() -> None:
+    q = np.array([[1.0, 0.0]], np.float32)
+    neighbours = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float32)
+    out = combine(q, neighbours, np.array([[0.5, -0.2]], np.float32), alpha=3.0)  # negative scores count 0
+    expected = np.array([1.0, 0.125]) / np.hypot(1.0, 0.125)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+
+
+def test_dba_uses_the_neighbours_not_the_row_itself_twice() -> None:
+    x = np.eye(3, dtype=np.float32)
+    x[2] = [0.6, 0.8, 0.0]
+
+    def search(q: np.ndarray, k: int):
+        s = q @ x.T
+        pos = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, pos, 1), pos
+
+    out = augment_database(x, search, k=1, alpha=1.0)
+    np.testing.assert_allclose(out[0], (x[0] + 0.6 * x[2]) / np.linalg.norm(x[0] + 0.6 * x[2]), rtol=1e-6)
+
+
+def test_expansion_is_recorded_and_kept_by_an_update(expanded: Index) -> None:
+    assert expanded.expansion == Expansion(qe_k=2, dba_k=2)
+    with h5py.File(expanded.directory / "vectors.h5") as f:
+        assert json.loads(f.attrs["expansion"])["dba_k"] == 2
+        raw, searched = f["raw_vectors"][()], f["vectors"][()]
+    assert raw.shape == searched.shape and not np.allclose(raw, searched)
+    np.testing.assert_allclose(np.linalg.norm(searched, axis=1), 1.0, atol=1e-5)
+    again = Index.build(expanded.root, out=expanded.directory, update=True, device="cpu")
+    assert again.expansion == expanded.expansion
+    with h5py.File(expanded.directory / "vectors.h5") as f:  # kept rows keep their own vectors, not a DBA of a DBA
+        np.testing.assert_allclose(f["raw_vectors"][()], raw, atol=1e-6)
+
+
+def test_query_expansion_never_repeats_an_id_and_keeps_scores_ordered(expanded: Index, samples: Path) -> None:
+    for id_ in map(int, expanded.store.ids[:12]):
+        found = expanded.search_id(id_, k=10)
+        ids = [r.id for r in found]
+        scores = [r.score for r in found]
+        assert len(set(ids)) == len(ids) == 10 and id_ not in ids
+        assert scores == sorted(scores, reverse=True)
+    upload = expanded.search(samples / "cat" / "chelsea.jpg", k=5)
+    assert upload[0].path == "cat/chelsea.jpg" and len({r.id for r in upload}) == 5
+
+
+def test_fused_encoder_round_trips_through_the_index_file(tmp_path: Path, samples: Path) -> None:
+    spec = "efficientnet_lite0+colour_histogram*0.5"
+    index = Index.build(samples / "cat", out=tmp_path / "fused", device="cpu", encoder=spec)
+    cfg = index.encoder_config
+    assert cfg["name"] == spec and cfg["dim"] == 1280 + 512 and cfg["weights"]["source"] == "parts"
+    rebuilt = from_config(Index.open(tmp_path / "fused").encoder_config, device="cpu")
+    im = load_image(samples / "cat" / "chelsea.jpg")
+    np.testing.assert_allclose(rebuilt.embed([im]), index.encoder.embed([im]), atol=1e-5)
+    v = rebuilt.embed([im])[0]
+    lite, hist = v[:1280], v[1280:]  # parts normalised, weighted 1 : 0.5, re-normalised
+    assert np.dot(lite, lite) / np.dot(hist, hist) == pytest.approx(2.0, rel=1e-3)
+    with pytest.raises(CbirError, match="weights per part"):
+        create(spec, weights="imagenet", device="cpu")
+    with pytest.raises(CbirError, match="weight above 0"):
+        create("efficientnet_lite0+colour_histogram*0", device="cpu")
+
+
+def test_presets_fill_what_was_not_given(tmp_path: Path, samples: Path) -> None:
+    from indexer import BuildOptions
+
+    opts = BuildOptions(preset="balanced", dba=0)
+    opts.validate()
+    assert (opts.encoder, opts.qe, opts.dba) == ("efficientnet_lite0", 2, 0)
+    with pytest.raises(CbirError, match="unknown preset"):
+        BuildOptions(preset="fastest").validate()
+    index = Index.build(samples / "coffee", out=tmp_path / "p", device="cpu", preset="balanced")
+    assert index.info()["preset"] == "balanced" and index.expansion.qe_k == 2
