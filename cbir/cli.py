@@ -139,6 +139,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from cbir.bench.run import BenchConfig, run_bench
 
+    if args.task == "copies":
+        from cbir.bench.copies import CopiesConfig, run_copies
+
+        encoders = args.encoders if args.encoders != DEFAULT_BENCH_ENCODERS else "efficientnet_lite0"
+        found = run_copies(CopiesConfig(dataset=args.dataset, out=args.out, encoders=encoders, sources=args.sources,
+                                        seed=args.seed, device=args.device, progress=not args.quiet))
+        print((Path(args.out) / "report.md").read_text())
+        print(f"reports: {args.out}/report.md, report.html, report.json ({found['seconds']:.0f} s)")
+        return 0
+
     try:
         ks = tuple(int(k) for k in args.k.split(","))
     except ValueError:
@@ -167,12 +177,15 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
-    print(f"{len(found['identical'])} groups of byte-identical files, {len(found['near'])} groups of "
-          f"near-duplicates (cosine >= {args.threshold})")
+    print(f"{len(found['identical'])} groups of byte-identical files, {len(found['near'])} groups of copies "
+          f"({found['candidates']} pairs at cosine >= {args.threshold} checked, {found['verified_pairs']} verified "
+          "by matching local features)")
     for g in found["identical"]:
         print("identical: " + "  ".join(x["path"] for x in g))
     for g in found["near"]:
-        print("near:      " + "  ".join(f"{x['path']} ({x['best_score']:.3f})" for x in g))
+        print(f"copies of {g[0]['path']}:")
+        for member in g[1:]:
+            print(f"    {member['path']}: {member['evidence'][0]['why']}")
     return 0
 
 
@@ -279,9 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("bench", help="precision@k of every encoder on a labelled collection, side by side")
+    s = sub.add_parser("bench", help="precision@k of every encoder on a labelled collection, side by side; or, "
+                       "with --task copies, how well each finds the original from edited copies (no labels)")
     s.add_argument("dataset", help="folder with one sub-folder per class (or use --labels FILE.csv)")
-    s.add_argument("--encoders", default="efficientnet_lite0,resnet50,vgg16,siamese,autoencoder",
+    s.add_argument("--task", choices=["labels", "copies"], default="labels", help="labels (default): precision@k "
+                   "by class; copies: recall of the source from edited copies of a seeded sample")
+    s.add_argument("--sources", type=int, default=100, help="copies: pictures to edit (12 edits each)")
+    s.add_argument("--encoders", default=DEFAULT_BENCH_ENCODERS,
                    help="comma-separated; NAME:none runs a torchvision encoder with random weights")
     s.add_argument("--labels", help="CSV of file,label instead of class folders")
     s.add_argument("--k", default="10,20", help="precision cut-offs (default 10,20)")
@@ -296,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("duplicates", help="list byte-identical and near-duplicate images in an index")
     s.add_argument("index")
-    s.add_argument("--threshold", type=float, default=None, help="cosine similarity for near-duplicates")
+    s.add_argument("--threshold", type=float, default=None, help="cosine similarity from which pairs are checked "
+                   "(default 0.7); a pair is reported only when its local features verify it")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_duplicates)
 
@@ -328,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OUR_LOGGERS = ("cbir", "indexer", "webui")
+DEFAULT_BENCH_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
 
 
 def _configure_logging(verbose: bool, timestamps: bool = False) -> None:

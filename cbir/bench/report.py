@@ -64,7 +64,7 @@ def _bar_chart(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _thumb(root: Path, rel: str, px: int = 96) -> str:
+def thumb_url(root: Path, rel: str, px: int = 96) -> str:
     try:
         im = load_image(root / rel, draft=px)
     except ImageError:
@@ -135,7 +135,7 @@ def _sample_rows(rankings: dict[str, Any], root: Path, label_of: dict[str, str])
 
     def t(rel: str) -> str:
         if rel not in thumbs:
-            thumbs[rel] = _thumb(root, rel)
+            thumbs[rel] = thumb_url(root, rel)
         return thumbs[rel]
 
     parts = []
