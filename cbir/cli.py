@@ -83,6 +83,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
           f"{'   preset ' + info['preset'] if info['preset'] else ''}")
+    w = info["words"]
+    print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
+          f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
     for p, r in index.store.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
@@ -346,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OUR_LOGGERS = ("cbir", "indexer", "webui")
+_handler: logging.Handler | None = None
 DEFAULT_BENCH_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
 
 
@@ -354,10 +358,13 @@ def _configure_logging(verbose: bool, timestamps: bool = False) -> None:
 
     faiss, for one, reports at INFO which CPU build it could not load before it loads another: not a failure.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s" if timestamps else "%(message)s"))
+    global _handler
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    if _handler is not None:  # main() called again in one process (tests, notebooks): replace only our own
+        root.removeHandler(_handler)
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s" if timestamps else "%(message)s"))
+    root.addHandler(_handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)

@@ -41,6 +41,8 @@ MIN_AGREEMENT = 0.7
 SPARSE_INLIERS = 12
 SPARSE_SHARE = 0.12
 SPARSE_AGREEMENT = 0.6
+MIN_SCALE = 0.15  # a copy is at most ~7x smaller or larger than its original (at SIDE px)
+MIN_COVER = 0.3  # the matching points span at least this share of one picture's width and of its height
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Evidence:
         return {**asdict(self), "agreement": round(self.agreement, 3), "verified": self.verified}
 
 
-Features = tuple[np.ndarray, np.ndarray | None]  # keypoint positions [N, 2], descriptors [N, 128]
+Features = tuple[np.ndarray, np.ndarray | None, tuple[int, int]]  # positions [N, 2], descriptors [N, 128], w x h
 
 
 def features(im: Image.Image) -> Features:
@@ -79,7 +81,7 @@ def features(im: Image.Image) -> Features:
         grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else
                           cv2.INTER_CUBIC)
     keypoints, descriptors = _sift().detectAndCompute(grey, None)
-    return np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors
+    return np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors, (grey.shape[1], grey.shape[0])
 
 
 _local = threading.local()
@@ -98,20 +100,39 @@ def match(a: Features, b: Features) -> Evidence:
     """Ratio-test matches of a's descriptors in b, and how many one similarity transform explains."""
     import cv2
 
-    (pa, da), (pb, db) = a, b
+    (pa, da, size_a), (pb, db, size_b) = a, b
     if da is None or db is None or len(da) < 2 or len(db) < 2:
         return Evidence(0, 0)
     keypoints = min(len(pa), len(pb))
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(da, db, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO_TEST * p[1].distance]
+    best: dict[int, cv2.DMatch] = {}  # one match per point of b: many points onto one is no evidence
+    for m in good:
+        if m.trainIdx not in best or m.distance < best[m.trainIdx].distance:
+            best[m.trainIdx] = m
+    good = list(best.values())
     if len(good) < 4:
         return Evidence(0, len(good), keypoints=keypoints)
     src = pa[[m.queryIdx for m in good]]
     dst = pb[[m.trainIdx for m in good]]
     cv2.setRNGSeed(0)  # the same pair gets the same answer every time
-    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX,
-                                          maxIters=5000, confidence=0.999)
-    return Evidence(int(mask.sum()) if mask is not None else 0, len(good), keypoints=keypoints)
+    transform, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX,
+                                                  maxIters=5000, confidence=0.999)
+    inliers = mask.ravel().astype(bool) if mask is not None else np.zeros(len(good), bool)
+    if transform is None or not _plausible(transform, src[inliers], dst[inliers], size_a, size_b):
+        return Evidence(0, len(good), keypoints=keypoints)
+    return Evidence(int(inliers.sum()), len(good), keypoints=keypoints)
+
+
+def _plausible(transform: np.ndarray, src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int],
+               size_b: tuple[int, int]) -> bool:
+    """A transform that keeps a picture a picture (not shrunk to a dot), and matching points that cover a fair part
+    of at least one of the two pictures both ways (not one shared logo, banner or watermark)."""
+    if len(src) < 2 or not MIN_SCALE <= float(np.hypot(*transform[0, :2])) <= 1 / MIN_SCALE:
+        return False
+    cover_a = float(np.min(np.ptp(src, axis=0) / np.maximum(size_a, 1)))
+    cover_b = float(np.min(np.ptp(dst, axis=0) / np.maximum(size_b, 1)))
+    return max(cover_a, cover_b) >= MIN_COVER
 
 
 def either_way(direct: Features, mirrored: Callable[[], Features], target: Features) -> Evidence:
@@ -150,8 +171,10 @@ class FeatureCache:
                 self._items.popitem(last=False)
         return found
 
-    def compare(self, a: Path, b: Path) -> Evidence:
-        """Evidence that the pictures at `a` and `b` are copies (a mirrored copy included)."""
+    def compare(self, a: Path, b: Path, mirror: bool = True) -> Evidence:
+        """Evidence that the pictures at `a` and `b` are copies (a mirrored copy too, when `mirror`)."""
+        if not mirror:
+            return match(self.get(a), self.get(b))
         return either_way(self.get(a), lambda: self.get(a, mirrored=True), self.get(b))
 
 

@@ -28,6 +28,7 @@ DEFAULT_THRESHOLD = 0.7
 NEIGHBOURS = 5  # and each picture's 5 nearest ...
 FLOOR = 0.5  # ... down to this cosine
 WORKERS = 4
+MIRROR_COSINE = 0.85  # mirrored copies are looked for only above this cosine (animals4: all mirrored copies >= 0.936)
 COMPLETE = 40  # pictures linked by verified pairs: up to this many, every pair among them is checked
 
 
@@ -67,8 +68,8 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, k: int = NEIGHBOURS,
 class _Verifier:
     """Evidence per pair of rows, computed once, files' features shared through one cache."""
 
-    def __init__(self, index: Index, cosines: dict[tuple[int, int], float]) -> None:
-        self.index, self.cosines = index, cosines
+    def __init__(self, index: Index, cosines: dict[tuple[int, int], float], vectors: np.ndarray) -> None:
+        self.index, self.cosines, self.vectors = index, cosines, vectors
         self.cache = FeatureCache()
         self.evidence: dict[tuple[int, int], Evidence] = {}
 
@@ -78,8 +79,12 @@ class _Verifier:
     def check(self, i: int, j: int) -> Evidence:
         key = (min(i, j), max(i, j))
         if key not in self.evidence:
-            try:
-                self.evidence[key] = self.cache.compare(self.file(key[0]), self.file(key[1]))
+            cos = self.cosines.get(key)
+            if cos is None:
+                cos = float(self.vectors[key[0]] @ self.vectors[key[1]])
+            try:  # a mirror image keeps its global vector (>= 0.93 for every mirrored copy measured): look only then
+                self.evidence[key] = self.cache.compare(self.file(key[0]), self.file(key[1]),
+                                                        mirror=cos >= MIRROR_COSINE)
             except Exception:  # a file gone or unreadable since indexing: no evidence, no group
                 self.evidence[key] = Evidence(0, 0)
         return self.evidence[key]
@@ -169,7 +174,7 @@ def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD) -> dict[
     assert own is not None
     candidates = [(i, j, c) for i, j, c in candidate_pairs(own, threshold)
                   if not (i in byte_group and byte_group.get(j) == byte_group[i])]
-    verifier = _Verifier(index, {(i, j): c for i, j, c in candidates})
+    verifier = _Verifier(index, {(i, j): c for i, j, c in candidates}, own)
     verifier.check_all([(i, j) for i, j, _ in candidates])
     verified = [(i, j) for i, j, _ in candidates if verifier.check(i, j).verified]
     groups = sorted(_stars(verified, s.size, verifier), key=lambda g: s.paths[g[0]])

@@ -29,6 +29,7 @@ from cbir.images import Box, ImageError, crop, load_image
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
 from cbir.search import VectorSearch, use_gpu
 from cbir.search_plan import SearchPlan
+from cbir.words import Words
 
 if TYPE_CHECKING:
     from cbir.encoders import Encoder
@@ -81,6 +82,7 @@ class Index:
         self._by_path: dict[str, int] | None = None
         self.expansion = Expansion.from_dict(json.loads(store.attrs["expansion"])) if "expansion" in store.attrs \
             else Expansion()
+        self.words = Words.from_dict(json.loads(store.attrs["words"])) if "words" in store.attrs else Words()
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
@@ -189,6 +191,11 @@ class Index:
         except KeyError:
             raise CbirError(f"no image with id {id_} in index {self.name}") from None
 
+    def row_of(self, id_: int) -> int:
+        """The row of image `id_` in the vectors file's columns."""
+        self.path_of(id_)
+        return self._pos[int(id_)]
+
     def id_of(self, path: str) -> int | None:
         """The id of the image at `path` (relative to the root), or None."""
         if self._by_path is None:
@@ -293,6 +300,7 @@ class Index:
             "search": {**self.searcher.plan.to_dict(), "gpu": self.searcher.gpu, "ntotal": self.searcher.ntotal},
             "vector_dtype": a.get("vector_dtype", "float32"),
             "expansion": self.expansion.to_dict(),
+            "words": self.words.to_dict(),
             "preset": a.get("preset") or None,
             "seconds": float(a.get("seconds", 0.0)),
         }

@@ -23,6 +23,7 @@ from cbir.layout import FAISS, VECTORS
 from cbir.search import VectorSearch
 from cbir.store import Store
 from cbir.version import __version__
+from cbir.words import measure as measure_words
 from indexer.work import Chunk, WorkDir
 
 BLOCK = 1024  # rows written at a time: memory stays flat however large the collection
@@ -79,13 +80,15 @@ def commit(job: CommitJob) -> Committed:
         final = store_mod.read(tmp_vec)
         assert final.vectors is not None
         index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
+        words = measure_words(job.encoder, job.root, final.paths, final.vectors)
         if job.expansion.dba_k and len(final.ids) > 1:
             searched = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
             store_mod.replace_vectors(tmp_vec, searched)
             index, plan = tuning.build(searched, final.ids, index_type=job.index_type)
         VectorSearch(index, plan).save(tmp_faiss)
         store_mod.set_attrs(tmp_vec, {"search": json.dumps(plan.to_dict(), sort_keys=True),
-                                      "expansion": json.dumps(job.expansion.to_dict(), sort_keys=True)})
+                                      "expansion": json.dumps(job.expansion.to_dict(), sort_keys=True),
+                                      "words": json.dumps(words.to_dict(), sort_keys=True)})
     old_paths = set(job.old.paths) if job.old is not None else set()
     return Committed(len(rows.order), sum(p not in old_paths for p in rows.order),
                      [Skipped(p, r) for p, r in sorted(rows.skipped.items())])

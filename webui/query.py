@@ -23,17 +23,6 @@ class QueryError(Exception):
         self.message = message
 
 
-def similarity_word(score: float) -> str:
-    """Confidence in words; cosine thresholds read off the bundled samples and animals4 with the default encoder."""
-    if score >= 0.85:
-        return "near-duplicate"
-    if score >= 0.55:
-        return "similar"
-    if score >= 0.35:
-        return "borderline"
-    return "different"
-
-
 def parse_k(raw: str | None) -> int:
     limit = current_app.config["MAX_K"]
     if raw is None or raw == "":
@@ -127,7 +116,7 @@ def describe(name: str, index: Index, results: list, k: int, id_: int | None, *,
             {
                 **r.to_dict(),
                 "score": round(r.score, 6),
-                "similarity": similarity_word(r.score),
+                "similarity": index.words.word(r.score),
                 "thumbnail_url": url_for("pages.thumbnail", index=name, id_=r.id),
                 "image_url": url_for("pages.image", index=name, id_=r.id),
             }
