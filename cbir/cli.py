@@ -34,20 +34,36 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     index = Index.open(args.index, device=args.device, weights=args.weights)
     started = time.perf_counter()
-    results = index.search(args.image, k=args.k)
+    evidence: list = []
+    if args.copies:
+        from cbir.copies import rank_copies_first
+        from cbir.images import ImageError, load_image
+
+        if not Path(args.image).is_file():
+            raise CbirError(f"query image not found: {args.image}")
+        try:
+            ranked = rank_copies_first(index, load_image(args.image), k=args.k)
+        except ImageError as exc:
+            raise CbirError(f"cannot use the query image: {exc}") from exc
+        results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
+    else:
+        results = index.search(args.image, k=args.k)
     took = (time.perf_counter() - started) * 1000
     if not args.no_prepare and index.encoder_config.get("precision", "fp32") == "fp32":
         index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
+        rows = [{**r.to_dict(), **({"copy": e.to_dict()} if evidence else {})}
+                for r, e in zip(results, evidence or [None] * len(results), strict=True)]
         print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
-                          "took_ms": round(took, 2), "results": [r.to_dict() for r in results]}, indent=2))
+                          "took_ms": round(took, 2), "results": rows}, indent=2))
         return 0
     print(f"top {len(results)} of {len(index)} images in {index.name} ({index.encoder_config['name']}), "
           f"{took:.0f} ms")
     width = max((len(r.path) for r in results), default=4)
     print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  id")
-    for r in results:
-        print(f"{r.rank:>4}  {r.score:6.3f}  {r.path:<{width}}  {r.id}")
+    for n, r in enumerate(results):
+        copy = f"  copy: {evidence[n].inliers} matching points" if evidence and evidence[n].verified else ""
+        print(f"{r.rank:>4}  {r.score:6.3f}  {r.path:<{width}}  {r.id}{copy}")
     return 0
 
 
@@ -267,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--device", default="auto")
     s.add_argument("--weights", help="where the index's weights file is now, if it moved")
+    s.add_argument("--copies", action="store_true", help="rank verified copies of the query (edited, cropped, "
+                   "mirrored versions, checked with local features) first, and say so")
     s.add_argument("--no-prepare", action="store_true", help="do not export the ONNX query model that makes later "
                    "searches of an fp32 index start faster")
     s.set_defaults(func=_cmd_search)

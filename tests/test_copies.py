@@ -102,3 +102,14 @@ def test_duplicates_json_keeps_its_shape_and_adds_evidence(index: Index, capsys:
     member = found["near"][0][0]
     assert {"id", "path", "best_score", "evidence"} <= set(member)
     assert {"inliers", "agreement", "verified", "why"} <= set(found["near"][0][1]["evidence"][0])
+
+
+def test_search_copies_from_the_command_line(index: Index, collection: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    query = tmp_path / "q.jpg"
+    EDITS["rotate 15 + greyscale"](load_image(collection / "astronaut" / "astronaut.jpg")).save(query, quality=80)
+    assert main(["search", str(index.directory), str(query), "--copies", "--json", "-k", "5"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert rows[0]["path"].startswith("astronaut/") and rows[0]["copy"]["verified"]
+    assert main(["search", str(index.directory), str(query), "--copies", "-k", "3"]) == 0
+    assert "copy: " in capsys.readouterr().out
