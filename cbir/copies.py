@@ -178,14 +178,17 @@ class FeatureCache:
         return either_way(self.get(a), lambda: self.get(a, mirrored=True), self.get(b))
 
 
-def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20,
-                      cache: FeatureCache | None = None) -> list[tuple[Result, Evidence]]:
+def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20, *,
+                      cache: FeatureCache | None = None,
+                      vector: np.ndarray | None = None) -> list[tuple[Result, Evidence]]:
     """The top `k` for a query picture with its verified copies first (strongest first), then the rest in order.
 
     Candidates are the global top `candidates`; each is checked against the query (and its mirror image).
+    `vector` is the query's embedding when the caller has it already.
     """
     cache = cache or FeatureCache()
-    found = index.search(image, k=max(k, candidates))
+    query = index.embed(image) if vector is None else vector
+    found = index.search_vector(query, k=max(k, candidates))
     direct, flipped = features(image), features(ImageOps.mirror(image))
     checked: list[tuple[Result, Evidence]] = []
     for r in found:

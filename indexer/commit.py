@@ -23,6 +23,7 @@ from cbir.layout import FAISS, VECTORS
 from cbir.search import VectorSearch
 from cbir.store import Store
 from cbir.version import __version__
+from cbir.words import Words
 from cbir.words import measure as measure_words
 from indexer.work import Chunk, WorkDir
 
@@ -80,7 +81,7 @@ def commit(job: CommitJob) -> Committed:
         final = store_mod.read(tmp_vec)
         assert final.vectors is not None
         index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
-        words = measure_words(job.encoder, job.root, final.paths, final.vectors)
+        words = _words(job, final)
         if job.expansion.dba_k and len(final.ids) > 1:
             searched = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
             store_mod.replace_vectors(tmp_vec, searched)
@@ -92,6 +93,15 @@ def commit(job: CommitJob) -> Committed:
     old_paths = set(job.old.paths) if job.old is not None else set()
     return Committed(len(rows.order), sum(p not in old_paths for p in rows.order),
                      [Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+
+
+def _words(job: CommitJob, final: Store) -> Words:
+    """The confidence words: measured for a new index, kept by an update (same encoder, much the same collection:
+    an update of one file should not pay for embedding a sample again)."""
+    if job.old is not None and "words" in job.old.attrs:
+        return Words.from_dict(json.loads(job.old.attrs["words"]))
+    assert final.vectors is not None
+    return measure_words(job.encoder, job.root, final.paths, final.vectors)
 
 
 def _augment(vectors: np.ndarray, ids: np.ndarray, search: VectorSearch, expansion: Expansion) -> np.ndarray:

@@ -113,3 +113,17 @@ def test_search_copies_from_the_command_line(index: Index, collection: Path, tmp
     assert rows[0]["path"].startswith("astronaut/") and rows[0]["copy"]["verified"]
     assert main(["search", str(index.directory), str(query), "--copies", "-k", "3"]) == 0
     assert "copy: " in capsys.readouterr().out
+
+
+def test_copies_bench_reports_every_edit(tmp_path: Path, samples: Path) -> None:
+    from cbir.bench.copies import CopiesConfig, run_copies
+
+    report = run_copies(CopiesConfig(dataset=str(samples), out=str(tmp_path / "rep"), sources=2, device="cpu",
+                                     progress=False))
+    per_kind = report["encoders"]["efficientnet_lite0"]["per_kind"]
+    assert set(per_kind) == set(EDITS)
+    assert all(0.0 <= v["verified_recall_at_1"] <= 1.0 and v["recall_at_10"] >= v["recall_at_1"]
+               for v in per_kind.values())
+    assert report["encoders"]["efficientnet_lite0"]["queries"] == 2 * len(EDITS)
+    for name in ("report.md", "report.html", "report.json"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0

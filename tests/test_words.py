@@ -30,3 +30,5 @@ def test_each_index_gets_its_own_words(tmp_path: Path, samples: Path) -> None:
         assert w.fitted and 0 < w.borderline < w.similar < w.near_duplicate <= 1
     assert Index.open(lite.directory).words != Index.open(hist.directory).words
     assert Words() == Words.from_dict(None)  # an index from before keeps the defaults
+    again = Index.build(samples, out=tmp_path / "lite", device="cpu", update=True)
+    assert again.words == Index.open(lite.directory).words  # an update keeps them: no sample embedded again

@@ -83,14 +83,15 @@ def _measure(index: Index, cfg: CopiesConfig, misses_dir: Path) -> dict[str, Any
         original = load_image(index.file_of(src))
         for kind, edit in EDITS.items():
             query = edit(original)
-            found = [r.id for r in index.search(query, k=10)]
-            ranked = [r.id for r, _ in rank_copies_first(index, query, k=10, cache=cache)]
+            vector = index.embed(query)  # once: the plain search, the verified one and the cosine share it
+            found = [r.id for r in index.search_vector(vector, k=10)]
+            ranked = [r.id for r, _ in rank_copies_first(index, query, k=10, cache=cache, vector=vector)]
             row = rows[kind]
             row["r1"].append(_same_picture(index, cache, src, found[0]))
             row["r10"].append(src in found)
             row["v1"].append(_same_picture(index, cache, src, ranked[0]))
             row["v10"].append(src in ranked)
-            row["cos"].append(float(np.dot(index.embed(query), index.vector_of(src))))
+            row["cos"].append(float(np.dot(vector, index.vector_of(src))))
             if not row["v1"][-1]:
                 misses.append(_miss(index, kind, src, query, ranked, misses_dir))
         if n % 10 == 0:
