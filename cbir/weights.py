@@ -21,7 +21,6 @@ from cbir.errors import WeightsUnavailable
 from cbir.files import sha256_file
 
 RANDOM_SEED = 0
-SOURCES = ("imagenet", "none", "file")
 
 
 @dataclass(frozen=True)
