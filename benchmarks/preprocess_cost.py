@@ -23,7 +23,8 @@ import torch
 from cbir.encoders import create
 from cbir.files import sha256_bytes
 from cbir.images import load_image
-from indexer.decode import DecodedFiles, read_file
+from indexer.decode import DecodedFiles
+from indexer.source import Source
 
 
 def per_image_ms(fn, items: list, repeats: int) -> float:
@@ -48,11 +49,12 @@ def main() -> None:
     files = sorted(p.name for p in folder.glob("*.jpg"))[: args.limit]
     enc = create(args.encoder, weights="none" if args.encoder != "efficientnet_lite0" else None, device="cpu")
     pre = enc.preprocess
-    data = [read_file(folder / f)[0] for f in files]
+    source = Source.of(folder)
+    data = [source.read(f)[0] for f in files]
     decoded = [load_image(io.BytesIO(d), draft=pre.draft_size) for d in data]
-    ds = DecodedFiles(folder, files, pre)
+    ds = DecodedFiles(source, files, pre)
     rows = [
-        ("read + sha256", per_image_ms(lambda f: sha256_bytes(read_file(folder / f)[0]), files, args.repeats)),
+        ("read + sha256", per_image_ms(lambda f: sha256_bytes(source.read(f)[0]), files, args.repeats)),
         ("decode (draft, EXIF, RGB)", per_image_ms(lambda d: load_image(io.BytesIO(d), draft=pre.draft_size),
                                                    data, args.repeats)),
         (f"resize crop box to {pre.size} ({pre.interpolation})", per_image_ms(pre.pixels, decoded, args.repeats)),

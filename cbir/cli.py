@@ -24,9 +24,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
                            device=args.device, mode=mode,
                            batch_size=args.batch_size, workers=args.workers, exclude=tuple(args.exclude),
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
-                           qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet)
+                           qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
+                           on_disk=True if args.on_disk else None, memory_budget=_bytes(args.memory_budget),
+                           engine=args.engine, ray_address=args.ray_address)
     print(build(args.dir, args.out, options).describe())
     return 0
+
+
+def _bytes(text: str | None) -> int | None:
+    """'8G', '500M', '1.5T' or a number of bytes."""
+    if text is None:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise CbirError(f"--memory-budget: not a size: {text!r} (try 8G or 500M)") from None
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -273,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "neighbours (0: off, default; 2 is the published setting)")
     s.add_argument("--dba", type=int, metavar="K", help="alpha-database-side augmentation at index time with the top "
                    "K neighbours (0: off, default; 2 is the published setting)")
+    s.add_argument("--on-disk", action="store_true", help="IVF-PQ index served from disk, built shard by shard, "
+                   "re-ranked with float16 vectors read by row (for collections larger than RAM; 10,000 images or "
+                   "more)")
+    s.add_argument("--memory-budget", metavar="SIZE", help="auto index type: go on disk when the float32 vectors "
+                   "would exceed this (e.g. 8G; default half of this machine's RAM)")
+    s.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default): this machine's "
+                   "processes; ray: decode and embed on a Ray cluster (README: More than one machine)")
+    s.add_argument("--ray-address", help="with --engine ray: the cluster to join (default: RAY_ADDRESS if set, else "
+                   "a local cluster started for this run)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 

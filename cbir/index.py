@@ -28,7 +28,7 @@ from cbir.expansion import Expansion, combine
 from cbir.images import Box, ImageError, crop, load_image
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
 from cbir.search import VectorSearch, use_gpu
-from cbir.search_plan import SearchPlan
+from cbir.search_plan import ONDISK, SearchPlan
 from cbir.words import Words
 
 if TYPE_CHECKING:
@@ -65,6 +65,33 @@ def _agrees(search: VectorSearch, store: store_mod.Store) -> bool:
     return True
 
 
+class RowsById:
+    """id -> row of the vectors file: arithmetic when ids are the row numbers (a `range`), else a sorted lookup."""
+
+    def __init__(self, ids: np.ndarray | range) -> None:
+        self.range = ids if isinstance(ids, range) else None
+        if self.range is None:
+            ids = np.asarray(ids, np.int64)
+            self.order = np.argsort(ids, kind="stable")
+            self.sorted = ids[self.order]
+
+    def __getitem__(self, id_: int) -> int:
+        rows = self.rows(np.array([id_], np.int64))
+        if rows[0] < 0:
+            raise KeyError(id_)
+        return int(rows[0])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of `ids` (-1 where unknown)."""
+        ids = np.asarray(ids, np.int64)
+        if self.range is not None:
+            return np.where((ids >= 0) & (ids < len(self.range)), ids, -1)
+        if not len(self.sorted):
+            return np.full(len(ids), -1, np.int64)
+        at = np.clip(np.searchsorted(self.sorted, ids), 0, len(self.sorted) - 1)
+        return np.where(self.sorted[at] == ids, self.order[at], -1)
+
+
 class Index:
     """An opened index: its vectors and metadata, its FAISS index, and (on first image query) its encoder."""
 
@@ -78,7 +105,7 @@ class Index:
         self._encoder: Encoder | None = None
         self._onnx: OnnxQueryEncoder | None | bool = False  # False: not looked for yet
         self._lock = threading.Lock()
-        self._pos = {int(i): n for n, i in enumerate(store.ids)}
+        self._pos = RowsById(store.ids)
         self._by_path: dict[str, int] | None = None
         self.expansion = Expansion.from_dict(json.loads(store.attrs["expansion"])) if "expansion" in store.attrs \
             else Expansion()
@@ -109,6 +136,12 @@ class Index:
         """Open an index folder. `weights` says where a weights file now is if the index was moved; `encoder`
         is a ready encoder to use for queries (one that built the index, or one shared between indexes)."""
         directory = resolve_index_dir(path)
+        attrs = store_mod.read_attrs(directory / VECTORS)
+        if "search" in attrs and json.loads(attrs["search"]).get("type") == ONDISK:
+            index = cls._open_on_disk(directory, device, weights)
+            if encoder is not None:
+                index.use_encoder(encoder)
+            return index
         store = store_mod.read(directory / VECTORS, vectors=True)
         assert store.vectors is not None
         gpu = use_gpu(device)
@@ -126,6 +159,28 @@ class Index:
         index = cls(directory, store, search, device=device, weights=weights)
         if encoder is not None:
             index.use_encoder(encoder)
+        return index
+
+    @classmethod
+    def _open_on_disk(cls, directory: Path, device: str, weights: str | None) -> Index:
+        """An index larger than memory: vectors and ids memory-mapped, paths read per row, FAISS lists on disk.
+        Opening reads none of them; a query reads its candidates' rows to re-rank them."""
+        from cbir import ondisk
+
+        store = store_mod.open_lazy(directory / VECTORS)
+        plan = SearchPlan.from_dict(json.loads(store.attrs["search"]))
+        if not (directory / FAISS).is_file():
+            raise CbirError(f"{directory / FAISS} is missing; rebuild the index with cbir index --rebuild")
+        faiss_index = ondisk.load(directory / FAISS)
+        if faiss_index.ntotal != len(store) or faiss_index.d != store.dim:
+            raise CbirError(f"{directory / FAISS} does not match {VECTORS}; rebuild the index with "
+                            "cbir index --rebuild")
+        rows = RowsById(store.ids)
+        assert store.vectors is not None
+        read_rows = ondisk.rows_reader(store.vectors)
+        search = VectorSearch(faiss_index, plan, exact_rows=lambda ids: read_rows(rows.rows(ids)))
+        index = cls(directory, store, search, device=device, weights=weights)
+        index._pos = rows
         return index
 
     # -- properties -----------------------------------------------------------------------------------
@@ -197,7 +252,7 @@ class Index:
         return self._pos[int(id_)]
 
     def id_of(self, path: str) -> int | None:
-        """The id of the image at `path` (relative to the root), or None."""
+        """The id of the image at `path` (relative to the root), or None (reads every path once: slow at 10M)."""
         if self._by_path is None:
             self._by_path = {p: int(i) for p, i in zip(self.store.paths, self.store.ids, strict=True)}
         return self._by_path.get(path)
@@ -205,7 +260,7 @@ class Index:
     def vector_of(self, id_: int) -> np.ndarray:
         self.path_of(id_)
         assert self.store.vectors is not None
-        return self.store.vectors[self._pos[int(id_)]]
+        return np.asarray(self.store.vectors[self._pos[int(id_)]], np.float32)
 
     def file_of(self, id_: int) -> Path:
         return self.root / self.path_of(id_)

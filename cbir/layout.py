@@ -20,11 +20,6 @@ LOCK = ".lock"
 DEFAULT_DIR = Path("indexes")
 
 
-def default_out(source: str | os.PathLike[str]) -> Path:
-    """Where `cbir index SOURCE` writes when no --out is given: ./indexes/<folder name>."""
-    return DEFAULT_DIR / Path(source).resolve().name
-
-
 def resolve_index_dir(path: str | os.PathLike[str]) -> Path:
     """Accept the index folder, its vectors.h5, or a bare name under ./indexes/."""
     p = Path(path)

@@ -14,6 +14,7 @@ as a `SearchPlan` (cbir.search_plan), stored in the vectors file and shown by `c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -22,7 +23,7 @@ import numpy as np
 from cbir.errors import CbirError
 from cbir.files import atomic_path
 from cbir.metrics import SIMS_BUDGET
-from cbir.search_plan import SearchPlan, apply_params
+from cbir.search_plan import ONDISK, SearchPlan, apply_params
 
 NUMPY_MAX_BATCH = 32  # exact CPU search: numpy up to this many queries at once, faiss above
 
@@ -51,12 +52,18 @@ def _inner(index: faiss.Index) -> faiss.Index:
 class VectorSearch:
     """Cosine search (vectors are L2-normalised, so inner product = cosine) with the kind a plan says."""
 
-    def __init__(self, index: faiss.Index, plan: SearchPlan | None = None, gpu: bool = False) -> None:
-        self.index = index  # the CPU IndexIDMap2 that is saved
+    def __init__(self, index: faiss.Index, plan: SearchPlan | None = None, gpu: bool = False,
+                 exact_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """`exact_rows(ids)` gives stored vectors by id: with it, an on-disk index re-ranks its PQ candidates."""
+        self.index = index  # the CPU IndexIDMap2 that is saved (an on-disk IVF holds the ids itself)
         self.plan = plan or SearchPlan()
         inner = _inner(index)
-        self.ids = (faiss.vector_to_array(index.id_map).astype(np.int64) if isinstance(index, faiss.IndexIDMap)
-                    else np.arange(index.ntotal, dtype=np.int64))
+        self.ids: np.ndarray | None = None  # position -> id; None: the index answers with ids already
+        if isinstance(index, faiss.IndexIDMap):
+            self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        elif self.plan.type != ONDISK:
+            self.ids = np.arange(index.ntotal, dtype=np.int64)
+        self.exact_rows = exact_rows
         if self.plan.type != "flat":
             apply_params(inner, self.plan)
         self._flat: np.ndarray | None = None
@@ -112,12 +119,31 @@ class VectorSearch:
             return scores, ids
         if self._flat is not None and not self.gpu and len(q) <= NUMPY_MAX_BATCH:
             s, pos = exact_numpy(self._flat, q, kk)
+        elif self.exact_rows is not None:
+            candidates = min(self.ntotal, kk * int(self.plan.params.get("k_factor", 1)))
+            s, pos = rerank(q, self._search_index.search(q, candidates)[1], self.exact_rows, kk)
         else:
             s, pos = self._search_index.search(q, kk)
         valid = pos >= 0
         scores[:, :kk] = np.where(valid, s, -np.inf)
-        ids[:, :kk] = np.where(valid, self.ids[np.clip(pos, 0, None)], -1)
+        found = pos if self.ids is None else self.ids[np.clip(pos, 0, None)]
+        ids[:, :kk] = np.where(valid, found, -1)
         return scores, ids
+
+
+def rerank(q: np.ndarray, candidates: np.ndarray, exact_rows: Callable[[np.ndarray], np.ndarray],
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of each query's candidate ids (read once for the batch), best k first."""
+    unique = np.unique(candidates[candidates >= 0])
+    rows = exact_rows(unique) if len(unique) else np.zeros((0, q.shape[1]), np.float32)
+    scores = np.full((len(q), k), -np.inf, np.float32)
+    ids = np.full((len(q), k), -1, np.int64)
+    for i, cand in enumerate(candidates):
+        cand = cand[cand >= 0]
+        sims = rows[np.searchsorted(unique, cand)] @ q[i]
+        top = np.argsort(-sims, kind="stable")[:k]
+        scores[i, :len(top)], ids[i, :len(top)] = sims[top], cand[top]
+    return scores, ids
 
 
 def exact_numpy(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

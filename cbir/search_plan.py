@@ -14,6 +14,7 @@ import faiss
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 EXACT_UP_TO = 50_000  # auto: exact search up to this many vectors
 TARGET_RECALL = 0.99
+ONDISK = "ivfpq-ondisk"  # IVF-PQ with its lists on disk, re-ranked with exact rows (cbir.ondisk)
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _inner(index: faiss.Index) -> faiss.Index:
 def apply_params(inner: faiss.Index, plan: SearchPlan) -> None:
     """Set the run-time knobs (nprobe, efSearch, k_factor) that the plan chose."""
     p = plan.params
-    if plan.type in ("ivf", "ivfpq"):
+    if plan.type in ("ivf", "ivfpq", ONDISK):
         faiss.extract_index_ivf(inner).nprobe = int(p["nprobe"])
     if plan.type == "hnsw":
         faiss.downcast_index(inner).hnsw.efSearch = int(p["ef_search"])

@@ -15,6 +15,10 @@ Layout (format 1):
 
 Rows are appended batch by batch as they are embedded, so memory does not grow with the collection;
 `complete` is set only when the writer closes normally, and readers refuse a file without it.
+
+When the row count is known before writing (the commit stage knows it), the numeric columns are stored
+contiguously (attr `contiguous`), and `open_lazy` memory-maps them: an index of 10 million images opens without
+reading its vectors, ids or paths (rows are read when asked for; see cbir/ondisk.py).
 """
 
 from __future__ import annotations
@@ -39,16 +43,21 @@ class VectorWriter:
     """Streams rows into a new vectors file."""
 
     def __init__(self, path: Path, dim: int, attrs: dict[str, Any], chunk_rows: int = 1024,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", rows: int | None = None) -> None:
+        """`rows`: the exact number of rows to come, if known: numeric columns are then contiguous (mappable)."""
         self.path = Path(path)
         self.dim = dim
         self.count = 0
+        self.rows = rows
         self.f = h5py.File(self.path, "w")
-        chunk = (chunk_rows, dim)
-        self.f.create_dataset("vectors", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=chunk)
-        for name, dt in (("paths", STR), ("ids", "int64"), ("mtime_ns", "int64"), ("size", "int64"),
-                         ("sha256", STR)):
-            self.f.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(chunk_rows,))
+        numeric = (("vectors", dtype, (dim,)), ("ids", "int64", ()), ("mtime_ns", "int64", ()), ("size", "int64", ()))
+        for name, dt, tail in numeric:
+            if rows is None:
+                self.f.create_dataset(name, (0, *tail), dtype=dt, maxshape=(None, *tail), chunks=(chunk_rows, *tail))
+            else:
+                self.f.create_dataset(name, (rows, *tail), dtype=dt)
+        for name in ("paths", "sha256"):
+            self.f.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
         g = self.f.create_group("skipped")
         for name in ("path", "reason"):
             g.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(256,))
@@ -71,9 +80,12 @@ class VectorWriter:
         columns = {"vectors": vectors, "paths": list(paths), "ids": np.asarray(ids, np.int64),
                    "mtime_ns": np.asarray(mtime_ns, np.int64), "size": np.asarray(sizes, np.int64),
                    "sha256": list(sha256) if sha256 is not None else [""] * n}
+        if self.rows is not None and stop > self.rows:
+            raise ValueError(f"more rows than the {self.rows} announced")
         for name, data in columns.items():
             ds = self.f[name]
-            ds.resize(stop, axis=0)
+            if ds.maxshape[0] is None:
+                ds.resize(stop, axis=0)
             ds[start:stop] = data
         self.count = stop
 
@@ -86,9 +98,12 @@ class VectorWriter:
 
     def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Mark the file complete and close it; only a file closed this way is ever opened for search."""
+        if self.rows is not None and self.count != self.rows:
+            raise ValueError(f"{self.count} rows written, {self.rows} announced")
         for key, value in (extra_attrs or {}).items():
             self.f.attrs[key] = value
         self.f.attrs["count"] = self.count
+        self.f.attrs["contiguous"] = self.rows is not None
         self.f.attrs["complete"] = True
         self.f.close()
 
@@ -111,6 +126,11 @@ class Store:
     sha256: list[str] | None = None  # content hash per file (absent in files from before it was recorded)
     vectors: np.ndarray | None = field(default=None, repr=False)
     raw_vectors: np.ndarray | None = field(default=None, repr=False)  # with DBA: the encoder's rows, if asked
+    handle: h5py.File | None = field(default=None, repr=False)  # open_lazy: the file its columns read from
+
+    @property
+    def lazy(self) -> bool:
+        return self.handle is not None
 
     @property
     def encoder_config(self) -> dict[str, Any]:
@@ -166,6 +186,77 @@ def read(path: Path, vectors: bool = True, raw: bool = False) -> Store:
         raise CbirError(f"{path} is inconsistent: its columns have different lengths")
     if store.vectors is not None and store.vectors.shape != (n, store.dim):
         raise CbirError(f"{path} is inconsistent: vectors {store.vectors.shape} for {n} paths of dim {store.dim}")
+    return store
+
+
+class Strings(Sequence[str]):
+    """A string column read row by row from its open file (a 10M-row column is never read whole)."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return int(self.ds.shape[0])
+
+    def __getitem__(self, row):  # type: ignore[override]
+        if isinstance(row, slice):
+            return [_text(v) for v in self.ds[row]]
+        if not -len(self) <= row < len(self):
+            raise IndexError(row)
+        return _text(self.ds[row])
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        """Several rows at once (read in file order)."""
+        order = np.argsort(rows)
+        got = self.ds[np.asarray(rows)[order]] if len(rows) else []
+        out = [""] * len(rows)
+        for j, v in zip(order, got, strict=True):
+            out[int(j)] = _text(v)
+        return out
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def _mapped(path: Path, ds: h5py.Dataset) -> np.ndarray:
+    """A read-only memory map of a contiguous, uncompressed dataset (HDF5 stores it as one run of bytes)."""
+    offset = ds.id.get_offset()
+    if offset is None or ds.compression is not None:
+        raise CbirError(f"{path}: column {ds.name} is not stored contiguously; rebuild the index with --on-disk")
+    return np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """The file's attributes only (cheap at any size)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: _text(v) if isinstance(v, bytes) else v for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise CbirError(f"cannot read {path}: {exc}") from exc
+
+
+def open_lazy(path: Path) -> Store:
+    """The file opened without reading its columns: vectors, ids, sizes memory-mapped, strings read per row.
+
+    For indexes larger than memory. Ids that are 0..N-1 in row order (a fresh build) are a `range`: no memory.
+    """
+    path = Path(path)
+    attrs = read_attrs(path)
+    if not attrs.get("complete", False):
+        raise CbirError(f"{path} is incomplete (its indexing run did not finish); re-run cbir index")
+    f = h5py.File(path, "r")
+    n = int(f["paths"].shape[0])
+    ids = _mapped(path, f["ids"])
+    if attrs.get("ids_are_rows", False):
+        ids = range(n)  # type: ignore[assignment]
+    skipped = list(zip(Strings(f["skipped/path"])[:], Strings(f["skipped/reason"])[:], strict=True))
+    store = Store(path=path, attrs=attrs, paths=Strings(f["paths"]), ids=ids,  # type: ignore[arg-type]
+                  mtime_ns=_mapped(path, f["mtime_ns"]), size=_mapped(path, f["size"]), skipped=skipped,
+                  sha256=Strings(f["sha256"]), vectors=_mapped(path, f["vectors"]))
+    store.handle = f
+    if not (len(ids) == len(store.size) == n == int(attrs.get("count", n))):
+        raise CbirError(f"{path} is inconsistent: its columns have different lengths")
     return store
 
 

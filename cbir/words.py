@@ -14,8 +14,8 @@ Words are a hint; whether a picture is a copy is decided by matching local featu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,8 +57,9 @@ def fit(copies: np.ndarray, random_pairs: np.ndarray) -> Words:
     return Words(round(near, 4), round(similar, 4), round(borderline, 4), fitted=True)
 
 
-def measure(encoder: Any, root: Path, paths: list[str], vectors: np.ndarray, seed: int = 0) -> Words:
-    """Fit the words on a collection: `vectors` are the encoder's rows for `paths` (under `root`)."""
+def measure(encoder: Any, read: Callable[[str], bytes], paths: Sequence[str], vectors: np.ndarray,
+            seed: int = 0) -> Words:
+    """Fit the words on a collection: `vectors` are the encoder's rows for `paths` (whose bytes `read` gives)."""
     from cbir.bench.edits import EDITS
     from cbir.images import ImageError, load_image
 
@@ -69,12 +70,13 @@ def measure(encoder: Any, root: Path, paths: list[str], vectors: np.ndarray, see
     copies: list[float] = []
     for row in rng.choice(n, size=min(SAMPLE, n), replace=False):
         try:
-            im = load_image(root / paths[row])
+            im = load_image(read(paths[row]))
         except (ImageError, OSError):
             continue
         edited = encoder.embed([EDITS[name](im) for name in LIGHT_EDITS])
         copies.extend((edited @ vectors[row]).tolist())
     a, b = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
     keep = a != b
-    random_pairs = np.einsum("ij,ij->i", vectors[a[keep]], vectors[b[keep]])
+    random_pairs = np.einsum("ij,ij->i", np.asarray(vectors[a[keep]], np.float32),
+                             np.asarray(vectors[b[keep]], np.float32))
     return fit(np.asarray(copies), random_pairs)

@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cbir import ondisk, tuning
 from cbir import store as store_mod
-from cbir import tuning
 from cbir.encoders import Encoder
+from cbir.errors import CbirError
 from cbir.expansion import Expansion, augment_database
 from cbir.files import atomic_path
 from cbir.images import Skipped
 from cbir.layout import FAISS, VECTORS
 from cbir.search import VectorSearch
+from cbir.search_plan import SearchPlan
 from cbir.store import Store
 from cbir.version import __version__
 from cbir.words import Words
 from cbir.words import measure as measure_words
+from indexer.source import Source
 from indexer.work import Chunk, WorkDir
 
 BLOCK = 1024  # rows written at a time: memory stays flat however large the collection
@@ -32,7 +36,7 @@ BLOCK = 1024  # rows written at a time: memory stays flat however large the coll
 
 @dataclass
 class CommitJob:
-    root: Path
+    source: Source
     out: Path
     encoder: Encoder
     old: Store | None  # the index being updated, if any
@@ -44,6 +48,8 @@ class CommitJob:
     started: float = 0.0
     expansion: Expansion = field(default_factory=Expansion)
     preset: str | None = None
+    on_disk: bool = False  # IVF-PQ on disk, built shard by shard (cbir/ondisk.py)
+    mapper: Callable[..., Iterable[int]] | None = None  # runs the on-disk shards (map, or Ray tasks)
 
 
 @dataclass
@@ -67,32 +73,62 @@ class _Rows:
 def commit(job: CommitJob) -> Committed:
     rows = _gather(job)
     attrs = {"encoder": job.encoder.name, "encoder_config": json.dumps(job.encoder.config, sort_keys=True),
-             "root": str(job.root.resolve()), "cbir_version": __version__, "created": store_mod.now_iso(),
+             "root": job.source.resolved(), "cbir_version": __version__, "created": store_mod.now_iso(),
              "vector_dtype": "float16" if job.float16 else "float32", "preset": job.preset or ""}
     with atomic_path(job.out / VECTORS) as tmp_vec, atomic_path(job.out / FAISS) as tmp_faiss:
-        writer = store_mod.VectorWriter(tmp_vec, job.encoder.dim, attrs, dtype=attrs["vector_dtype"])
+        writer = store_mod.VectorWriter(tmp_vec, job.encoder.dim, attrs, dtype=attrs["vector_dtype"],
+                                        rows=len(rows.order))
         try:
             for p in sorted(rows.skipped):
                 writer.add_skipped(p, rows.skipped[p])
             _write_rows(writer, rows, job)
-            writer.close({"seconds": time.perf_counter() - job.started, "skipped_count": len(rows.skipped)})
+            writer.close({"seconds": time.perf_counter() - job.started, "skipped_count": len(rows.skipped),
+                          "ids_are_rows": all(rows.ids[p] == n for n, p in enumerate(rows.order))})
         finally:
             writer.abort()
-        final = store_mod.read(tmp_vec)
-        assert final.vectors is not None
-        index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
-        words = _words(job, final)
-        if job.expansion.dba_k and len(final.ids) > 1:
-            searched = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
-            store_mod.replace_vectors(tmp_vec, searched)
-            index, plan = tuning.build(searched, final.ids, index_type=job.index_type)
-        VectorSearch(index, plan).save(tmp_faiss)
+        if job.on_disk:
+            plan, words = _on_disk(job, tmp_vec, tmp_faiss)
+        else:
+            plan, words = _in_memory(job, tmp_vec, tmp_faiss)
         store_mod.set_attrs(tmp_vec, {"search": json.dumps(plan.to_dict(), sort_keys=True),
                                       "expansion": json.dumps(job.expansion.to_dict(), sort_keys=True),
                                       "words": json.dumps(words.to_dict(), sort_keys=True)})
+    ondisk.remove_stale(job.out, keep=plan.params.get("data"))
     old_paths = set(job.old.paths) if job.old is not None else set()
     return Committed(len(rows.order), sum(p not in old_paths for p in rows.order),
                      [Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+
+
+def _in_memory(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan, Words]:
+    final = store_mod.read(tmp_vec)
+    assert final.vectors is not None
+    index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
+    words = _words(job, final)
+    if job.expansion.dba_k and len(final.ids) > 1:
+        searched = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
+        store_mod.replace_vectors(tmp_vec, searched)
+        index, plan = tuning.build(searched, final.ids, index_type=job.index_type)
+    VectorSearch(index, plan).save(tmp_faiss)
+    return plan, words
+
+
+def _on_disk(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan, Words]:
+    """IVF-PQ built shard by shard from the memory-mapped file; nothing holds all vectors (cbir/ondisk.py)."""
+    if job.expansion.dba_k:
+        raise CbirError("database-side augmentation (--dba) is not available with an on-disk index")
+    final = store_mod.open_lazy(tmp_vec)
+    try:
+        if len(final) < ondisk.MIN_VECTORS:
+            raise CbirError(f"an on-disk index needs at least {ondisk.MIN_VECTORS:,} images to train on; this "
+                            f"collection has {len(final):,}: leave out --on-disk (it fits in memory)")
+        if not isinstance(final.ids, range):  # an update renumbered nothing: ids stay, rows moved
+            raise CbirError("an on-disk index is built fresh: use --rebuild (an update keeps ids that are no longer "
+                            "row numbers)")
+        plan = ondisk.build_index(tmp_vec, tmp_faiss, mapper=job.mapper or map)
+        return plan, _words(job, final)
+    finally:
+        assert final.handle is not None
+        final.handle.close()
 
 
 def _words(job: CommitJob, final: Store) -> Words:
@@ -101,7 +137,7 @@ def _words(job: CommitJob, final: Store) -> Words:
     if job.old is not None and "words" in job.old.attrs:
         return Words.from_dict(json.loads(job.old.attrs["words"]))
     assert final.vectors is not None
-    return measure_words(job.encoder, job.root, final.paths, final.vectors)
+    return measure_words(job.encoder, lambda rel: job.source.read(rel)[0], final.paths, final.vectors)
 
 
 def _augment(vectors: np.ndarray, ids: np.ndarray, search: VectorSearch, expansion: Expansion) -> np.ndarray:

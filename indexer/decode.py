@@ -13,7 +13,6 @@ import io
 import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from cbir.encoders import Preprocess
 from cbir.files import sha256_bytes
 from cbir.images import ImageError, load_image
+from indexer.source import Source
 
 DECODE_NICE = 19
 PR_SET_PDEATHSIG = 1
@@ -42,19 +42,13 @@ class Decoded:
         return self.pixels is not None
 
 
-def read_file(path: Path) -> tuple[bytes, os.stat_result]:
-    st = path.stat()
-    with open(path, "rb") as fh:
-        return fh.read(), st
-
-
-def decode(root: Path, file: str, preprocess: Preprocess) -> Decoded:
+def decode(source: Source, file: str, preprocess: Preprocess) -> Decoded:
     try:
-        data, st = read_file(root / file)
+        data, size, mtime_ns = source.read(file)
         if not data:
             return Decoded(file, None, "empty file (0 bytes)")
         im = load_image(io.BytesIO(data), draft=preprocess.draft_size)
-        return Decoded(file, preprocess.pixels(im), "", st.st_mtime_ns, st.st_size, sha256_bytes(data))
+        return Decoded(file, preprocess.pixels(im), "", mtime_ns, size, sha256_bytes(data))
     except ImageError as exc:
         return Decoded(file, None, str(exc))
     except FileNotFoundError:
@@ -68,14 +62,14 @@ def decode(root: Path, file: str, preprocess: Preprocess) -> Decoded:
 class DecodedFiles(Dataset):
     """Item i: `decode` of files[i]. Runs in worker processes."""
 
-    def __init__(self, root: Path, files: list[str], preprocess: Preprocess) -> None:
-        self.root, self.files, self.preprocess = Path(root), files, preprocess
+    def __init__(self, source: Source, files: list[str], preprocess: Preprocess) -> None:
+        self.source, self.files, self.preprocess = source, files, preprocess
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode(self.root, self.files[i], self.preprocess)
+        return decode(self.source, self.files[i], self.preprocess)
 
 
 def die_with_parent(parent: int) -> None:
@@ -117,9 +111,10 @@ def _as_list(items: list[Decoded]) -> list[Decoded]:
     return items
 
 
-def batches(root: Path, files: list[str], preprocess: Preprocess, batch_size: int, workers: int | None) -> DataLoader:
+def batches(source: Source, files: list[str], preprocess: Preprocess, batch_size: int,
+            workers: int | None) -> DataLoader:
     """Batches (lists) of `Decoded`, in file order, decoded by `workers` processes (None: by size and cores)."""
     n = default_workers(len(files), batch_size) if workers is None else workers
-    return DataLoader(DecodedFiles(root, files, preprocess), batch_size=batch_size, shuffle=False, num_workers=n,
+    return DataLoader(DecodedFiles(source, files, preprocess), batch_size=batch_size, shuffle=False, num_workers=n,
                       collate_fn=_as_list, prefetch_factor=4 if n else None,
                       worker_init_fn=worker_init_fn() if n else None)

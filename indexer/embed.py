@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from cbir.encoders import Encoder
 from cbir.errors import CbirError
 from indexer.decode import Decoded, batches, decode
 from indexer.options import BuildOptions
+from indexer.source import Source
 from indexer.work import Chunk, WorkDir
 
 log = logging.getLogger(__name__)
@@ -35,19 +35,15 @@ def to_chunk(items: list[Decoded], vectors: np.ndarray) -> Chunk:
                  [(it.file, it.reason) for it in items if not it.ok])
 
 
-def embed_files(root: Path, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions) -> None:
+def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions) -> None:
     """Embed `files` batch by batch, each batch saved as a chunk the moment it is made."""
     if not files:
         return
-    sample = calibrate(root, files, encoder)
-    if sample is not None:
-        work.write(sample)
-        done = set(sample.paths) | {p for p, _ in sample.skipped}
-        files = [f for f in files if f not in done]
+    files = settle_mode(source, files, encoder, work)
     batch_size = options.batch_size or default_batch(encoder)
     skipped = 0
     with _progress(len(files), options.progress) as bar:
-        for items in batches(root, files, encoder.preprocess, batch_size, options.workers):
+        for items in batches(source, files, encoder.preprocess, batch_size, options.workers):
             pixels = [it.pixels for it in items if it.ok]
             vecs = encoder.embed_pixels(np.stack(pixels)) if pixels else np.zeros((0, encoder.dim), np.float32)
             chunk = to_chunk(items, vecs)
@@ -55,6 +51,16 @@ def embed_files(root: Path, files: list[str], encoder: Encoder, work: WorkDir, o
             skipped += len(chunk.skipped)
             bar.update(len(items))
             bar.set_postfix(skipped=skipped, refresh=False)
+
+
+def settle_mode(source: Source, files: list[str], encoder: Encoder, work: WorkDir) -> list[str]:
+    """Calibrate the numeric mode if needed (its sample saved as the first chunk); the files still to embed."""
+    sample = calibrate(source, files, encoder)
+    if sample is None:
+        return files
+    work.write(sample)
+    done = set(sample.paths) | {p for p, _ in sample.skipped}
+    return [f for f in files if f not in done]
 
 
 def _progress(total: int, enabled: bool):
@@ -79,7 +85,7 @@ def _modes_to_measure(encoder: Encoder, n_files: int) -> tuple[str, ...] | None:
     return ("fp32", "bf16")
 
 
-def calibrate(root: Path, files: list[str], encoder: Encoder) -> Chunk | None:
+def calibrate(source: Source, files: list[str], encoder: Encoder) -> Chunk | None:
     """Settle numeric mode 'auto' (or calibrate 'int8') on a sample of `files`.
 
     Returns the sample as a chunk embedded in the chosen mode (its undecodable files as skipped), or None when
@@ -93,7 +99,7 @@ def calibrate(root: Path, files: list[str], encoder: Encoder) -> Chunk | None:
         log.info(f"precision: {encoder.precision} (as measured on this machine before; "
                  f"{encoder.calibration['reused']})")
         return None
-    items = _sample(root, files, encoder)
+    items = _sample(source, files, encoder)
     pixels = [it.pixels for it in items if it.ok]
     if forced and len(pixels) < 4:
         raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
@@ -108,12 +114,12 @@ def calibrate(root: Path, files: list[str], encoder: Encoder) -> Chunk | None:
     return to_chunk(items, vectors[chosen])
 
 
-def _sample(root: Path, files: list[str], encoder: Encoder) -> list[Decoded]:
+def _sample(source: Source, files: list[str], encoder: Encoder) -> list[Decoded]:
     """Decoded files spread over the collection, until SAMPLE of them decode."""
     picks = np.unique(np.linspace(0, len(files) - 1, num=2 * numeric.SAMPLE).astype(int))
     items: list[Decoded] = []
     for i in picks:
-        items.append(decode(root, files[i], encoder.preprocess))
+        items.append(decode(source, files[i], encoder.preprocess))
         if sum(it.ok for it in items) == numeric.SAMPLE:
             break
     return items

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from cbir.errors import CbirError
 
 MODES = ("create", "rebuild", "update")
+ENGINES = ("local", "ray")
 DEFAULT_ENCODER = "efficientnet_lite0"
 
 # Measured configurations (benchmarks/RESULTS.md, "Better neighbours without labels"): animals4 leave-one-out P@10
@@ -43,6 +44,10 @@ class BuildOptions:
     qe: int | None = None  # alpha-QE neighbours at search time (0: off; None: as before, else off)
     dba: int | None = None  # alpha-DBA neighbours at index time (0: off; None: as before, else off)
     preset: str | None = None  # fast / balanced / best: fills the encoder and expansion not given explicitly
+    on_disk: bool | None = None  # IVF-PQ served from disk (None: as before, or auto by memory_budget)
+    memory_budget: int | None = None  # bytes the vectors may take in RAM before auto goes on disk (None: half the RAM)
+    engine: str = "local"  # local (this machine's processes) or ray (a Ray cluster: indexer/distributed.py)
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for the run
     progress: bool = False
 
     def validate(self) -> None:
@@ -56,6 +61,11 @@ class BuildOptions:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 50:
                 raise CbirError(f"--{name} is a number of neighbours from 0 (off) to 50, not {value}")
+        if self.engine not in ENGINES:
+            raise CbirError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.on_disk and self.index_type not in (None, "auto", "ivfpq"):
+            raise CbirError(f"--on-disk builds an IVF-PQ index; it cannot be combined with --index-type "
+                            f"{self.index_type}")
         self.exclude = tuple(self.exclude)
         if self.preset is not None:
             if self.preset not in PRESETS:

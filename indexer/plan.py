@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from cbir.files import sha256_file
+from cbir.files import sha256_bytes
 from cbir.store import Store
+from indexer.source import Source
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Plan:
     resumed: int = 0  # files of `todo` that an interrupted run already embedded (see `resume`)
 
 
-def make_plan(root: Path, files: list[str], old: Store | None, verify: bool = False) -> Plan:
+def make_plan(source: Source, files: list[str], old: Store | None, verify: bool = False) -> Plan:
     """Everything is new without an old index; with one, a file is unchanged when its size and mtime (and with
     `verify` its sha256) are the ones recorded."""
     if old is None:
@@ -30,7 +30,7 @@ def make_plan(root: Path, files: list[str], old: Store | None, verify: bool = Fa
         i = row.get(f)
         if i is None:
             plan.todo.append(f)
-        elif _unchanged(root / f, old, i, verify):
+        elif _unchanged(source, f, old, i, verify):
             plan.keep[f] = i
             plan.unchanged += 1
         else:
@@ -41,29 +41,23 @@ def make_plan(root: Path, files: list[str], old: Store | None, verify: bool = Fa
     return plan
 
 
-def _unchanged(path: Path, old: Store, i: int, verify: bool) -> bool:
-    try:
-        st = path.stat()
-    except OSError:
+def _unchanged(source: Source, f: str, old: Store, i: int, verify: bool) -> bool:
+    st = source.stat(f)
+    if st is None:
         return False
-    same = st.st_size == old.size[i] and st.st_mtime_ns == old.mtime_ns[i]
+    same = st == (old.size[i], old.mtime_ns[i])
     if same and verify and old.sha256 is not None:
-        same = sha256_file(path) == old.sha256[i]
+        same = sha256_bytes(source.read(f)[0]) == old.sha256[i]
     return same
 
 
-def resume(plan: Plan, root: Path, done: dict[str, tuple[int, int]]) -> list[str]:
+def resume(plan: Plan, source: Source, done: dict[str, tuple[int, int]]) -> list[str]:
     """The files of the plan that no saved chunk holds yet (a saved file that changed since is embedded again)."""
     remaining = []
     for f in plan.todo:
         prev = done.get(f)
-        if prev is not None:
-            try:
-                st = (root / f).stat()
-                if prev == (-1, -1) or prev == (st.st_size, st.st_mtime_ns):
-                    plan.resumed += 1
-                    continue
-            except OSError:
-                pass
+        if prev is not None and (prev == (-1, -1) or prev == source.stat(f)):
+            plan.resumed += 1
+            continue
         remaining.append(f)
     return remaining

@@ -13,22 +13,28 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbir import store as store_mod
 from cbir.device import configure_threads
 from cbir.encoders import Encoder, create, from_config
 from cbir.errors import CbirError
 from cbir.expansion import Expansion
-from cbir.images import Discovery, discover
-from cbir.layout import VECTORS, default_out
+from cbir.images import Discovery
+from cbir.layout import DEFAULT_DIR, VECTORS
+from cbir.search_plan import ONDISK
 from cbir.store import Store
 from indexer.commit import CommitJob, commit
 from indexer.embed import embed_files
 from indexer.lock import IndexLock
 from indexer.options import DEFAULT_ENCODER, BuildOptions
 from indexer.plan import make_plan, resume
+from indexer.source import Source
 from indexer.summary import Summary
 from indexer.work import WorkDir
+
+if TYPE_CHECKING:
+    from indexer.distributed import Engine
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,8 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     """
     opts = options or BuildOptions()
     opts.validate()
-    root = Path(source)
-    out = Path(out) if out is not None else default_out(root)
+    root = Source.of(source)
+    out = Path(out) if out is not None else DEFAULT_DIR / root.name
     found = _discover(root, out, opts)
     enc = encoder or _make_encoder(opts, out)
     log.info(f"encoder: {enc.name} ({enc.dim}-d, {enc.pooling} pooling, weights {enc.weights['source']}, "
@@ -60,27 +66,46 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         work = WorkDir(out, _manifest(root, enc, opts.mode, old))
         work.open()
         todo = resume(plan, root, work.done())
-        embed_files(root, todo, enc, work, opts)
+        engine = _embed(root, plan.todo, todo, enc, work, opts)
         index_type, float16 = _search_settings(opts, old)
-        done = commit(CommitJob(root, out, enc, old, plan.keep, work, found.skipped, index_type, float16, started,
-                                _expansion(opts, old), opts.preset))
+        on_disk = _on_disk(opts, old, len(plan.keep) + len(todo), enc.dim)
+        job = CommitJob(root, out, enc, old, plan.keep, work, found.skipped, "ivfpq" if on_disk else index_type,
+                        float16 or (on_disk and opts.float16 is None), started, _expansion(opts, old), opts.preset,
+                        on_disk, engine.map if engine is not None else None)
+        try:
+            done = commit(job)
+        finally:
+            if engine is not None:
+                engine.close()
         work.remove()
     return Summary(out, enc, opts.mode, done.indexed, done.skipped, time.perf_counter() - started, len(todo),
                    plan.resumed, done.added, plan.changed, plan.removed, plan.unchanged)
 
 
-def _discover(root: Path, out: Path, opts: BuildOptions) -> Discovery:
-    if not root.is_dir():
-        raise CbirError(f"folder not found: {root}" if not root.exists() else f"not a folder: {root}")
+def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir,
+           opts: BuildOptions) -> Engine | None:
+    """The embed stage on this machine, or on a Ray cluster (returned, still connected: the commit may use it)."""
+    if opts.engine != "ray":
+        embed_files(root, todo, enc, work, opts)
+        return None
+    from indexer import distributed
+
+    engine = distributed.connect(opts.ray_address)
+    try:
+        distributed.embed_files(engine, root, todo, enc, work, opts, planned=planned)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def _discover(root: Source, out: Path, opts: BuildOptions) -> Discovery:
     if out.exists() and not out.is_dir():
         raise CbirError(f"--out {out} is a file, not a folder")
     if (out / VECTORS).is_file() and opts.mode == "create":
         raise CbirError(f"{out} already holds an index; pass --update to add new and changed files, or "
                         "--rebuild to re-embed everything")
-    try:
-        return discover(root, opts.exclude)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise CbirError(str(exc)) from exc
+    return root.discover(opts.exclude)
 
 
 def _make_encoder(opts: BuildOptions, out: Path) -> Encoder:
@@ -97,9 +122,9 @@ def _check_same_encoder(old: Store, enc: Encoder, out: Path) -> None:
                         "--update keeps the encoder: use --rebuild to change it")
 
 
-def _manifest(root: Path, enc: Encoder, mode: str, old: Store | None) -> dict:
+def _manifest(root: Source, enc: Encoder, mode: str, old: Store | None) -> dict:
     """What makes saved chunks reusable: same collection, same encoder, same job."""
-    return {"root": str(root.resolve()), "encoder": enc.config["weights"], "name": enc.name, "pooling": enc.pooling,
+    return {"root": root.resolved(), "encoder": enc.config["weights"], "name": enc.name, "pooling": enc.pooling,
             "mode": mode, "base": old.attrs.get("created") if old is not None else None}
 
 
@@ -109,6 +134,27 @@ def _expansion(opts: BuildOptions, old: Store | None) -> Expansion:
         "expansion" in old.attrs else Expansion()
     return Expansion(qe_k=before.qe_k if opts.qe is None else opts.qe,
                      dba_k=before.dba_k if opts.dba is None else opts.dba)
+
+
+def _on_disk(opts: BuildOptions, old: Store | None, rows: int, dim: int) -> bool:
+    """As asked; else as the old index was; else (auto) when the float32 vectors would not fit the memory budget."""
+    if opts.on_disk is not None:
+        return opts.on_disk
+    if old is not None and "search" in old.attrs:
+        return json.loads(old.attrs["search"]).get("type") == ONDISK
+    if (opts.index_type or "auto") != "auto":
+        return False
+    budget = opts.memory_budget or default_memory_budget()
+    if rows * dim * 4 > budget:
+        log.info(f"{rows} vectors of {dim} floats exceed the memory budget of {budget / 2**30:.1f} GiB: "
+                 "building an on-disk IVF-PQ index")
+        return True
+    return False
+
+
+def default_memory_budget() -> int:
+    """Half of this machine's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def _search_settings(opts: BuildOptions, old: Store | None) -> tuple[str, bool]:

@@ -35,7 +35,8 @@ class Summary:
             text += (f"\nupdate: {self.added} added, {self.changed} changed, {self.removed} removed, "
                      f"{self.unchanged} unchanged")
         if self.resumed:
-            text += f"\nresumed: {self.resumed} images were already embedded by an interrupted run"
+            text += (f"\nresumed: {self.resumed} images were already embedded by an interrupted run; "
+                     f"{self.embedded} embedded now")
         if self.skipped:
             shown = "\n".join(f"  skipped {s.path}: {s.reason}" for s in self.skipped[:20])
             more = f"\n  ... and {len(self.skipped) - 20} more (see cbir info)" if len(self.skipped) > 20 else ""

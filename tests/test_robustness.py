@@ -185,7 +185,7 @@ def test_hostile_corpus_completes_with_matching_counts(tmp_path: Path, encoder, 
         fh.write(jpeg_bytes(photo(seed=4)))
     (root / "vanishes.jpg").write_bytes(jpeg_bytes(photo(seed=5)))
 
-    import indexer.run as pipeline
+    import indexer.source as pipeline
 
     real_discover = pipeline.discover
 

@@ -1,0 +1,224 @@
+"""Embed stage on a Ray cluster (`cbir index --engine ray`): the same decoding and the same encoder, on many machines.
+
+    driver: manifest (sorted files, a global id, size and mtime each)     -> IDX/.work/files.tsv
+    Ray Data: ids -> read bytes + decode (CPU tasks, cbir's own preprocessing) -> embed (actor pool, one model
+              per actor, a GPU each on GPU nodes) -> back to the driver
+    driver: numbered chunks under IDX/.work/ (the write stage's own format), progress with images/s
+
+Everything after (commit: vectors.h5, faiss.index) is the one-machine code, so both engines give the same index.
+Resuming is the write stage's: a chunk is written whole or not at all, and a re-run embeds only the files no
+chunk holds. The workers need cbir installed (same version) and the collection reachable at the same path or
+URL; the index folder must be on storage that the driver writes (and, with --on-disk, that the workers read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir.encoders import Encoder
+from cbir.files import atomic_path
+from indexer import guardian
+from indexer.decode import DECODE_NICE, Decoded, decode
+from indexer.embed import default_batch, settle_mode, to_chunk
+from indexer.options import BuildOptions
+from indexer.source import Source
+from indexer.work import WorkDir
+
+log = logging.getLogger(__name__)
+MANIFEST = "files.tsv"
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every address 127.0.0.1
+
+
+class Engine:
+    """A connection to a Ray cluster; a local cluster started for the run ends with it (indexer/guardian.py)."""
+
+    def __init__(self, watcher: subprocess.Popen | None) -> None:
+        self.watcher = watcher
+
+    def map(self, fn: Callable[..., int], *iterables: Iterable[Any]) -> list[int]:
+        """`fn` over the argument lists as Ray tasks (the on-disk index's shards); results in order."""
+        import ray
+
+        task = ray.remote(num_cpus=1)(fn)
+        return ray.get([task.remote(*args) for args in zip(*iterables, strict=True)])
+
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.watcher is not None:
+            guardian.stop(self.watcher)
+
+
+def connect(address: str | None) -> Engine:
+    """Join `address`, else the cluster in RAY_ADDRESS, else start a local one for this run."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address.split("://")[-1].startswith(("127.", "localhost")):
+        # A cluster on this machine talks over loopback only (Ray would otherwise use the machine's own address).
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
+    try:
+        import ray
+    except ImportError:
+        from cbir.errors import CbirError
+
+        raise CbirError('--engine ray needs Ray: pip install -e ".[ray]"') from None
+    watcher = None
+    if not ray.is_initialized():
+        log.info(f"ray: joining the cluster at {address}" if address else "ray: starting a local cluster")
+        watcher = guardian.start() if address is None else None
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": _forwarded_env()})
+    _quiet_ray_data()
+    return Engine(watcher)
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The driver's object-store settings (endpoint, region, credentials), passed to the workers with the job."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "CBIR_S3_ENDPOINT"}
+
+
+def _quiet_ray_data() -> None:
+    import warnings
+
+    from ray.data import DataContext
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows its own bar, with images/s
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def write_manifest(work: WorkDir, source: Source, files: list[str]) -> dict[str, int]:
+    """The run's files with global ids, written once per job (a resumed run reads the same one back)."""
+    path = work.dir / MANIFEST
+    if path.is_file():
+        ids = read_manifest(path)
+        if set(ids) >= set(files):
+            return ids
+    stats = source.stats(files)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{i}\t{stats[f][0]}\t{stats[f][1]}\t{f}\n" for i, f in enumerate(sorted(files))),
+                       encoding="utf-8")
+    return {f: i for i, f in enumerate(sorted(files))}
+
+
+def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
+                options: BuildOptions, *, planned: list[str]) -> int:
+    """Embed `files` (those of `planned` that no chunk holds yet) on the cluster; returns how many were embedded."""
+    ids = write_manifest(work, source, planned)
+    if not files:
+        return 0
+    files = settle_mode(source, files, encoder, work)  # on the driver: the actors rebuild the settled mode
+    batch_size = options.batch_size or default_batch(encoder)
+    embedded = 0
+    with _progress(len(files), options.progress) as bar:
+        for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
+            chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
+            work.write(chunk)
+            embedded += len(batch["path"])
+            bar.update(len(batch["path"]))
+    return embedded
+
+
+def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
+              batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0)]
+    actors = gpus or max(1, len(cpus))
+    # An embedding actor reserves all but one CPU of the smallest node (half of a 1-CPU node) and runs torch on
+    # all its cores, as the local embed stage does; decoding tasks (half a CPU each, at nice 19) use the gaps.
+    actor_cpus = 1.0 if gpus else max(0.5, min(cpus, default=1.0) - 1)
+    ds = ray.data.from_items([{"id": i, "path": p} for i, p in items],
+                             override_num_blocks=max(1, min(len(items) // batch_size, 64 * actors)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"source": source, "preprocess": encoder.preprocess},
+                        batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+    ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"config": encoder.config, "gpu": gpus > 0},
+                        batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+                        num_cpus=actor_cpus, num_gpus=1 if gpus else 0)
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    if not log.isEnabledFor(logging.DEBUG):  # Ray Data sets its loggers up on first use: quiet them after
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    yield from batches
+
+
+def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
+    """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
+    marker = np.zeros(0, np.uint8)
+    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h))
+            for p, ok, r, m, s, h in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
+                                         batch["size"], batch["sha256"], strict=True)]
+
+
+def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocess: Any) -> dict[str, np.ndarray]:
+    """Read and decode a batch of files (cbir's own preprocessing) at low priority, like the local decoders."""
+    with contextlib.suppress(OSError):
+        os.nice(max(0, DECODE_NICE - os.nice(0)))
+    items = [decode(source, str(p), preprocess) for p in batch["path"]]
+    return _decoded_columns(batch, items, preprocess.size)
+
+
+def _decoded_columns(batch: dict[str, np.ndarray], items: list[Decoded], size: int) -> dict[str, np.ndarray]:
+    pixels = np.zeros((len(items), size, size, 3), np.uint8)
+    for j, it in enumerate(items):
+        if it.ok:
+            pixels[j] = it.pixels
+    return {"id": batch["id"], "path": batch["path"], "pixels": pixels,
+            "ok": np.array([it.ok for it in items], bool), "reason": np.array([it.reason for it in items]),
+            "mtime_ns": np.array([it.mtime_ns for it in items], np.int64),
+            "size": np.array([it.size for it in items], np.int64),
+            "sha256": np.array([it.sha256 for it in items])}
+
+
+class EmbedBatch:
+    """One model per actor, rebuilt exactly from the index's encoder record (weights, pooling, numeric mode)."""
+
+    def __init__(self, config: dict[str, Any], gpu: bool) -> None:
+        import torch
+
+        from cbir.encoders import from_config
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the node's cores, as the local embed stage uses them
+        self.encoder = from_config(config, device="cuda" if gpu else "cpu")
+        self.encoder.restore_mode(config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"]
+        vectors = np.zeros((len(ok), self.encoder.dim), np.float32)
+        if ok.any():
+            vectors[ok] = self.encoder.embed_pixels(batch["pixels"][ok])
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["vector"] = vectors
+        return out
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="indexing (ray)", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def read_manifest(path: Path) -> dict[str, int]:
+    """path -> global id from a run's manifest."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        id_, _s, _m, rel = line.split("\t", 3)
+        out[rel] = int(id_)
+    return out

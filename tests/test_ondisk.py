@@ -1,0 +1,97 @@
+"""The on-disk index: built shard by shard it answers as one built in one piece, exactly at nprobe = nlist, and an
+index folder holding one opens without reading its vectors or paths (real FAISS, real HDF5 files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir import ondisk
+from cbir import store as store_mod
+from cbir.errors import CbirError
+from cbir.index import Index
+from cbir.layout import FAISS, VECTORS
+from cbir.search import VectorSearch
+from cbir.search_plan import ONDISK, SearchPlan
+
+N, DIM = ondisk.MIN_VECTORS, 32
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((100, DIM))
+    x = centres[rng.integers(0, 100, N)] + 0.7 * rng.standard_normal((N, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _search(folder: Path, x: np.ndarray, nprobe: int, k_factor: int) -> VectorSearch:
+    plan = SearchPlan(ONDISK, {"nprobe": nprobe, "k_factor": k_factor})
+    return VectorSearch(ondisk.load(folder / FAISS), plan, exact_rows=lambda ids: x[ids])
+
+
+def test_four_shards_answer_as_one_piece_and_as_exact_search(vectors, tmp_path):
+    built = {}
+    for name, shard_rows in (("four", N // 4), ("one", N)):
+        folder = tmp_path / name
+        folder.mkdir()
+        layout, data = ondisk.build(vectors, folder / FAISS, folder, shard_rows=shard_rows)
+        assert data.is_file() and data.parent == folder
+        assert not list(folder.glob(".shards-*")), "shard files are temporary"
+        built[name] = (folder, layout)
+    queries = vectors[:300]
+    nlist = built["one"][1].nlist
+    four = _search(built["four"][0], vectors, 8, 4).search(queries, 10)
+    one = _search(built["one"][0], vectors, 8, 4).search(queries, 10)
+    np.testing.assert_array_equal(four[1], one[1])
+    np.testing.assert_allclose(four[0], one[0], atol=1e-6)
+    assert _search(built["four"][0], vectors, 8, 4).search(queries, 10)[1].min() >= 0
+    # every list probed, and enough candidates re-ranked with the exact vectors: exact search
+    _, ids = _search(built["four"][0], vectors, nlist, 50).search(queries, 10)
+    truth = ondisk.exact_top(vectors, queries, 10)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(truth, axis=1))
+
+
+def test_an_on_disk_index_opens_without_reading_its_columns(vectors, tmp_path):
+    out = tmp_path / "idx"
+    out.mkdir()
+    config = {"name": "synthetic", "dim": DIM, "pooling": "none", "weights": {"source": "none", "sha256": ""}}
+    attrs = {"encoder": "synthetic", "encoder_config": json.dumps(config), "root": str(tmp_path),
+             "vector_dtype": "float16", "created": store_mod.now_iso()}
+    writer = store_mod.VectorWriter(out / VECTORS, DIM, attrs, dtype="float16", rows=N)
+    for start in range(0, N, 4096):  # shard by shard, as the commit stage writes
+        part = vectors[start:start + 4096]
+        zeros = np.zeros(len(part), np.int64)
+        writer.append(part.astype(np.float16), [f"img/{i:06d}.jpg" for i in range(start, start + len(part))],
+                      zeros, zeros, ids=range(start, start + len(part)))
+    writer.close({"ids_are_rows": True})
+    plan = ondisk.build_index(out / VECTORS, out / FAISS, shard_rows=N // 4)
+    assert plan.type == ONDISK and plan.recall_at_10 >= ondisk.TARGET_RECALL and plan.queries > 0
+    store_mod.set_attrs(out / VECTORS, {"search": json.dumps(plan.to_dict())})
+
+    index = Index.open(out)
+    assert index.store.lazy and isinstance(index.store.vectors, np.memmap)
+    assert isinstance(index.store.ids, range) and not isinstance(index.store.paths, list)
+    assert len(index) == N and index.searcher.plan.type == ONDISK
+    results = index.search_vector(vectors[123], k=10)
+    assert results[0].id == 123 and results[0].path == "img/000123.jpg"
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    truth = ondisk.exact_top(vectors, vectors[123:124], 10)[0]
+    assert len({r.id for r in results} & set(truth.tolist())) >= 9
+    more = index.search_id(77, k=5)
+    assert 77 not in [r.id for r in more] and len(more) == 5
+    assert index.path_of(9999) == "img/009999.jpg"
+    info = index.info()
+    assert info["search"]["type"] == ONDISK and info["images"] == N
+
+
+def test_an_index_without_its_data_file_is_a_clear_error(vectors, tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    _, data = ondisk.build(vectors, folder / FAISS, folder, shard_rows=N)
+    data.unlink()
+    with pytest.raises(CbirError, match="rebuild"):
+        ondisk.load(folder / FAISS)
