@@ -1,6 +1,7 @@
 """An index larger than RAM: N clustered 1280-d vectors written shard by shard, built on disk, served from disk.
 
-    python benchmarks/scale.py --n 10000000 --out /data/cbir-scale      # ~26 GB of vectors, ~1 h on 2 cores
+    python benchmarks/scale.py --n 10000000 --out /data/cbir-scale      # ~26 GB of vectors, ~25 min on 2 cores
+    python benchmarks/scale.py --engines PHOTOS [--repeats 3]           # --engine ray against local, same photos
 
 Writes a real index folder (vectors.h5 with float16 rows, faiss.index + its .ivfdata) through the product's own
 code: `store.VectorWriter` fed one shard at a time, `ondisk.build_index` (train on a sample, fill shards, merge
@@ -91,6 +92,34 @@ def serve(out: Path, n_queries: int, dim: int) -> dict:
             "found": found, "paths_ok": paths_ok, "plan": index.searcher.plan.describe()}
 
 
+def engines(photos: Path, repeats: int, work: Path) -> None:
+    """`cbir index PHOTOS --rebuild` with --engine local and --engine ray (a local Ray cluster started by the run),
+    alternating, as fresh processes; images/s as the run reports it, and wall time of the whole command."""
+    import re
+    from statistics import median
+
+    rates: dict[str, list[float]] = {"local": [], "ray": []}
+    walls: dict[str, list[float]] = {"local": [], "ray": []}
+    for _ in range(repeats):
+        for engine in ("local", "ray"):
+            cmd = [sys.executable, "-m", "cbir", "index", str(photos), "--out", str(work / engine), "--rebuild", "-q",
+                   "--engine", engine]
+            started = time.perf_counter()
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_no_ray_address()).stdout
+            walls[engine].append(time.perf_counter() - started)
+            rates[engine].append(float(re.search(r"\(([\d.]+) images/s\)", out).group(1)))
+            logging.info(f"{engine}: {rates[engine][-1]:.1f} images/s, {walls[engine][-1]:.1f} s wall")
+    print(f"{'engine':<8} {'images/s (median)':>18} {'wall s (median)':>16}")
+    for engine in rates:
+        print(f"{engine:<8} {median(rates[engine]):>18.1f} {median(walls[engine]):>16.1f}")
+    print(f"ray / local images/s: {median(rates['ray']) / median(rates['local']):.2f}   "
+          f"wall local / ray: {median(walls['local']) / median(walls['ray']):.2f}   ({repeats} runs each, alternating)")
+
+
+def _no_ray_address() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def _rss_anon() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
@@ -107,8 +136,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/cbir-scale"))
     p.add_argument("--reuse", action="store_true", help="keep an index built before at --out")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--engines", type=Path, metavar="PHOTOS", help="compare --engine ray with local on PHOTOS")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.engines:
+        engines(args.engines, args.repeats, args.out)
+        return
     if args.serve:
         print(json.dumps(serve(args.out, args.queries, args.dim)))
         return

@@ -307,14 +307,18 @@ class Index:
             raise CbirError(f"k must be a positive whole number, not {k!r}")
         query = self.expand(vector[None, :], [exclude_ids])
         scores, ids = self.searcher.search(query, k + len(exclude_ids))
-        results: list[Result] = []
-        for score, id_ in zip(scores[0], ids[0], strict=True):
-            if id_ < 0 or int(id_) in exclude_ids:
-                continue
-            results.append(Result(len(results) + 1, int(id_), self.path_of(int(id_)), float(score)))
-            if len(results) == k:
-                break
-        return results
+        kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
+                if i >= 0 and int(i) not in exclude_ids][:k]
+        paths = self.paths_of([i for _, i in kept])
+        return [Result(n + 1, i, p, s) for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+
+    def paths_of(self, ids: list[int]) -> list[str]:
+        """The paths of several ids at once (one read of an on-disk index's path column)."""
+        rows = self._pos.rows(np.asarray(ids, np.int64))
+        if (rows < 0).any():
+            raise CbirError(f"no image with id {ids[int(np.argmax(rows < 0))]} in index {self.name}")
+        paths = self.store.paths
+        return paths.take(rows) if isinstance(paths, store_mod.Strings) else [paths[int(r)] for r in rows]
 
     def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None) -> np.ndarray:
         """alpha-QE of query rows [B, D] with their top neighbours (ids in `exclude[i]` left out), as the index

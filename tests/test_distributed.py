@@ -170,3 +170,35 @@ def test_vectors_are_l2_normalised_float32(cluster, folder, tmp_path):
     v = Index.open(out, device="cpu").store.vectors
     assert v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_on_disk_shards_filled_by_ray_tasks_match_local(cluster, tmp_path):
+    from cbir import ondisk
+    from cbir import store as store_mod
+    from cbir.search import VectorSearch
+    from cbir.search_plan import ONDISK, SearchPlan
+    from indexer import distributed
+
+    n, dim = ondisk.MIN_VECTORS, 16
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    writer = store_mod.VectorWriter(tmp_path / "vectors.h5", dim, {"vector_dtype": "float16"}, dtype="float16",
+                                    rows=n)
+    zeros = np.zeros(n, np.int64)
+    writer.append(x.astype(np.float16), [f"{i}.jpg" for i in range(n)], zeros, zeros, ids=range(n))
+    writer.close({"ids_are_rows": True})
+    engine = distributed.connect(cluster)
+    try:
+        (tmp_path / "ray").mkdir()
+        ondisk.build(tmp_path / "vectors.h5", tmp_path / "ray" / "faiss.index", tmp_path / "ray", shard_rows=n // 4,
+                     mapper=engine.map)
+    finally:
+        engine.close()
+    (tmp_path / "here").mkdir()
+    ondisk.build(tmp_path / "vectors.h5", tmp_path / "here" / "faiss.index", tmp_path / "here", shard_rows=n // 4)
+    plan = SearchPlan(ONDISK, {"nprobe": 16, "k_factor": 4})
+    x16 = x.astype(np.float16).astype(np.float32)
+    found = [VectorSearch(ondisk.load(tmp_path / d / "faiss.index"), plan, exact_rows=lambda ids: x16[ids])
+             .search(x[:100], 10)[1] for d in ("ray", "here")]
+    np.testing.assert_array_equal(found[0], found[1])

@@ -61,10 +61,10 @@ def _id_search(index: str | None, k: int, id_: int, box):
 def _collection(index: str | None, k: int):
     """The landing page: the index as a paged grid of thumbnails (in id order, or shuffled with a seed)."""
     name, idx = query.get_index(index)
-    ids = np.asarray(idx.store.ids, np.int64)
+    ids = idx.store.ids  # an array, or a range for an on-disk index (not materialised unless shuffled)
     seed = request.args.get("shuffle", "")
     if seed.isdigit():
-        ids = ids[np.random.default_rng(int(seed)).permutation(len(ids))]
+        ids = np.asarray(ids, np.int64)[np.random.default_rng(int(seed)).permutation(len(ids))]
     pages_total = max(1, -(-len(ids) // PAGE_SIZE))
     try:
         page = min(max(1, int(request.args.get("page", "1"))), pages_total)
