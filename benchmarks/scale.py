@@ -100,20 +100,27 @@ def engines(photos: Path, repeats: int, work: Path) -> None:
 
     rates: dict[str, list[float]] = {"local": [], "ray": []}
     walls: dict[str, list[float]] = {"local": [], "ray": []}
+    steady: list[float] = []
     for _ in range(repeats):
         for engine in ("local", "ray"):
             cmd = [sys.executable, "-m", "cbir", "index", str(photos), "--out", str(work / engine), "--rebuild", "-q",
                    "--engine", engine]
             started = time.perf_counter()
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_no_ray_address()).stdout
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_no_ray_address())
             walls[engine].append(time.perf_counter() - started)
-            rates[engine].append(float(re.search(r"\(([\d.]+) images/s\)", out).group(1)))
+            rates[engine].append(float(re.search(r"\(([\d.]+) images/s\)", done.stdout).group(1)))
+            running = re.search(r"then ([\d.]+) images/s", done.stderr)
+            if running:
+                steady.append(float(running.group(1)))
             logging.info(f"{engine}: {rates[engine][-1]:.1f} images/s, {walls[engine][-1]:.1f} s wall")
     print(f"{'engine':<8} {'images/s (median)':>18} {'wall s (median)':>16}")
     for engine in rates:
         print(f"{engine:<8} {median(rates[engine]):>18.1f} {median(walls[engine]):>16.1f}")
     print(f"ray / local images/s: {median(rates['ray']) / median(rates['local']):.2f}   "
           f"wall local / ray: {median(walls['local']) / median(walls['ray']):.2f}   ({repeats} runs each, alternating)")
+    if steady:
+        print(f"ray once its workers run: {median(steady):.1f} images/s = {median(steady) / median(rates['local']):.2f}"
+              " x local (the rest is start-up: cluster, worker processes, models)")
 
 
 def _no_ray_address() -> dict[str, str]:

@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,19 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
         return 0
     files = settle_mode(source, files, encoder, work)  # on the driver: the actors rebuild the settled mode
     batch_size = options.batch_size or default_batch(encoder)
-    embedded = 0
+    embedded, started, first = 0, time.perf_counter(), None
     with _progress(len(files), options.progress) as bar:
         for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
             chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
             work.write(chunk)
+            if first is None:
+                first = (time.perf_counter(), len(batch["path"]))
             embedded += len(batch["path"])
             bar.update(len(batch["path"]))
+    if first is not None and embedded > first[1]:
+        running = (embedded - first[1]) / max(1e-9, time.perf_counter() - first[0])
+        log.info(f"ray: first results after {first[0] - started:.1f} s (workers starting, models loading), then "
+                 f"{running:.1f} images/s")
     return embedded
 
 

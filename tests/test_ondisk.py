@@ -95,3 +95,30 @@ def test_an_index_without_its_data_file_is_a_clear_error(vectors, tmp_path):
     data.unlink()
     with pytest.raises(CbirError, match="rebuild"):
         ondisk.load(folder / FAISS)
+
+
+def test_auto_goes_on_disk_only_above_the_memory_budget():
+    from indexer.options import BuildOptions
+    from indexer.run import _on_disk
+
+    assert _on_disk(BuildOptions(memory_budget=10 * 2**20), None, rows=10_000, dim=1280)  # 51 MB > 10 MB
+    assert not _on_disk(BuildOptions(memory_budget=100 * 2**20), None, rows=10_000, dim=1280)
+    assert not _on_disk(BuildOptions(memory_budget=10 * 2**20, index_type="flat"), None, rows=10_000, dim=1280)
+    assert _on_disk(BuildOptions(on_disk=True), None, rows=10, dim=8)
+
+
+def test_on_disk_for_a_small_collection_is_a_clear_error_and_keeps_the_old_index(samples, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "idx"
+    first = subprocess.run([sys.executable, "-m", "cbir", "index", str(samples), "--out", str(out), "-q",
+                            "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = (out / VECTORS).read_bytes()
+    again = subprocess.run([sys.executable, "-m", "cbir", "index", str(samples), "--out", str(out), "-q",
+                            "--rebuild", "--on-disk", "--precision", "fp32"], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode != 0 and "at least 10,000 images" in again.stderr and "Traceback" not in again.stderr
+    assert (out / VECTORS).read_bytes() == before
+    assert len(Index.open(out, device="cpu")) > 0
