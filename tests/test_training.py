@@ -102,6 +102,19 @@ def test_siamese_beats_its_starting_point_on_validation(labelled: Path, tmp_path
     assert result["best_val"] >= result["baseline_val"]
 
 
+def test_a_siamese_that_gets_worse_keeps_its_untrained_start(labelled: Path, tmp_path: Path, caplog) -> None:
+    """A learning rate that wrecks the network: the run says so and the model file holds the untrained network."""
+    model = tmp_path / "s.pt"
+    with caplog.at_level("WARNING"):
+        result = Trainer(small("siamese", labelled, model, epochs=2, patience=10, lr=50.0, labels="none")).run()
+    assert result["kept_untrained"] and result["best_epoch"] == 0 and result["best_val"] == result["baseline_val"]
+    assert "did not improve on the untrained encoder" in caplog.text
+    kept = from_config(Index.build(labelled, out=tmp_path / "idx", encoder="siamese", weights=str(model),
+                                   device="cpu").encoder_config, device="cpu")
+    vectors = kept.embed([photo((96, 96), seed=s) for s in range(3)])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
 def test_index_records_the_trained_model(labelled: Path, tmp_path: Path) -> None:
     model = tmp_path / "s.pt"
     Trainer(small("siamese", labelled, model, epochs=1)).run()
@@ -128,7 +141,9 @@ def test_ctrl_c_leaves_a_usable_checkpoint(labelled: Path, tmp_path: Path) -> No
     out = tmp_path / "int.pt"
     proc = subprocess.Popen([sys.executable, "-m", "cbir", "train", "autoencoder", str(labelled), "--out", str(out),
                              "--epochs", "500", "--image-size", "64", "--batch-size", "8", "--patience", "500", "-q"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored: give the child Ctrl-C back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     assert proc.stderr is not None
     for line in proc.stderr:

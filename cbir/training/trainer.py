@@ -156,11 +156,13 @@ class Trainer:
         log.info(f"{cfg.kind} ({arch.get('backbone', 'conv')}): {int(self.is_train.sum())} train / "
                  f"{int(self.is_val.sum())} val images; before training: val {self.metric_name} {state.baseline:.4f}")
         saved = _Saved(arch, pre, coll, started)
-        interrupted = False
+        interrupted = kept_start = False
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _interrupt)
+        start = {k: v.detach().clone() for k, v in net.state_dict().items()}  # the untrained encoder
         try:
             self._epochs(net, opt, sched, state, saved)
+            kept_start = self._keep_better(net, start, saved, state)
         except KeyboardInterrupt:
             interrupted = True
             log.warning(f"\ninterrupted in epoch {state.epoch}; {self.out} holds the best model so far "
@@ -172,6 +174,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
         self._plot(state.history)
         return {"best_val": state.best, "best_epoch": state.best_epoch, "baseline_val": state.baseline,
+                "kept_untrained": not interrupted and kept_start,
                 "metric": self.metric_name, "epochs_run": len(state.history),
                 "seconds": time.perf_counter() - started, "interrupted": interrupted, "out": str(self.out)}
 
@@ -244,6 +247,20 @@ class Trainer:
             if epoch - state.best_epoch >= cfg.patience:
                 log.info(f"early stop: no better val {self.metric_name} for {cfg.patience} epochs")
                 break
+
+    def _keep_better(self, net: nn.Module, start: dict[str, torch.Tensor], saved: _Saved, state: _State) -> bool:
+        """A Siamese network that never beat its untrained starting point on validation is not kept: the model file
+        then holds the untrained network (pretrained backbone), and the run says so plainly. Returns True then."""
+        if self.cfg.kind != "siamese" or state.best > state.baseline:
+            return False
+        net.load_state_dict(start)
+        self._save_model(net, saved, _State(baseline=state.baseline, best=state.baseline, history=state.history))
+        log.warning(f"training did not improve on the untrained encoder (best val {self.metric_name} "
+                    f"{state.best:.4f} against {state.baseline:.4f} before training): {self.out} holds the untrained "
+                    f"network instead, as good as its starting point; indexing with {self.cfg.backbone} directly is "
+                    "the same without a model file")
+        state.best, state.best_epoch = state.baseline, 0
+        return True
 
     # ---------------------------------------------------------------------------------------------
     def _arch(self) -> dict[str, Any]:
