@@ -64,6 +64,7 @@ class Engine:
 def connect(address: str | None) -> Engine:
     """Join `address`, else the cluster in RAY_ADDRESS, else start a local one for this run."""
     address = address or os.environ.get("RAY_ADDRESS") or None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
     if address is None or address.split("://")[-1].startswith(("127.", "localhost")):
         # A cluster on this machine talks over loopback only (Ray would otherwise use the machine's own address).
         os.environ.setdefault(LOOPBACK_ONLY, "0")
@@ -77,8 +78,17 @@ def connect(address: str | None) -> Engine:
     if not ray.is_initialized():
         log.info(f"ray: joining the cluster at {address}" if address else "ray: starting a local cluster")
         watcher = guardian.start() if address is None else None
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": _forwarded_env()})
+        try:
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, runtime_env={"env_vars": _forwarded_env()})
+        except ConnectionError as exc:
+            from cbir.errors import CbirError
+
+            if watcher is not None:
+                guardian.stop(watcher)
+            raise CbirError(f"cannot join the Ray cluster at {address}: {exc}. A cluster started with `ray start` "
+                            "uses token authentication: set RAY_AUTH_MODE=token (the token is read from "
+                            "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     _quiet_ray_data()
     return Engine(watcher)
 

@@ -22,6 +22,7 @@ from indexer.work import WorkDir
 from tests.badfiles import jpeg_bytes, photo
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the test cluster listens on 127.0.0.1 only (read on import)
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # and reports nothing over the network
 N = 60
 ENV = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", guardian.VAR)}
 
