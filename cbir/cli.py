@@ -191,7 +191,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     labels = args.labels or "folders"
     cfg = BenchConfig(dataset=args.dataset, out=args.out, encoders=args.encoders, ks=ks,
                       split=_parse_split(args.split), seed=args.seed, queries=args.queries, device=args.device,
-                      labels=labels, train_epochs=args.train_epochs, progress=not args.quiet)
+                      labels=labels, train_epochs=args.train_epochs, progress=not args.quiet,
+                      presets=args.presets or "")
+    if args.presets and args.encoders == DEFAULT_BENCH_ENCODERS:
+        cfg.encoders = ""  # presets alone (the baselines stay, as reference rows)
     report = run_bench(cfg)
     print((Path(args.out) / "report.md").read_text())
     print(f"reports: {args.out}/report.md, report.html, report.json ({report['seconds']:.0f} s)")
@@ -344,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sources", type=int, default=100, help="copies: pictures to edit (12 edits each)")
     s.add_argument("--encoders", default=DEFAULT_BENCH_ENCODERS,
                    help="comma-separated; NAME:none runs a torchvision encoder with random weights")
+    s.add_argument("--presets", metavar="LIST", help="compare cbir index presets too, e.g. fast,balanced,best "
+                   "(each indexed in fp32, evaluated through its query expansion); alone, replaces the default "
+                   "encoders")
     s.add_argument("--labels", help="CSV of file,label instead of class folders")
     s.add_argument("--k", default="10,20", help="precision cut-offs (default 10,20)")
     s.add_argument("--split", default="60,20,20", help="train,val,test percentages")

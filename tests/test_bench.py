@@ -121,3 +121,27 @@ def test_bench_from_the_command_line(labelled: Path, tmp_path: Path) -> None:  #
     assert set(data["encoders"]) == {"colour_histogram", "random_cnn"}
     assert 0 <= data["encoders"]["colour_histogram"]["precision_at_10"] <= 1
     assert main(["bench", str(labelled), "--k", "0", "--out", str(out)]) == 2
+
+
+def test_bench_compares_presets_through_their_query_expansion(labelled: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Presets are rows of the same report; a preset with query expansion is scored as search answers it."""
+    from cbir import Index
+
+    report = run_bench(BenchConfig(dataset=str(labelled), out=str(tmp_path), encoders="", ks=(10,), device="cpu",
+                                   progress=False, presets="fast,balanced"))
+    fast, balanced = report["encoders"]["preset fast"], report["encoders"]["preset balanced"]
+    assert fast["expansion"] == "none" and "alpha-QE k=2" in balanced["expansion"]
+    for row in (fast, balanced):
+        assert row["embed_images_per_s"] > 0 and row["query_ms_p50"] > 0 and 0 <= row["mAP"] <= 1
+    index = Index.open(tmp_path / "indexes" / "preset-balanced", device="cpu")
+    with open(tmp_path / "split.csv") as fh:
+        split = {r["file"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
+    hits = []
+    for path in index.store.paths:
+        if split[path][1] == "test":
+            found = index.search_id(index.id_of(path), k=10)
+            hits.append(np.mean([split[r.path][0] == split[path][0] for r in found]))
+    assert balanced["precision_at_10"] == pytest.approx(float(np.mean(hits)))
+    assert "| preset balanced |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(CbirError, match="unknown preset"):
+        run_bench(BenchConfig(dataset=str(labelled), out=str(tmp_path / "x"), encoders="", presets="fastest"))

@@ -43,6 +43,7 @@ class BenchConfig:
     labels: str = "auto"
     train_epochs: int | None = None
     progress: bool = True
+    presets: str = ""  # comma-separated indexer presets (fast, balanced, best) to compare beside the encoders
 
 
 def parse_encoders(text: str) -> list[tuple[str, str | None]]:
@@ -88,10 +89,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "machine": machine(), "encoders": {}, "skipped": {},
     }
     ctx = _Context(cfg, coll, split, ks, out)
-    for n, (name, weights) in enumerate(encoders, 1):
-        tag = f"[{n}/{len(encoders)}] {name}"
+    jobs: list[tuple[str, str | None, str | None]] = [(name, weights, None) for name, weights in encoders]
+    jobs += [(f"preset {p}", None, p) for p in _presets(cfg.presets)]
+    for n, (name, weights, preset) in enumerate(jobs, 1):
+        tag = f"[{n}/{len(jobs)}] {name}"
         try:
-            key, entry = _bench_one(ctx, name, weights, tag)
+            key, entry = _bench_preset(ctx, preset, tag) if preset else _bench_one(ctx, name, weights, tag)
         except WeightsUnavailable as exc:
             reason = f"{exc} (ask for '{name}:none' to run it with random weights, labelled as such)"
             report["skipped"][name] = reason
@@ -100,7 +103,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         report["encoders"][key] = entry
         elapsed = time.perf_counter() - started
         log.info(f"{tag}: P@10 {entry['precision_at_10']:.4f}  mAP {entry['mAP']:.4f}  "
-                 f"({elapsed:.0f} s so far, about {elapsed / n * (len(encoders) - n):.0f} s to go)")
+                 f"({elapsed:.0f} s so far, about {elapsed / n * (len(jobs) - n):.0f} s to go)")
     report["seconds"] = round(time.perf_counter() - started, 1)
     from cbir.bench.report import write_reports
 
@@ -127,8 +130,7 @@ class _Context:
 
 def _bench_one(ctx: _Context, name: str, weights: str | None, tag: str) -> tuple[str, dict[str, Any]]:
     """Train (if it is trainable), index the whole collection, evaluate: one row of the report."""
-    from cbir.index import Index
-    from indexer import BuildOptions, build
+    from indexer import BuildOptions
 
     entry: dict[str, Any] = {}
     if name in TRAINABLE:
@@ -136,24 +138,55 @@ def _bench_one(ctx: _Context, name: str, weights: str | None, tag: str) -> tuple
         model, train_s = _train(name, ctx.cfg, ctx.coll, ctx.split, ctx.out)
         entry["training_seconds"] = round(train_s, 1)
         weights = str(model)
-    idx_dir = ctx.out / "indexes" / name
-    shutil.rmtree(idx_dir, ignore_errors=True)
     # fp32, not 'auto': auto decides by timing, and a benchmark must give the same numbers for the same seed
     options = BuildOptions(encoder=name, weights=weights, precision="fp32", device=ctx.cfg.device, mode="rebuild",
                            progress=ctx.cfg.progress)
+    entry.update(_index_and_evaluate(ctx, name, options, tag))
+    random = entry["weights"] == "none"
+    return (f"{name} (random weights)" if random and name not in BASELINES else name), entry
+
+
+def _presets(text: str) -> list[str]:
+    from indexer.options import PRESETS
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRESETS]
+    if unknown:
+        raise CbirError(f"unknown preset {unknown[0]!r}; choose among {', '.join(PRESETS)}")
+    return names
+
+
+def _bench_preset(ctx: _Context, preset: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """A measured configuration of `cbir index --preset` (encoder, expansion), evaluated through its expansion."""
+    from indexer import BuildOptions
+    from indexer.options import PRESETS
+
+    options = BuildOptions(preset=preset, precision="fp32", device=ctx.cfg.device, mode="rebuild",
+                           progress=ctx.cfg.progress)
+    entry = _index_and_evaluate(ctx, f"preset-{preset}", options, tag)
+    entry["preset"] = {k: v for k, v in PRESETS[preset].items()}
+    return f"preset {preset}", entry
+
+
+def _index_and_evaluate(ctx: _Context, name: str, options: Any, tag: str) -> dict[str, Any]:
+    from cbir.index import Index
+    from indexer import build
+
+    idx_dir = ctx.out / "indexes" / name
+    shutil.rmtree(idx_dir, ignore_errors=True)
     log.info(f"{tag}: embedding {len(ctx.coll.files)} images")
     summary = build(ctx.cfg.dataset, idx_dir, options)
     enc = summary.encoder
-    random = enc.weights.get("source") == "none"
-    key = f"{name} (random weights)" if random and name not in BASELINES else name
-    entry.update({"encoder": name, "weights": enc.weights.get("source"), "dim": enc.dim, "random_weights": random,
-                  "precision": enc.precision, "embed_images_per_s": round(summary.images_per_s, 1)})
+    entry: dict[str, Any] = {"encoder": enc.name, "weights": enc.weights.get("source"), "dim": enc.dim,
+                             "random_weights": enc.weights.get("source") == "none", "precision": enc.precision,
+                             "embed_images_per_s": round(summary.images_per_s, 1)}
     t = time.perf_counter()
     index = Index.open(idx_dir, device=ctx.cfg.device, encoder=enc)
     entry["index_build_seconds"] = round(time.perf_counter() - t + summary.seconds, 2)
+    entry["expansion"] = index.expansion.describe()
     entry.update(_evaluate(index, ctx.label_of, ctx.split_of, ctx.cfg.queries, ctx.ks,
                            ctx.out / "topk" / f"{name}.csv"))
-    return key, entry
+    return entry
 
 
 def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tuple[Path, float]:
@@ -178,7 +211,9 @@ def _evaluate(index, label_of: dict[str, str], split_of: dict[str, str], queries
     q_pos = np.array([i for i, p in enumerate(paths) if queries == "all" or split_of.get(p) == "test"])
     if len(q_pos) == 0:
         raise CbirError("no queries: the test split is empty (use --queries all or a larger test fraction)")
-    ranking = metrics.rank(s.vectors[q_pos], s.vectors, q_pos)
+    # queries as search asks them: the index's query expansion (if any), each query's own row left out
+    queries = index.expand(s.vectors[q_pos], [(int(s.ids[q]),) for q in q_pos])
+    ranking = metrics.rank(queries, s.vectors, q_pos)
     rel = metrics.relevance(ranking, g_labels[q_pos], g_labels)
     n_rel = np.array([(g_labels == g_labels[q]).sum() - 1 for q in q_pos])
     result = metrics.summarise(rel, n_rel, g_labels[q_pos], ks)
@@ -187,7 +222,7 @@ def _evaluate(index, label_of: dict[str, str], split_of: dict[str, str], queries
     lat = []
     for q in q_pos[: min(200, len(q_pos))]:
         t = time.perf_counter()
-        index.searcher.search(s.vectors[q][None, :], max(ks) + 1)
+        index.search_vector(s.vectors[q], max(ks), exclude_ids=(int(s.ids[q]),))
         lat.append((time.perf_counter() - t) * 1000)
     result["query_ms_p50"] = round(float(np.percentile(lat, 50)), 3)
     result["query_ms_p95"] = round(float(np.percentile(lat, 95)), 3)
