@@ -220,3 +220,18 @@ def test_serve_on_a_network_address_needs_a_token() -> None:
                           capture_output=True, text=True, timeout=60, env={**os.environ, "CBIR_TOKEN": ""})
     assert proc.returncode == 2 and "CBIR_TOKEN" in proc.stderr and "--public" in proc.stderr
     assert "serving" not in proc.stdout
+
+
+def test_the_shuffled_grid_is_a_permutation_computed_page_by_page() -> None:
+    import numpy as np
+
+    from webui.pages import shuffled
+
+    n, page = 1003, 48
+    seen = np.concatenate([shuffled(np.arange(s, min(s + page, n)), n, seed=7) for s in range(0, n, page)])
+    assert sorted(seen.tolist()) == list(range(n))  # every image once
+    assert not np.array_equal(seen, np.arange(n))
+    np.testing.assert_array_equal(shuffled(np.arange(5), n, 7), seen[:5])  # the same seed, the same order
+    assert not np.array_equal(shuffled(np.arange(5), n, 8), seen[:5])
+    big = shuffled(np.arange(10), 10_000_000, 3)
+    assert len(set(big.tolist())) == 10 and big.max() < 10_000_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +62,30 @@ def _id_search(index: str | None, k: int, id_: int, box):
 def _collection(index: str | None, k: int):
     """The landing page: the index as a paged grid of thumbnails (in id order, or shuffled with a seed)."""
     name, idx = query.get_index(index)
-    ids = idx.store.ids  # an array, or a range for an on-disk index (not materialised unless shuffled)
+    ids = idx.store.ids  # an array, or a range for an on-disk index (never materialised)
     seed = request.args.get("shuffle", "")
-    if seed.isdigit():
-        ids = np.asarray(ids, np.int64)[np.random.default_rng(int(seed)).permutation(len(ids))]
     pages_total = max(1, -(-len(ids) // PAGE_SIZE))
     try:
         page = min(max(1, int(request.args.get("page", "1"))), pages_total)
     except ValueError:
         raise query.QueryError(400, "page must be a whole number") from None
-    tiles = [(int(i), idx.path_of(int(i))) for i in ids[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]]
+    rows = np.arange((page - 1) * PAGE_SIZE, min(page * PAGE_SIZE, len(ids)))
+    if seed.isdigit():
+        rows = shuffled(rows, len(ids), int(seed))
+    tiles = [(int(ids[r]), idx.path_of(int(ids[r]))) for r in rows]
     return _render(tiles=tiles, page=page, pages_total=pages_total, shuffle=seed if seed.isdigit() else "",
                    k=k, index=name, new_seed=int(np.random.default_rng().integers(1, 10**6)))
+
+
+def shuffled(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Where positions `rows` of a seeded shuffle of 0..n-1 point: a permutation of the whole collection, computed
+    for one page only (i -> (a*i + b) mod n with a prime to n), so a 10-million-image grid shuffles in no time."""
+    rng = np.random.default_rng(seed)
+    a = int(rng.integers(1, max(2, n)))
+    while math.gcd(a, n) != 1:
+        a += 1
+    b = int(rng.integers(0, max(1, n)))
+    return np.array([(int(r) * a + b) % n for r in rows], np.int64)
 
 
 @pages.get("/compare")
