@@ -79,8 +79,9 @@ def connect(address: str | None) -> Engine:
         log.info(f"ray: joining the cluster at {address}" if address else "ray: starting a local cluster")
         watcher = guardian.start() if address is None else None
         try:
+            forwarded = _forwarded_env()  # a runtime environment only when needed: it costs fresh worker processes
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, runtime_env={"env_vars": _forwarded_env()})
+                     configure_logging=False, runtime_env={"env_vars": forwarded} if forwarded else None)
         except ConnectionError as exc:
             from cbir.errors import CbirError
 
