@@ -20,6 +20,7 @@ import numpy as np
 
 from cbir import store
 from cbir.copies import Evidence, FeatureCache
+from cbir.errors import CbirError
 from cbir.index import Index
 
 # Candidates: pairs at this cosine or above are verified. Chosen by `cbir bench --task copies` on animals4 with
@@ -162,6 +163,9 @@ def _member(verifier: _Verifier, hub: int, i: int) -> dict[str, Any]:
 def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Byte-identical groups, and groups of verified copies with the evidence for each pair."""
     s = index.store
+    if s.lazy:
+        raise CbirError(f"cbir duplicates compares every picture with its neighbours in memory; index {index.name} "
+                        "is an on-disk index larger than that (run it on a subset, indexed without --on-disk)")
     identical: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(s.sha256 or []):
         if h:

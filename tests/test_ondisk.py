@@ -86,6 +86,10 @@ def test_an_on_disk_index_opens_without_reading_its_columns(vectors, tmp_path):
     assert index.path_of(9999) == "img/009999.jpg"
     info = index.info()
     assert info["search"]["type"] == ONDISK and info["images"] == N
+    from cbir.duplicates import find_duplicates
+
+    with pytest.raises(CbirError, match="on-disk"):
+        find_duplicates(index)
 
 
 def test_an_index_without_its_data_file_is_a_clear_error(vectors, tmp_path):
