@@ -139,6 +139,7 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
     with _progress(len(files), options.progress) as bar:
         for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
             chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
+            chunk.ids = batch["id"][batch["ok"]]
             work.write(chunk)
             if first is None:
                 first = (time.perf_counter(), len(batch["path"]))

@@ -30,6 +30,7 @@ class Chunk:
     size: np.ndarray
     sha256: list[str]
     skipped: list[tuple[str, str]]
+    ids: np.ndarray | None = None  # --engine ray: the manifest's global id of each row
 
 
 class WorkDir:
@@ -67,7 +68,8 @@ class WorkDir:
                      mtime_ns=np.asarray(chunk.mtime_ns, np.int64), size=np.asarray(chunk.size, np.int64),
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
-                     skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str))
+                     skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
+                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -77,7 +79,7 @@ class WorkDir:
                 yield Chunk([str(p) for p in z["paths"]], z["vectors"], z["mtime_ns"], z["size"],
                             [str(h) for h in z["sha256"]],
                             list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)))
+                                     strict=True)), z["ids"] if "ids" in z.files else None)
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""

@@ -111,6 +111,9 @@ def test_killed_driver_resumes_with_only_the_missing_files(cluster, folder, loca
     assert 0 < len(done) < N + 1
     ids = (out / ".work" / "files.tsv").read_text().splitlines()
     assert [line.split("\t")[3] for line in ids] == sorted(p.name for p in folder.iterdir())
+    manifest = {line.split("\t")[3]: int(line.split("\t")[0]) for line in ids}
+    for chunk in WorkDir(out, {}).chunks():  # each row carries the manifest's id of its file
+        assert chunk.ids is not None and [manifest[p] for p in chunk.paths] == chunk.ids.tolist()
     text = _finish(_index(str(folder), out, "--ray-address", cluster))
     resumed = int(re.search(r"resumed: (\d+) images", text).group(1))
     embedded = int(re.search(r"(\d+) embedded now", text).group(1))
