@@ -45,6 +45,7 @@ def _bytes(text: str | None) -> int | None:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from cbir.index import Index
+    from cbir.onnx_query import QUERY_MODES
 
     index = Index.open(args.index, device=args.device, weights=args.weights)
     started = time.perf_counter()
@@ -63,7 +64,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         results = index.search(args.image, k=args.k)
     took = (time.perf_counter() - started) * 1000
-    if not args.no_prepare and index.encoder_config.get("precision", "fp32") == "fp32":
+    if not args.no_prepare and index.encoder_config.get("precision", "fp32") in QUERY_MODES:
         index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
         rows = [{**r.to_dict(), **({"copy": e.to_dict()} if evidence else {})}

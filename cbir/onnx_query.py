@@ -3,8 +3,9 @@
 A fresh `cbir search` spent ~1.8 s importing torch, ~2 s more importing timm and building, folding and checking
 the network, for one image. So after a search of an fp32 index, the network is exported once to ONNX (fp32) and
 checked against the torch encoder on the bundled sample photos; later processes embed queries with it, loading
-neither torch nor timm. Only where the vectors are the index's own: fp32 indexes, cosine >= 0.9999 on every
-check image. bf16 and int8 indexes embed queries with torch, as their rows were.
+neither torch nor timm. Only where the vectors are the index's own (cosine >= 0.9999 on every check image): fp32
+indexes, and bf16 indexes through a model that rounds as bf16 autocast does (cbir/onnx_bf16.py). int8 indexes
+embed queries with their own quantized model, through torch.
 """
 
 from __future__ import annotations
@@ -24,19 +25,21 @@ if TYPE_CHECKING:
     from cbir.encoders import Encoder
 
 MIN_COSINE = 0.9999
+QUERY_MODES = ("fp32", "bf16")  # bf16: the fp32 model rewritten to round as autocast does (cbir/onnx_bf16.py)
 SAMPLES = Path(__file__).parent / "samples"
 
 
 def _check_path(config: dict[str, Any]) -> Path:
-    return cache_dir("onnx") / f"{model_key(config)}.query.json"
+    mode = config.get("precision", "fp32")
+    return cache_dir("onnx") / f"{model_key(config)}{'' if mode == 'fp32' else '.' + mode}.query.json"
 
 
 def _usable(config: dict[str, Any]) -> bool:
-    return config.get("precision", "fp32") == "fp32" and config["name"] != "colour_histogram"
+    return config.get("precision", "fp32") in QUERY_MODES and config["name"] != "colour_histogram"
 
 
 class OnnxQueryEncoder:
-    """Embeds query pictures like the index's fp32 encoder: same preprocessing, same network, L2-normalised."""
+    """Embeds query pictures like the index's encoder: same preprocessing, same network, same numeric mode."""
 
     def __init__(self, path: Path, preprocess: Preprocess, dim: int) -> None:
         import onnxruntime as ort
@@ -54,7 +57,7 @@ class OnnxQueryEncoder:
 
 
 def load(config: dict[str, Any]) -> OnnxQueryEncoder | None:
-    """The verified ONNX query encoder for an index's encoder record, or None (not verified, or not fp32)."""
+    """The verified ONNX query encoder for an index's encoder record, or None (not verified, or not fp32 or bf16)."""
     if not _usable(config):
         return None
     try:
@@ -70,14 +73,20 @@ def load(config: dict[str, Any]) -> OnnxQueryEncoder | None:
 
 
 def prepare(encoder: Encoder) -> bool:
-    """Export `encoder` (fp32) to ONNX and verify it against torch on the sample photos; True if it may be used."""
+    """Export `encoder` (fp32 or bf16) to ONNX and verify it against torch on the sample photos; True if usable."""
     from cbir import onnx_backend
     from cbir.images import load_image
 
     config = encoder.config
-    if not _usable(config) or encoder.precision != "fp32" or not onnx_backend.available():
+    if not _usable(config) or encoder.precision not in QUERY_MODES or not onnx_backend.available():
         return False
     path = onnx_backend.export_fp32(encoder)
+    if encoder.precision == "bf16":
+        from cbir.onnx_bf16 import emulate
+
+        with atomic_path(path.with_suffix(".bf16.onnx"), suffix=".onnx") as tmp:
+            emulate(path, tmp)
+        path = path.with_suffix(".bf16.onnx")
     images = [load_image(p, draft=encoder.preprocess.draft_size) for p in sorted(SAMPLES.rglob("*.jpg"))[:16]]
     ours = OnnxQueryEncoder(path, encoder.preprocess, encoder.dim).embed(images)
     theirs = encoder.embed(images)

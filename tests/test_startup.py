@@ -1,4 +1,4 @@
-"""Start-up: a search of an fp32 index embeds its query through the verified ONNX model, without torch."""
+"""Start-up: a search of an fp32 or bf16 index embeds its query through the verified ONNX model, without torch."""
 
 from __future__ import annotations
 
@@ -41,12 +41,32 @@ def test_second_search_needs_no_torch_and_gives_the_same_answer(fp32_index: Path
     assert float(np.dot(ref.embed(str(query)), np.asarray(second["vector"], np.float32))) >= 0.9999
 
 
-def test_bf16_index_never_uses_the_onnx_model(tmp_path: Path, samples: Path) -> None:
-    from cbir.onnx_query import load
+def test_bf16_index_queries_through_a_model_that_rounds_like_bf16(tmp_path: Path, samples: Path) -> None:
+    """A bf16 index: the plain fp32 ONNX model is not faithful enough, the rounding one is, and is then used."""
+    from cbir import onnx_backend
+    from cbir.images import load_image
+    from cbir.onnx_query import OnnxQueryEncoder, load
 
     out = tmp_path / "bf16"
-    index = Index.build(samples / "cat", out=out, device="cpu", precision="bf16")
-    assert index.encoder_config["precision"] == "bf16"
-    assert load(index.encoder_config) is None
-    assert index.prepare_fast_queries() is False
-    assert type(Index.open(out, device="cpu").query_encoder).__name__ == "Encoder"
+    index = Index.build(samples, out=out, device="cpu", precision="bf16")
+    assert index.encoder_config["precision"] == "bf16" and load(index.encoder_config) is None
+    pictures = [load_image(p) for p in sorted(samples.rglob("*.jpg"))]
+    torch_rows = index.encoder.embed(pictures)
+    plain = OnnxQueryEncoder(onnx_backend.export_fp32(index.encoder), index.encoder.preprocess, index.encoder.dim)
+    assert float(np.min(np.sum(plain.embed(pictures) * torch_rows, axis=1))) < 0.9999  # why the rewrite exists
+    assert index.prepare_fast_queries() is True
+    reopened = Index.open(out, device="cpu")
+    assert type(reopened.query_encoder).__name__ == "OnnxQueryEncoder"
+    onnx_rows = reopened.query_encoder.embed(pictures)
+    assert float(np.min(np.sum(onnx_rows * torch_rows, axis=1))) >= 0.9999
+    for picture, row in zip(pictures, torch_rows, strict=True):  # same answers, up to near-ties far down
+        got, want = reopened.search(picture, k=5), index.search_vector(row, k=5)
+        assert got[0].id == want[0].id
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in want], atol=2e-3)
+
+
+def test_int8_indexes_never_use_the_onnx_query_model() -> None:
+    from cbir.onnx_query import _usable
+
+    config = {"name": "efficientnet_lite0", "precision": "int8"}
+    assert not _usable(config) and _usable({**config, "precision": "bf16"})
