@@ -74,6 +74,8 @@ def connect(address: str | None) -> Engine:
         from cbir.errors import CbirError
 
         raise CbirError('--engine ray needs Ray: pip install -e ".[ray]"') from None
+    if address is not None:
+        _check_reachable(address)
     watcher = None
     if not ray.is_initialized():
         log.info(f"ray: joining the cluster at {address}" if address else "ray: starting a local cluster")
@@ -92,6 +94,23 @@ def connect(address: str | None) -> Engine:
                             "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     _quiet_ray_data()
     return Engine(watcher)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, plainly, when nothing listens at a host:port address (Ray itself retries for a minute)."""
+    import socket
+
+    from cbir.errors import CbirError
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", a ray:// client URL without a port...: Ray's own checks apply
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise CbirError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                        f"`ray start --head --port {port}` there, or leave out --ray-address to use this "
+                        "machine") from None
 
 
 def _forwarded_env() -> dict[str, str]:

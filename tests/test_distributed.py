@@ -206,3 +206,16 @@ def test_on_disk_shards_filled_by_ray_tasks_match_local(cluster, tmp_path):
     found = [VectorSearch(ondisk.load(tmp_path / d / "faiss.index"), plan, exact_rows=lambda ids: x16[ids])
              .search(x[:100], 10)[1] for d in ("ray", "here")]
     np.testing.assert_array_equal(found[0], found[1])
+
+
+def test_a_ray_address_where_nothing_listens_is_a_quick_clear_error(folder, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cbir", "index", str(folder), "--out", str(tmp_path / "o"),
+                           "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "-q"], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - started < 30
+    assert not (tmp_path / "o" / "vectors.h5").exists()
