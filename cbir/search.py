@@ -28,6 +28,7 @@ from cbir.search_plan import ONDISK, SearchPlan, apply_params
 
 NUMPY_MAX_BATCH = 32  # exact CPU search: numpy up to this many queries at once, faiss above
 FEW_QUERIES = 4  # an on-disk index searches up to this many queries on one thread
+DEFAULT_THREADS = faiss.omp_get_max_threads()
 
 
 def gpu_count() -> int:
@@ -142,12 +143,11 @@ def _threads(n: int) -> Iterator[None]:
     if n <= 0:
         yield
         return
-    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n)
     try:
         yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    finally:  # back to the process default, not to "what it was": two request threads cannot leave it at 1
+        faiss.omp_set_num_threads(DEFAULT_THREADS)
 
 
 def rerank(q: np.ndarray, candidates: np.ndarray, exact_rows: Callable[[np.ndarray], np.ndarray],

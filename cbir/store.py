@@ -203,7 +203,7 @@ class Strings(Sequence[str]):
             return [_text(v) for v in self.ds[row]]
         if not -len(self) <= row < len(self):
             raise IndexError(row)
-        return _text(self.ds[row])
+        return _text(self.ds[row % len(self)])
 
     def take(self, rows: np.ndarray) -> list[str]:
         """Several rows at once (read in file order)."""
