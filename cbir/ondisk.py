@@ -172,9 +172,8 @@ def build_index(vectors_file: Path, out: Path, *, seed: int = 0, shard_rows: int
     assert store.vectors is not None
     if not isinstance(store.ids, range):
         raise ValueError("tuning needs ids equal to row numbers (a fresh build)")
-    index = load(out)
-    plan = tune(lambda plan: VectorSearch(index, plan, exact_rows=rows_reader(store.vectors)), store.vectors,
-                layout, seconds, seed)
+    index, read_rows = load(out), rows_reader(store.vectors)
+    plan = tune(lambda plan: VectorSearch(index, plan, exact_rows=read_rows), store.vectors, layout, seconds, seed)
     plan.params["data"] = data.name
     return plan
 
