@@ -175,12 +175,11 @@ class Index:
         if faiss_index.ntotal != len(store) or faiss_index.d != store.dim:
             raise CbirError(f"{directory / FAISS} does not match {VECTORS}; rebuild the index with "
                             "cbir index --rebuild")
-        rows = RowsById(store.ids)
         assert store.vectors is not None
         read_rows = ondisk.rows_reader(store.vectors)
-        search = VectorSearch(faiss_index, plan, exact_rows=lambda ids: read_rows(rows.rows(ids)))
+        # the index's own id -> row lookup (built once, in __init__), bound when a query runs
+        search = VectorSearch(faiss_index, plan, exact_rows=lambda ids: read_rows(index._pos.rows(ids)))
         index = cls(directory, store, search, device=device, weights=weights)
-        index._pos = rows
         return index
 
     # -- properties -----------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class Source:
 
         from pyarrow import fs
 
+        from cbir.images import _is_junk
+
         filesystem, base = self._fs()
         try:
             infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
@@ -84,9 +86,8 @@ class Source:
             if info.type != fs.FileType.File or PurePosixPath(info.path).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             rel = info.path[len(base):].lstrip("/")
-            if any(part.startswith(".") for part in rel.split("/")):
-                continue
-            if any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(PurePosixPath(rel).name, g) for g in exclude):
+            # the local discovery's rules: hidden and junk names, --exclude against names and relative paths
+            if any(_is_junk(part, exclude) for part in rel.split("/")) or any(fnmatch.fnmatch(rel, g) for g in exclude):
                 continue
             out[rel] = (int(info.size), int(info.mtime_ns or 0))
         return out
