@@ -1,5 +1,3 @@
-import sys
+from cbir.cli import run
 
-from cbir.cli import main
-
-sys.exit(main())
+run()

@@ -80,9 +80,12 @@ def sha256_state(model: nn.Module) -> str:
 
 def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict (or a cbir checkpoint holding one under 'state_dict') without running pickled code."""
+    from cbir.encoders.prepared import note_read
+
     p = Path(path)
     if not p.is_file():
         raise WeightsUnavailable(f"weights file not found: {path}")
+    note_read(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file

@@ -10,8 +10,27 @@
     lock     one writer per index folder
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from indexer.options import BuildOptions
-from indexer.run import build
-from indexer.summary import Summary
+
+if TYPE_CHECKING:
+    from indexer.run import build
+    from indexer.summary import Summary
 
 __all__ = ["BuildOptions", "Summary", "build"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: a Ray worker that runs indexer.decode must not import torch, h5py and faiss with the package.
+    if name == "build":
+        from indexer.run import build
+
+        return build
+    if name == "Summary":
+        from indexer.summary import Summary
+
+        return Summary
+    raise AttributeError(name)

@@ -13,14 +13,17 @@ import io
 import os
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
-from cbir.encoders import Preprocess
 from cbir.files import sha256_bytes
 from cbir.images import ImageError, load_image
+from cbir.preprocess import Preprocess
 from indexer.source import Source
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 DECODE_NICE = 19
 PR_SET_PDEATHSIG = 1
@@ -59,8 +62,8 @@ def decode(source: Source, file: str, preprocess: Preprocess) -> Decoded:
         return Decoded(file, None, f"cannot decode: {exc.__class__.__name__}: {exc}")
 
 
-class DecodedFiles(Dataset):
-    """Item i: `decode` of files[i]. Runs in worker processes."""
+class DecodedFiles:
+    """Item i: `decode` of files[i]. Runs in worker processes (a map-style dataset for torch's DataLoader)."""
 
     def __init__(self, source: Source, files: list[str], preprocess: Preprocess) -> None:
         self.source, self.files, self.preprocess = source, files, preprocess
@@ -114,6 +117,8 @@ def _as_list(items: list[Decoded]) -> list[Decoded]:
 def batches(source: Source, files: list[str], preprocess: Preprocess, batch_size: int,
             workers: int | None) -> DataLoader:
     """Batches (lists) of `Decoded`, in file order, decoded by `workers` processes (None: by size and cores)."""
+    from torch.utils.data import DataLoader  # here, not above: Ray's decoding tasks use this module without torch
+
     n = default_workers(len(files), batch_size) if workers is None else workers
     return DataLoader(DecodedFiles(source, files, preprocess), batch_size=batch_size, shuffle=False, num_workers=n,
                       collate_fn=_as_list, prefetch_factor=4 if n else None,

@@ -21,18 +21,19 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cbir.encoders import Encoder
 from cbir.files import atomic_path
 from indexer import guardian
 from indexer.decode import DECODE_NICE, Decoded, decode
-from indexer.embed import default_batch, settle_mode, to_chunk
 from indexer.options import BuildOptions
 from indexer.source import Source
 from indexer.work import WorkDir
+
+if TYPE_CHECKING:  # the driver's side; Ray's decoding workers import this module without torch
+    from cbir.encoders import Encoder
 
 log = logging.getLogger(__name__)
 MANIFEST = "files.tsv"
@@ -59,6 +60,29 @@ class Engine:
             ray.shutdown()
         if self.watcher is not None:
             guardian.stop(self.watcher)
+
+
+class Connecting:
+    """`connect` in a thread: a local cluster starts (~4 s) while the driver discovers files and loads its encoder."""
+
+    def __init__(self, address: str | None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-ray-connect")
+        self._future = pool.submit(connect, address)
+        pool.shutdown(wait=False)
+
+    def engine(self) -> Engine:
+        """The connected engine (waits for it); a failure to connect is raised here."""
+        return self._future.result()
+
+    def close(self) -> None:
+        """Stop what the connection started, if it got that far (for a run that failed before embedding)."""
+        try:
+            engine = self._future.result()
+        except Exception:
+            return
+        engine.close()
 
 
 def connect(address: str | None) -> Engine:
@@ -149,6 +173,8 @@ def write_manifest(work: WorkDir, source: Source, files: list[str]) -> dict[str,
 def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
                 options: BuildOptions, *, planned: list[str]) -> int:
     """Embed `files` (those of `planned` that no chunk holds yet) on the cluster; returns how many were embedded."""
+    from indexer.embed import default_batch, settle_mode, to_chunk
+
     ids = write_manifest(work, source, planned)
     if not files:
         return 0

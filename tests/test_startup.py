@@ -70,3 +70,66 @@ def test_int8_indexes_never_use_the_onnx_query_model() -> None:
 
     config = {"name": "efficientnet_lite0", "precision": "int8"}
     assert not _usable(config) and _usable({**config, "precision": "bf16"})
+
+
+def _embed(name: str, weights: str | None, images: list, precision: str = "fp32"):
+    from cbir.encoders import create
+
+    enc = create(name, weights=weights, device="cpu", precision=precision)
+    return enc, enc.embed(images)
+
+
+def test_an_encoder_is_prepared_once_then_loaded_without_timm(tmp_path: Path, samples: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: the built, folded network is kept; a later process loads it ready, with the same vectors."""
+    import torch
+    from PIL import Image
+
+    from cbir.encoders.efficientnet_lite import VARIANTS, package_file
+
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "lite0.pth"  # a weights file of our own: its change must be noticed
+    weights.write_bytes(package_file(VARIANTS["efficientnet_lite0"]).read_bytes())
+    images = [Image.open(p).convert("RGB") for p in sorted(samples.rglob("*.jpg"))[:6]]
+    built, ref = _embed("efficientnet_lite0", str(weights), images)
+    assert not isinstance(built.model, torch.jit.ScriptModule)
+    loaded, again = _embed("efficientnet_lite0", str(weights), images)
+    assert isinstance(loaded.model, torch.jit.ScriptModule)
+    assert loaded.config == built.config and loaded.folded_batchnorms == built.folded_batchnorms > 0
+    assert np.abs(again - ref).max() < 1e-5
+    _, bf16_built = _embed("efficientnet_lite0", str(weights), images, "bf16")
+    assert np.sum(bf16_built * ref, axis=1).min() > 0.995  # (sanity: bf16 is bf16)
+    code = ("import json, sys\nfrom cbir.encoders import create\n"
+            f"e = create('efficientnet_lite0', weights={str(weights)!r}, device='cpu')\n"
+            "print(json.dumps({'timm': 'timm' in sys.modules, 'torchvision': 'torchvision' in sys.modules,"
+            " 'kind': type(e.model).__name__}))\n")
+    env = {**__import__("os").environ, "CBIR_CACHE": str(tmp_path / "cache")}
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                    check=True, env=env).stdout)
+    assert out == {"timm": False, "torchvision": False, "kind": "RecursiveScriptModule"}
+    st = weights.stat()
+    __import__("os").utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed: build again
+    rebuilt, _ = _embed("efficientnet_lite0", str(weights), images)
+    assert not isinstance(rebuilt.model, torch.jit.ScriptModule)
+
+
+def test_a_prepared_network_is_checked_at_another_batch_size(tmp_path: Path, samples: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace that froze the batch size would be wrong for every other batch: only faithful traces are kept."""
+    import torch
+    from PIL import Image
+
+    from cbir.encoders import prepared
+
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    images = [Image.open(p).convert("RGB") for p in sorted(samples.rglob("*.jpg"))[:5]]
+    first, ref = _embed("colour_histogram", None, images)
+    loaded, again = _embed("colour_histogram", None, images)
+    assert isinstance(loaded.model, torch.jit.ScriptModule) and np.abs(again - ref).max() < 1e-6
+
+    class FrozenBatch(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3)) + torch.zeros(len(x), 3)  # len(x) becomes a constant when traced
+
+    first.model = FrozenBatch()
+    assert prepared._trace(first) is None

@@ -104,11 +104,30 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
     """
     if precision not in PRECISIONS:
         raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    enc = _fused_encoder(name, weights, pooling, device) if "+" in name else \
-        _single(name, weights, pooling, device, options)
+    enc = _prepared(name, weights, pooling, device, options) if fold_batchnorm else \
+        _build(name, weights, pooling, device, options)
     enc.precision = "fp32" if enc.fixed_precision else precision
-    if fold_batchnorm:
-        enc.fold_batchnorm()
+    return enc
+
+
+def _build(name: str, weights: str | None, pooling: str | None, device: str, options: dict[str, Any]) -> Encoder:
+    return _fused_encoder(name, weights, pooling, device) if "+" in name else \
+        _single(name, weights, pooling, device, options)
+
+
+def _prepared(name: str, weights: str | None, pooling: str | None, device: str, options: dict[str, Any]) -> Encoder:
+    """Built and folded once, then loaded ready from the cache (see prepared.py)."""
+    from cbir.encoders import prepared
+
+    dev = resolve_device(device)
+    key = prepared.key(name, weights, pooling, dev, options)
+    enc = prepared.load(key, dev)
+    if enc is not None:
+        return enc
+    with prepared.recording() as files:
+        enc = _build(name, weights, pooling, device, options)
+    enc.fold_batchnorm()
+    prepared.save(key, enc, files)
     return enc
 
 

@@ -41,13 +41,19 @@ def make_pool(pooling: str) -> nn.Module:
 
 
 def library_versions() -> dict[str, str]:
-    import timm
-    import torchvision
+    """Recorded with every encoder; read from package metadata, so that recording them imports nothing."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from cbir.version import __version__
 
-    versions = {"cbir": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "timm": timm.__version__, "numpy": np.__version__}
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "absent"
+
+    versions = {"cbir": __version__, "torch": torch.__version__, "torchvision": installed("torchvision"),
+                "timm": installed("timm"), "numpy": np.__version__}
     return {k: str(v) for k, v in versions.items()}  # plain str: checkpoints must load with weights_only
 
 

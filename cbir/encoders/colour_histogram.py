@@ -36,7 +36,7 @@ class HSVHistogram(nn.Module):
         q = (hsv * BINS).long().clamp(0, BINS - 1)
         code = (q[:, 0] * BINS + q[:, 1]) * BINS + q[:, 2]  # [B, H, W]
         flat = code.flatten(1)
-        hist = torch.zeros(len(x), BINS**3, device=x.device)
+        hist = x.new_zeros((x.shape[0], BINS**3), dtype=torch.float32)  # not len(x): traceable
         hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=hist.dtype))
         return (hist / flat.shape[1]).sqrt()
 

@@ -1,0 +1,147 @@
+"""Prepared encoders: a built, batch-norm-folded network kept as TorchScript, so later runs skip building it.
+
+Building efficientnet_lite0 from scratch costs ~1.6 s on 2 cores before the first image: importing timm (which
+imports torchvision and torch._dynamo, ~1.3 s), creating the network, loading and checking its weights, folding.
+The first `create` of an encoder on a machine saves the finished network, traced, in
+$CBIR_CACHE/prepared/<key>.pt with a record (<key>.json) of what it was built from; later runs load it in ~0.1 s
+and import neither timm nor torchvision (benchmarks/startup.py).
+
+The record keeps the encoder's description and the size and mtime of every weights file the build read, and the
+key covers the request, the device and the torch and cbir versions: a changed file or library builds again.
+A network is kept only if its traced form gives the eager network's outputs (fp32, another batch size) and its
+weights fit MAX_BYTES; otherwise that is recorded and it is built every time, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cbir.encoders.base import Encoder, Preprocess
+from cbir.files import atomic_path, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MAX_BYTES = 256 * 2**20  # bigger networks (VGG16: 528 MB) spend on reading their copy what they save on building
+CHECK_BATCH = 3  # traced with 2 images, checked with 3: a batch size frozen into the graph shows
+
+_reads: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("cbir_weights_reads", default=None)
+
+
+def note_read(path: Path) -> None:
+    """Called by the weights loader: a prepared network is valid while the files it was built from are unchanged."""
+    reads = _reads.get()
+    if reads is not None:
+        reads.append(Path(path).resolve())
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Path]]:
+    """The weights files read inside the block."""
+    reads: list[Path] = []
+    token = _reads.set(reads)
+    try:
+        yield reads
+    finally:
+        _reads.reset(token)
+
+
+def _folder() -> Path:
+    from cbir.cache import cache_dir
+
+    return cache_dir("prepared")
+
+
+def key(name: str, weights: Any, pooling: str | None, device: torch.device, options: dict[str, Any]) -> str:
+    """One prepared network per request (name, weights argument, pooling, options), device and library versions."""
+    from cbir.version import __version__
+
+    w = None if weights is None else str(weights)
+    if w is not None and os.path.isfile(os.path.expanduser(w)):
+        w = str(Path(w).expanduser().resolve())
+    request = {"name": name, "weights": w, "pooling": pooling, "options": options, "device": device.type,
+               "torch": torch.__version__, "cbir": __version__, "format": FORMAT}
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:60]
+    return f"{safe}-{sha256_bytes(json.dumps(request, sort_keys=True, default=str).encode())[:24]}"
+
+
+def _stamp(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def load(k: str, device: torch.device) -> Encoder | None:
+    """The prepared encoder under key `k`, if there is one and the files it was built from are unchanged."""
+    if device.type != "cpu":
+        return None
+    folder = _folder()
+    try:
+        record = json.loads((folder / f"{k}.json").read_text())
+        if record.get("format") != FORMAT or not record.get("kept"):
+            return None
+        if any(_stamp(Path(p)) != [p, size, mtime] for p, size, mtime in record["files"]):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit announces its deprecation on every call
+            model = torch.jit.load(str(folder / f"{k}.pt"), map_location="cpu")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None  # absent, stale or damaged: built again (and saved again)
+    e = record["encoder"]
+    return Encoder(e["name"], model, e["dim"], Preprocess.from_dict(e["preprocess"]), e["pooling"], e["weights"],
+                   device, options=e["options"], fixed_precision=e["fixed_precision"],
+                   folded_batchnorms=e["folded_batchnorms"])
+
+
+def save(k: str, encoder: Encoder, files: list[Path]) -> None:
+    """Keep `encoder` (just built and folded) for the next run, if its traced form is faithful."""
+    if encoder.device.type != "cpu":
+        return
+    folder = _folder()
+    record: dict[str, Any] = {"format": FORMAT, "kept": False}
+    try:
+        record["files"] = [_stamp(p) for p in dict.fromkeys(files)]
+        size = sum(t.numel() * t.element_size() for t in encoder.model.state_dict().values())
+        traced = _trace(encoder) if size <= MAX_BYTES else None
+        if traced is not None:
+            with atomic_path(folder / f"{k}.pt", suffix=".pt") as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(traced, str(tmp))
+            record["kept"] = True
+            record["encoder"] = {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
+                                 "pooling": encoder.pooling, "weights": encoder.weights, "options": encoder.options,
+                                 "fixed_precision": encoder.fixed_precision,
+                                 "folded_batchnorms": encoder.folded_batchnorms}
+        else:
+            record["reason"] = "larger than MAX_BYTES" if size > MAX_BYTES else "its traced form differs"
+        with atomic_path(folder / f"{k}.json") as tmp:
+            tmp.write_text(json.dumps(record, sort_keys=True, default=str))
+    except (OSError, TypeError, ValueError) as exc:  # a read-only or full cache only costs the next run the build
+        log.debug(f"prepared encoder not kept: {exc}")
+
+
+def _trace(encoder: Encoder) -> torch.jit.ScriptModule | None:
+    """The traced network, or None if it does not reproduce the eager one."""
+    size = encoder.preprocess.size
+    gen = torch.Generator().manual_seed(1)
+    example = torch.rand(2, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    check = torch.rand(CHECK_BATCH, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    model = encoder.model
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example, check_trace=False)
+            same = torch.allclose(traced(check).float(), model(check).float(), rtol=1e-4, atol=1e-5)
+    except Exception as exc:  # anything the tracer cannot follow: build every time, as before
+        log.debug(f"cannot trace {encoder.name}: {exc}")
+        return None
+    return traced if same else None
