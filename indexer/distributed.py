@@ -62,29 +62,6 @@ class Engine:
             guardian.stop(self.watcher)
 
 
-class Connecting:
-    """`connect` in a thread: a local cluster starts (~4 s) while the driver discovers files and loads its encoder."""
-
-    def __init__(self, address: str | None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-ray-connect")
-        self._future = pool.submit(connect, address)
-        pool.shutdown(wait=False)
-
-    def engine(self) -> Engine:
-        """The connected engine (waits for it); a failure to connect is raised here."""
-        return self._future.result()
-
-    def close(self) -> None:
-        """Stop what the connection started, if it got that far (for a run that failed before embedding)."""
-        try:
-            engine = self._future.result()
-        except Exception:
-            return
-        engine.close()
-
-
 def connect(address: str | None) -> Engine:
     """Join `address`, else the cluster in RAY_ADDRESS, else start a local one for this run."""
     address = address or os.environ.get("RAY_ADDRESS") or None

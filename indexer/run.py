@@ -34,7 +34,7 @@ from indexer.summary import Summary
 from indexer.work import WorkDir
 
 if TYPE_CHECKING:
-    from indexer.distributed import Connecting, Engine
+    from indexer.distributed import Engine
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,7 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     opts.validate()
     root = Source.of(source)
     out = Path(out) if out is not None else DEFAULT_DIR / root.name
-    found = _discover(root, out, opts)  # a wrong path fails here, before any cluster starts
-    connecting = _connect(opts)
-    try:
-        return _build(root, out, opts, found, encoder, connecting)
-    finally:
-        if connecting is not None:
-            connecting.close()
-
-
-def _connect(opts: BuildOptions) -> Connecting | None:
-    """With --engine ray, start joining (or starting) the cluster now, beside discovery and the encoder's loading."""
-    if opts.engine != "ray":
-        return None
-    from indexer.distributed import Connecting
-
-    return Connecting(opts.ray_address)
-
-
-def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encoder: Encoder | None,
-           connecting: Connecting | None) -> Summary:
+    found = _discover(root, out, opts)
     enc = encoder or _make_encoder(opts, out)
     log.info(f"encoder: {enc.name} ({enc.dim}-d, {enc.pooling} pooling, weights {enc.weights['source']}, "
              f"device {enc.device})")
@@ -85,28 +66,36 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
         work = WorkDir(out, _manifest(root, enc, opts.mode, old))
         work.open()
         todo = resume(plan, root, work.done())
-        engine = _embed(root, plan.todo, todo, enc, work, opts, connecting)
+        engine = _embed(root, plan.todo, todo, enc, work, opts)
         index_type, float16 = _search_settings(opts, old)
         on_disk = _on_disk(opts, old, len(plan.keep) + len(todo), enc.dim)
         job = CommitJob(root, out, enc, old, plan.keep, work, found.skipped, "ivfpq" if on_disk else index_type,
                         float16 or (on_disk and opts.float16 is None), started, _expansion(opts, old), opts.preset,
                         on_disk, engine.map if engine is not None else None)
-        done = commit(job)
+        try:
+            done = commit(job)
+        finally:
+            if engine is not None:
+                engine.close()
         work.remove()
     return Summary(out, enc, opts.mode, done.indexed, done.skipped, time.perf_counter() - started, len(todo),
                    plan.resumed, done.added, plan.changed, plan.removed, plan.unchanged)
 
 
-def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir, opts: BuildOptions,
-           connecting: Connecting | None) -> Engine | None:
+def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir,
+           opts: BuildOptions) -> Engine | None:
     """The embed stage on this machine, or on a Ray cluster (returned, still connected: the commit may use it)."""
-    if connecting is None:
+    if opts.engine != "ray":
         embed_files(root, todo, enc, work, opts)
         return None
     from indexer import distributed
 
-    engine = connecting.engine()
-    distributed.embed_files(engine, root, todo, enc, work, opts, planned=planned)
+    engine = distributed.connect(opts.ray_address)
+    try:
+        distributed.embed_files(engine, root, todo, enc, work, opts, planned=planned)
+    except BaseException:
+        engine.close()
+        raise
     return engine
 
 

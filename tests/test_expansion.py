@@ -84,6 +84,26 @@ def test_fused_encoder_round_trips_through_the_index_file(tmp_path: Path, sample
         create("efficientnet_lite0+colour_histogram*0", device="cpu")
 
 
+def test_each_fused_part_sees_what_it_sees_alone_and_old_records_keep_their_view(samples: Path) -> None:
+    """View 2: a part's slice of the fused vector is (nearly) the part's own vector; an index recorded before
+    views existed is rebuilt with view 1, the way its rows were made."""
+    ims = [load_image(p) for p in sorted(samples.rglob("*.jpg"))[:6]]
+    fused = create("efficientnet_lite0+efficientnet_lite2", device="cpu")
+    assert fused.config["options"] == {"view": 2}
+    v = fused.embed(ims)
+    alone = [create(n, device="cpu").embed(ims) for n in ("efficientnet_lite0", "efficientnet_lite2")]
+    for part, own in zip((v[:, :1280], v[:, 1280:]), alone, strict=True):
+        part = part / np.linalg.norm(part, axis=1, keepdims=True)
+        assert np.sum(part * own, axis=1).min() > 0.99
+    old_record = {**fused.config, "options": {}}
+    old = from_config(old_record, device="cpu")
+    assert old.config["options"] == {"view": 1}
+    lite0_old = old.embed(ims)[:, :1280]
+    lite0_old /= np.linalg.norm(lite0_old, axis=1, keepdims=True)
+    assert np.sum(lite0_old * alone[0], axis=1).mean() < np.sum(
+        (v[:, :1280] / np.linalg.norm(v[:, :1280], axis=1, keepdims=True)) * alone[0], axis=1).mean()
+
+
 def test_presets_fill_what_was_not_given(tmp_path: Path, samples: Path) -> None:
     from indexer import BuildOptions
 

@@ -111,7 +111,7 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
 
 
 def _build(name: str, weights: str | None, pooling: str | None, device: str, options: dict[str, Any]) -> Encoder:
-    return _fused_encoder(name, weights, pooling, device) if "+" in name else \
+    return _fused_encoder(name, weights, pooling, device, options) if "+" in name else \
         _single(name, weights, pooling, device, options)
 
 
@@ -144,15 +144,20 @@ def _single(name: str, weights: str | None, pooling: str | None, device: str, op
     return enc
 
 
-def _fused_encoder(name: str, weights: str | None, pooling: str | None, device: str) -> Encoder:
-    """`a+b[:weights][*w]`: see _fused.py; weights go inside the name, per part."""
-    from cbir.encoders._fused import POOLING, create_fused
+def _fused_encoder(name: str, weights: str | None, pooling: str | None, device: str,
+                   options: dict[str, Any]) -> Encoder:
+    """`a+b[:weights][*w]`: see _fused.py; weights go inside the name, per part; option `view`."""
+    from cbir.encoders._fused import POOLING, VIEW, create_fused
+
+    unknown = set(options) - {"view"}
+    if unknown:
+        raise CbirError(f"a fused encoder takes no option {', '.join(sorted(unknown))}")
 
     if weights not in (None, "", "parts"):
         raise CbirError("a fused encoder takes weights per part, in its name: name:FILE+name2 (not --weights)")
     if pooling not in (None, POOLING):
         raise CbirError(f"a fused encoder pools each part its own way; its pooling is {POOLING!r}")
-    return create_fused(name, resolve_device(device), create)
+    return create_fused(name, resolve_device(device), create, view=int(options.get("view", VIEW)))
 
 
 def from_config(config: dict[str, Any], device: str = "auto", weights: str | None = None) -> Encoder:
@@ -168,6 +173,8 @@ def from_config(config: dict[str, Any], device: str = "auto", weights: str | Non
         if source == "imagenet" and "enum" in w:  # a torchvision variant, e.g. ResNet50_Weights.IMAGENET1K_V2
             weights = str(w["enum"]).rpartition(".")[2]
     options = dict(config.get("options", {}))
+    if "+" in config["name"]:
+        options.setdefault("view", 1)  # a fused index made before views were recorded: parts saw the first view
     enc = create(config["name"], weights=weights, pooling=config["pooling"], device=device, **options)
     enc.restore_mode(config)
     if enc.weights.get("sha256") != w.get("sha256"):
