@@ -33,6 +33,16 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_preset(name: str) -> str:
+    from indexer.options import DEFAULT_PRESET, PRESETS
+
+    settings = PRESETS.get(name)
+    if settings is None:
+        return name
+    default = ", the default" if name == DEFAULT_PRESET else ""
+    return f"{name} ({settings['encoder']}, qe {settings['qe']}, dba {settings['dba']}{default})"
+
+
 def _bytes(text: str | None) -> int | None:
     """'8G', '500M', '1.5T' or a number of bytes."""
     if text is None:
@@ -115,7 +125,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from cbir.expansion import Expansion
 
     print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
-          f"{'   preset ' + info['preset'] if info['preset'] else ''}")
+          f"{'   preset ' + _describe_preset(info['preset']) if info['preset'] else ''}")
     w = info["words"]
     print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
           f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
@@ -287,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder arithmetic: fp32, bf16, int8 (ONNX Runtime, calibrated on this collection), or "
                         "auto (default: the fastest mode that stays faithful to fp32 on a calibration sample)")
     s.add_argument("--preset", choices=["fast", "balanced", "best"], help="a measured configuration: fast "
-                   "(efficientnet_lite0, the default), balanced (+ query expansion and database augmentation, same "
-                   "speed, better neighbours), best (efficientnet_lite0+efficientnet_lite2 fused, + both; slower)")
+                   "(efficientnet_lite0, the default: best at finding the original of a copy), balanced (+ query "
+                   "expansion and database augmentation: same speed, better 'more of this kind' neighbours, copies "
+                   "found a little less often), best (efficientnet_lite0+efficientnet_lite2 fused, + both; half the "
+                   "speed)")
     s.add_argument("--qe", type=int, metavar="K", help="alpha-query expansion at search time with the top K "
                    "neighbours (0: off, default; 2 is the published setting)")
     s.add_argument("--dba", type=int, metavar="K", help="alpha-database-side augmentation at index time with the top "

@@ -18,7 +18,7 @@ from cbir import ondisk, tuning
 from cbir import store as store_mod
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
-from cbir.expansion import Expansion, augment_database
+from cbir.expansion import Expansion, augment_database, combine
 from cbir.files import atomic_path
 from cbir.images import Skipped
 from cbir.layout import FAISS, VECTORS
@@ -103,12 +103,14 @@ def _in_memory(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPl
     final = store_mod.read(tmp_vec)
     assert final.vectors is not None
     index, plan = tuning.build(final.vectors, final.ids, index_type=job.index_type)
-    words = _words(job, final)
+    rows = final.vectors
     if job.expansion.dba_k and len(final.ids) > 1:
-        searched = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
-        store_mod.replace_vectors(tmp_vec, searched)
-        index, plan = tuning.build(searched, final.ids, index_type=job.index_type)
-    VectorSearch(index, plan).save(tmp_faiss)
+        rows = _augment(final.vectors, final.ids, VectorSearch(index, plan), job.expansion)
+        store_mod.replace_vectors(tmp_vec, rows)
+        index, plan = tuning.build(rows, final.ids, index_type=job.index_type)
+    search = VectorSearch(index, plan)
+    words = _words(job, final, rows, _expanded_query(search, final.ids, rows, job.expansion))
+    search.save(tmp_faiss)
     return plan, words
 
 
@@ -131,17 +133,20 @@ def _on_disk(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan
         final.handle.close()
 
 
-def _words(job: CommitJob, final: Store) -> Words:
-    """The confidence words: measured for a new index, kept by an update (same encoder, much the same collection:
-    an update of one file should not pay for embedding a sample again)."""
+def _words(job: CommitJob, final: Store, rows: np.ndarray | None = None,
+           query: Callable[[np.ndarray], np.ndarray] | None = None) -> Words:
+    """The confidence words, fitted on what search compares (`rows` as stored, queries as expanded): measured for a
+    new index, kept by an update (same encoder, much the same collection: an update of one file should not pay for
+    embedding a sample again)."""
     if job.old is not None and "words" in job.old.attrs:
         return Words.from_dict(json.loads(job.old.attrs["words"]))
-    assert final.vectors is not None
-    return measure_words(job.encoder, lambda rel: job.source.read(rel)[0], final.paths, final.vectors)
+    rows = final.vectors if rows is None else rows
+    assert rows is not None
+    return measure_words(job.encoder, lambda rel: job.source.read(rel)[0], final.paths, rows, query=query)
 
 
-def _augment(vectors: np.ndarray, ids: np.ndarray, search: VectorSearch, expansion: Expansion) -> np.ndarray:
-    """alpha-DBA of every row, neighbours found with the index just built (positions, not ids)."""
+def _by_position(search: VectorSearch, ids: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """Search answering in row positions rather than ids."""
     order = np.argsort(ids)
     sorted_ids = ids[order]
 
@@ -150,7 +155,27 @@ def _augment(vectors: np.ndarray, ids: np.ndarray, search: VectorSearch, expansi
         at = np.clip(np.searchsorted(sorted_ids, found), 0, len(ids) - 1)
         return scores, np.where(found >= 0, order[at], -1)
 
-    return augment_database(vectors, by_position, expansion.dba_k, expansion.dba_alpha)
+    return by_position
+
+
+def _augment(vectors: np.ndarray, ids: np.ndarray, search: VectorSearch, expansion: Expansion) -> np.ndarray:
+    """alpha-DBA of every row, neighbours found with the index just built."""
+    return augment_database(vectors, _by_position(search, ids), expansion.dba_k, expansion.dba_alpha)
+
+
+def _expanded_query(search: VectorSearch, ids: np.ndarray, rows: np.ndarray,
+                    expansion: Expansion) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Queries as the finished index will search with them (alpha-QE over its stored rows), or None without QE."""
+    if not expansion.qe_k or len(ids) < 2:
+        return None
+    by_position = _by_position(search, ids)
+
+    def expand(queries: np.ndarray) -> np.ndarray:
+        scores, pos = by_position(np.ascontiguousarray(queries, dtype=np.float32), expansion.qe_k)
+        scores = np.where(pos >= 0, scores, 0.0)
+        return combine(queries, rows[np.clip(pos, 0, None)].astype(np.float32), scores, expansion.qe_alpha)
+
+    return expand
 
 
 def _gather(job: CommitJob) -> _Rows:

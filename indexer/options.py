@@ -19,6 +19,17 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+DEFAULT_PRESET = "fast"
+
+
+def preset_matching(encoder: str, qe: int, dba: int) -> str | None:
+    """The preset an index is, whether it was named or not (recorded, so that `cbir info` can say)."""
+    for name, settings in PRESETS.items():
+        if (settings["encoder"], settings["qe"], settings["dba"]) == (encoder, qe, dba):
+            return name
+    return None
+
+
 @dataclass
 class BuildOptions:
     """mode: "create" (refuses an existing index), "rebuild" (re-embeds everything) or "update" (re-embeds only

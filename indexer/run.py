@@ -27,7 +27,7 @@ from cbir.store import Store
 from indexer.commit import CommitJob, commit
 from indexer.embed import embed_files
 from indexer.lock import IndexLock
-from indexer.options import DEFAULT_ENCODER, BuildOptions
+from indexer.options import DEFAULT_ENCODER, BuildOptions, preset_matching
 from indexer.plan import make_plan, resume
 from indexer.source import Source
 from indexer.summary import Summary
@@ -69,9 +69,11 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         engine = _embed(root, plan.todo, todo, enc, work, opts)
         index_type, float16 = _search_settings(opts, old)
         on_disk = _on_disk(opts, old, len(plan.keep) + len(todo), enc.dim)
+        expansion = _expansion(opts, old)
         job = CommitJob(root, out, enc, old, plan.keep, work, found.skipped, "ivfpq" if on_disk else index_type,
-                        float16 or (on_disk and opts.float16 is None), started, _expansion(opts, old), opts.preset,
-                        on_disk, engine.map if engine is not None else None)
+                        float16 or (on_disk and opts.float16 is None), started, expansion,
+                        preset_matching(enc.name, expansion.qe_k, expansion.dba_k), on_disk,
+                        engine.map if engine is not None else None)
         try:
             done = commit(job)
         finally:

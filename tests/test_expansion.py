@@ -114,3 +114,7 @@ def test_presets_fill_what_was_not_given(tmp_path: Path, samples: Path) -> None:
         BuildOptions(preset="fastest").validate()
     index = Index.build(samples / "coffee", out=tmp_path / "p", device="cpu", preset="balanced")
     assert index.info()["preset"] == "balanced" and index.expansion.qe_k == 2
+    plain = Index.build(samples / "coffee", out=tmp_path / "d", device="cpu")  # no preset named: it is `fast`
+    assert plain.info()["preset"] == "fast" and plain.expansion.qe_k == 0
+    other = Index.build(samples / "coffee", out=tmp_path / "o", device="cpu", preset="balanced", dba=0)
+    assert other.info()["preset"] is None  # settings of no preset: none is claimed
