@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import io
+import multiprocessing
 import os
 import signal
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cbir.errors import CbirError
 from cbir.files import sha256_bytes
 from cbir.images import ImageError, load_image
 from cbir.preprocess import Preprocess
 from indexer.source import Source
 
-if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
-
 DECODE_NICE = 19
 PR_SET_PDEATHSIG = 1
+AHEAD = 512  # files decoded ahead of the model at most (~75 MB of 224-px pixels)
+GROUP = 8  # files per task handed to a worker: one at a time cost 30% more than torch's DataLoader
 
 
 @dataclass
@@ -62,19 +65,6 @@ def decode(source: Source, file: str, preprocess: Preprocess) -> Decoded:
         return Decoded(file, None, f"cannot decode: {exc.__class__.__name__}: {exc}")
 
 
-class DecodedFiles:
-    """Item i: `decode` of files[i]. Runs in worker processes (a map-style dataset for torch's DataLoader)."""
-
-    def __init__(self, source: Source, files: list[str], preprocess: Preprocess) -> None:
-        self.source, self.files, self.preprocess = source, files, preprocess
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> Decoded:
-        return decode(self.source, self.files[i], self.preprocess)
-
-
 def die_with_parent(parent: int) -> None:
     """Make this (worker) process end when `parent` does, even when the parent is SIGKILLed.
 
@@ -87,7 +77,7 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_init(parent: int, _worker_id: int) -> None:
+def _worker_init(parent: int) -> None:
     """Decoding workers die with the run and run at low priority: they take the cores only while the model waits.
 
     The model's threads move in lockstep, so a decoder pre-empting one of them stalls them all: on 2 cores a busy
@@ -99,27 +89,101 @@ def _worker_init(parent: int, _worker_id: int) -> None:
         os.nice(DECODE_NICE)
 
 
-def worker_init_fn() -> functools.partial:
-    """The worker initialiser for a DataLoader started by this process."""
-    return functools.partial(_worker_init, os.getpid())
-
-
 def default_workers(n_files: int, batch_size: int) -> int:
     if n_files <= 2 * batch_size:
         return 0  # starting processes costs more than it saves
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _as_list(items: list[Decoded]) -> list[Decoded]:
-    return items
+def decode_group(source: Source, files: list[str], preprocess: Preprocess) -> list[Decoded]:
+    return [decode(source, f, preprocess) for f in files]
 
 
-def batches(source: Source, files: list[str], preprocess: Preprocess, batch_size: int,
-            workers: int | None) -> DataLoader:
-    """Batches (lists) of `Decoded`, in file order, decoded by `workers` processes (None: by size and cores)."""
-    from torch.utils.data import DataLoader  # here, not above: Ray's decoding tasks use this module without torch
+class Decoder:
+    """`Decoded` records of `files` in order, decoded up to AHEAD files in advance by worker processes (none for a
+    small job: then in this process) that run at nice 19 and die with the run.
 
-    n = default_workers(len(files), batch_size) if workers is None else workers
-    return DataLoader(DecodedFiles(source, files, preprocess), batch_size=batch_size, shuffle=False, num_workers=n,
-                      collate_fn=_as_list, prefetch_factor=4 if n else None,
-                      worker_init_fn=worker_init_fn() if n else None)
+    It is started as soon as the files and the preprocessing are known. For a new index of an encoder prepared on
+    this machine before, that is before torch is imported (indexer/run.py): the workers, forked from a process
+    without torch, decode the first few hundred pictures on the cores that the ~1 s import leaves idle, and stay
+    small (no copy of torch in them). The embed stage takes what it needs with `batches`.
+    """
+
+    def __init__(self, source: Source, files: list[str], preprocess: Preprocess, workers: int | None = None,
+                 batch_size: int = 16) -> None:
+        self.source, self.preprocess = source, preprocess
+        self._position = {f: i for i, f in enumerate(files)}
+        self._todo: deque[str] = deque(files)  # not handed to a worker yet
+        self._ahead: deque[tuple[list[str], Future | None]] = deque()  # groups handed out, in order
+        self._ready: deque[Decoded] = deque()  # records of the group being given out
+        self._next = 0  # position of the first file not given out or passed over
+        n = default_workers(len(files), batch_size) if workers is None else workers
+        self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init,
+                                         initargs=(os.getpid(),)) if n else None
+        self._fill()
+
+    def covers(self, files: list[str], preprocess: Preprocess) -> bool:
+        """True if `files` can be taken from here: the same preprocessing, and files still ahead, in this order."""
+        if preprocess != self.preprocess:
+            return False
+        last = self._next
+        for f in files:
+            i = self._position.get(f, -1)
+            if i < last:
+                return False
+            last = i + 1
+        return True
+
+    def batches(self, files: list[str], batch_size: int) -> Iterator[list[Decoded]]:
+        """The records of `files` (see `covers`) in batches; the decoder's other files are dropped, undecoded if
+        not begun (the files a resumed run or the calibration sample has already)."""
+        wanted = set(files)
+        for group, future in self._ahead:
+            if future is not None and not wanted.intersection(group):
+                future.cancel()
+        self._ahead = deque((g, fut) for g, fut in self._ahead if wanted.intersection(g))
+        self._todo = deque(f for f in self._todo if f in wanted)
+        batch: list[Decoded] = []
+        for f in files:
+            batch.append(self._get(f))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _get(self, file: str) -> Decoded:
+        while True:
+            if not self._ready:
+                self._ready.extend(self._group())
+            record = self._ready.popleft()
+            if record.file == file:
+                self._next = self._position[file] + 1
+                return record
+
+    def _group(self) -> list[Decoded]:
+        """The next group's records (decoded here when there are no workers)."""
+        if not self._ahead:
+            self._fill()
+        group, future = self._ahead.popleft()
+        self._fill()
+        if future is None:
+            return [decode(self.source, f, self.preprocess) for f in group]
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise CbirError(f"a decoding worker died while reading {group[0]} or the next {len(group) - 1} files "
+                            "(killed, or out of memory); run the same command again: it resumes from the batches "
+                            "already saved") from None
+
+    def _fill(self) -> None:
+        while self._todo and len(self._ahead) * GROUP < (AHEAD if self._pool is not None else 1):
+            group = [self._todo.popleft() for _ in range(min(GROUP, len(self._todo)))]
+            future = self._pool.submit(decode_group, self.source, group, self.preprocess) \
+                if self._pool is not None else None
+            self._ahead.append((group, future))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -6,6 +6,7 @@ Numeric mode 'auto' (or 'int8') is settled first on a sample of the images about
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -14,7 +15,7 @@ import numpy as np
 from cbir import numeric
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
-from indexer.decode import Decoded, batches, decode
+from indexer.decode import Decoded, Decoder, decode
 from indexer.options import BuildOptions
 from indexer.source import Source
 from indexer.work import Chunk, WorkDir
@@ -35,15 +36,24 @@ def to_chunk(items: list[Decoded], vectors: np.ndarray) -> Chunk:
                  [(it.file, it.reason) for it in items if not it.ok])
 
 
-def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions) -> None:
-    """Embed `files` batch by batch, each batch saved as a chunk the moment it is made."""
+def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions,
+                decoder: Decoder | None = None) -> None:
+    """Embed `files` batch by batch, each batch saved as a chunk the moment it is made.
+
+    `decoder`, if given, is one started early (indexer/run.py); it is used if it covers the files with the
+    encoder's own preprocessing, else replaced.
+    """
     if not files:
         return
     files = settle_mode(source, files, encoder, work)
     batch_size = options.batch_size or default_batch(encoder)
+    if decoder is None or not decoder.covers(files, encoder.preprocess):
+        if decoder is not None:
+            decoder.close()
+        decoder = Decoder(source, files, encoder.preprocess, options.workers, batch_size)
     skipped = 0
-    with _progress(len(files), options.progress) as bar:
-        for items in batches(source, files, encoder.preprocess, batch_size, options.workers):
+    with _progress(len(files), options.progress) as bar, contextlib.closing(decoder):
+        for items in decoder.batches(files, batch_size):
             pixels = [it.pixels for it in items if it.ok]
             vecs = encoder.embed_pixels(np.stack(pixels)) if pixels else np.zeros((0, encoder.dim), np.float32)
             chunk = to_chunk(items, vecs)

@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cbir import store as store_mod
-from cbir.device import configure_threads
-from cbir.encoders import Encoder, create, from_config
 from cbir.errors import CbirError
 from cbir.expansion import Expansion
 from cbir.images import Discovery
 from cbir.layout import DEFAULT_DIR, VECTORS
-from cbir.search_plan import ONDISK
 from cbir.store import Store
-from indexer.commit import CommitJob, commit
-from indexer.embed import embed_files
+from indexer.decode import Decoder
 from indexer.lock import IndexLock
 from indexer.options import DEFAULT_ENCODER, BuildOptions, preset_matching
 from indexer.plan import make_plan, resume
@@ -33,7 +29,8 @@ from indexer.source import Source
 from indexer.summary import Summary
 from indexer.work import WorkDir
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, faiss: imported once decoding has started (see _decode_early)
+    from cbir.encoders import Encoder
     from indexer.distributed import Engine
 
 log = logging.getLogger(__name__)
@@ -51,6 +48,32 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     root = Source.of(source)
     out = Path(out) if out is not None else DEFAULT_DIR / root.name
     found = _discover(root, out, opts)
+    early = _decode_early(root, found, opts) if encoder is None else None
+    try:
+        return _build(root, out, opts, found, encoder, early)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _decode_early(root: Source, found: Discovery, opts: BuildOptions) -> Decoder | None:
+    """Start decoding a new index's files now, before the encoder is loaded (and torch imported), when its
+    preprocessing is known already: the encoder was prepared on this machine before (cbir/prepared.py)."""
+    if opts.mode == "update" or opts.engine != "local" or not found.files:
+        return None
+    from cbir.prepared import known_preprocess
+
+    preprocess = known_preprocess(opts.encoder or DEFAULT_ENCODER, opts.weights, opts.pooling)
+    if preprocess is None:
+        return None
+    return Decoder(root, found.files, preprocess, opts.workers, opts.batch_size or 16)
+
+
+def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encoder: Encoder | None,
+           early: Decoder | None) -> Summary:
+    from cbir.device import configure_threads
+    from indexer.commit import CommitJob, commit
+
     enc = encoder or _make_encoder(opts, out)
     log.info(f"encoder: {enc.name} ({enc.dim}-d, {enc.pooling} pooling, weights {enc.weights['source']}, "
              f"device {enc.device})")
@@ -66,7 +89,7 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         work = WorkDir(out, _manifest(root, enc, opts.mode, old))
         work.open()
         todo = resume(plan, root, work.done())
-        engine = _embed(root, plan.todo, todo, enc, work, opts)
+        engine = _embed(root, plan.todo, todo, enc, work, opts, early=early)
         index_type, float16 = _search_settings(opts, old)
         on_disk = _on_disk(opts, old, len(plan.keep) + len(todo), enc.dim)
         expansion = _expansion(opts, old)
@@ -84,11 +107,13 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
                    plan.resumed, done.added, plan.changed, plan.removed, plan.unchanged)
 
 
-def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir,
-           opts: BuildOptions) -> Engine | None:
+def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir, opts: BuildOptions, *,
+           early: Decoder | None) -> Engine | None:
     """The embed stage on this machine, or on a Ray cluster (returned, still connected: the commit may use it)."""
     if opts.engine != "ray":
-        embed_files(root, todo, enc, work, opts)
+        from indexer.embed import embed_files
+
+        embed_files(root, todo, enc, work, opts, early)
         return None
     from indexer import distributed
 
@@ -111,6 +136,8 @@ def _discover(root: Source, out: Path, opts: BuildOptions) -> Discovery:
 
 
 def _make_encoder(opts: BuildOptions, out: Path) -> Encoder:
+    from cbir.encoders import create, from_config
+
     if opts.mode == "update" and opts.encoder is None and (out / VECTORS).is_file():
         config = store_mod.read(out / VECTORS, vectors=False).encoder_config
         return from_config(config, device=opts.device, weights=opts.weights)
@@ -143,6 +170,8 @@ def _on_disk(opts: BuildOptions, old: Store | None, rows: int, dim: int) -> bool
     if opts.on_disk is not None:
         return opts.on_disk
     if old is not None and "search" in old.attrs:
+        from cbir.search_plan import ONDISK
+
         return json.loads(old.attrs["search"]).get("type") == ONDISK
     if (opts.index_type or "auto") != "auto":
         return False

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cbir.encoders import Encoder
 from cbir.images import Skipped
+
+if TYPE_CHECKING:
+    from cbir.encoders import Encoder
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_a_prepared_network_is_checked_at_another_batch_size(tmp_path: Path, sam
     import torch
     from PIL import Image
 
-    from cbir.encoders import prepared
+    from cbir import prepared
 
     monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
     images = [Image.open(p).convert("RGB") for p in sorted(samples.rglob("*.jpg"))[:5]]
@@ -133,3 +134,54 @@ def test_a_prepared_network_is_checked_at_another_batch_size(tmp_path: Path, sam
 
     first.model = FrozenBatch()
     assert prepared._trace(first) is None
+
+
+def test_a_new_index_starts_decoding_before_torch_is_imported(tmp_path: Path, samples: Path) -> None:
+    """Issue 15: with the encoder prepared, decoding starts while torch is still to be imported (the cores the
+    import leaves idle decode), and the index is the one built the ordinary way."""
+    import os
+
+    env = {**os.environ, "CBIR_CACHE": str(tmp_path / "cache")}
+    code = ("import json, sys\nimport indexer.decode as d\nseen = []\norig = d.Decoder.__init__\n"
+            "def init(self, *a, **k):\n    seen.append('torch' in sys.modules)\n    orig(self, *a, **k)\n"
+            "d.Decoder.__init__ = init\nfrom indexer import BuildOptions, build\n"
+            f"build({str(samples)!r}, {str(tmp_path / 'early')!r}, BuildOptions(device='cpu', precision='fp32',"
+            " workers=2, batch_size=4, progress=False))\nprint(json.dumps(seen))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=300)  # prepares
+    shutil.rmtree(tmp_path / "early")
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False]  # one decoder, started before torch
+    from cbir.encoders import create
+    from indexer import BuildOptions, build
+
+    build(samples, tmp_path / "plain", BuildOptions(device="cpu", workers=0, progress=False),
+          encoder=create("efficientnet_lite0", device="cpu", precision="fp32"))  # given: no early decoding
+    plain, early = Index.open(tmp_path / "plain"), Index.open(tmp_path / "early")
+    assert list(early.store.paths) == list(plain.store.paths)
+    np.testing.assert_allclose(early.store.vectors, plain.store.vectors, atol=1e-5)
+
+
+def test_the_decoder_gives_exactly_the_files_asked_for_in_order(tmp_path: Path, samples: Path) -> None:
+    from cbir.preprocess import Preprocess
+    from indexer.decode import Decoder
+    from indexer.source import Source
+
+    root = tmp_path / "c"
+    root.mkdir()
+    files = []
+    for i, p in enumerate(sorted(samples.rglob("*.jpg"))[:20]):
+        (root / f"{i:02d}.jpg").write_bytes(p.read_bytes())
+        files.append(f"{i:02d}.jpg")
+    (root / "20.jpg").write_bytes(b"not a picture")
+    files.append("20.jpg")
+    pre = Preprocess(size=64)
+    for workers in (0, 2):
+        dec = Decoder(Source.of(root), files, pre, workers=workers)
+        wanted = [*files[3::2], files[-1]]
+        assert dec.covers(wanted, pre) and not dec.covers(wanted[::-1], pre) and not dec.covers(wanted, Preprocess())
+        got = [r for b in dec.batches(wanted, 4) for r in b]
+        dec.close()
+        assert [r.file for r in got] == wanted
+        assert all(r.ok and r.pixels.shape == (64, 64, 3) for r in got[:-1])
+        assert not got[-1].ok and got[-1].reason  # the text file named .jpg keeps its reason

@@ -117,10 +117,10 @@ def _build(name: str, weights: str | None, pooling: str | None, device: str, opt
 
 def _prepared(name: str, weights: str | None, pooling: str | None, device: str, options: dict[str, Any]) -> Encoder:
     """Built and folded once, then loaded ready from the cache (see prepared.py)."""
-    from cbir.encoders import prepared
+    from cbir import prepared
 
     dev = resolve_device(device)
-    key = prepared.key(name, weights, pooling, dev, options)
+    key = prepared.key(name, weights, pooling, dev.type, options)
     enc = prepared.load(key, dev)
     if enc is not None:
         return enc

@@ -21,13 +21,17 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from cbir.encoders.base import Encoder, Preprocess
 from cbir.files import atomic_path, sha256_bytes
+from cbir.preprocess import Preprocess
+
+if TYPE_CHECKING:  # torch only where a network is loaded or saved: the indexer asks `known_preprocess` before
+    import torch
+
+    from cbir.encoders.base import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +66,16 @@ def _folder() -> Path:
     return cache_dir("prepared")
 
 
-def key(name: str, weights: Any, pooling: str | None, device: torch.device, options: dict[str, Any]) -> str:
-    """One prepared network per request (name, weights argument, pooling, options), device and library versions."""
+def key(name: str, weights: Any, pooling: str | None, device: str, options: dict[str, Any]) -> str:
+    """One prepared network per request (name, weights argument, pooling, options), device type and library
+    versions (read from package metadata: no import of torch)."""
     from cbir.version import __version__
 
     w = None if weights is None else str(weights)
     if w is not None and os.path.isfile(os.path.expanduser(w)):
         w = str(Path(w).expanduser().resolve())
-    request = {"name": name, "weights": w, "pooling": pooling, "options": options, "device": device.type,
-               "torch": torch.__version__, "cbir": __version__, "format": FORMAT}
+    request = {"name": name, "weights": w, "pooling": pooling, "options": options, "device": device,
+               "torch": version("torch"), "cbir": __version__, "format": FORMAT}
     safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:60]
     return f"{safe}-{sha256_bytes(json.dumps(request, sort_keys=True, default=str).encode())[:24]}"
 
@@ -80,22 +85,43 @@ def _stamp(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def load(k: str, device: torch.device) -> Encoder | None:
-    """The prepared encoder under key `k`, if there is one and the files it was built from are unchanged."""
-    if device.type != "cpu":
-        return None
-    folder = _folder()
+def _record(k: str) -> dict[str, Any] | None:
+    """The record of a kept network whose weights files are unchanged, else None."""
     try:
-        record = json.loads((folder / f"{k}.json").read_text())
+        record = json.loads((_folder() / f"{k}.json").read_text())
         if record.get("format") != FORMAT or not record.get("kept"):
             return None
         if any(_stamp(Path(p)) != [p, size, mtime] for p, size, mtime in record["files"]):
             return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def known_preprocess(name: str, weights: Any = None, pooling: str | None = None) -> Preprocess | None:
+    """The preprocessing of an encoder prepared on this machine before, without torch (the indexer starts decoding
+    with it while torch is still being imported); None if it is not prepared."""
+    record = _record(key(name, weights, pooling, "cpu", {}))
+    return Preprocess.from_dict(record["encoder"]["preprocess"]) if record else None
+
+
+def load(k: str, device: torch.device) -> Encoder | None:
+    """The prepared encoder under key `k`, if there is one and the files it was built from are unchanged."""
+    import torch
+
+    from cbir.encoders.base import Encoder
+
+    if device.type != "cpu":
+        return None
+    record = _record(k)
+    if record is None:
+        return None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit announces its deprecation on every call
-            model = torch.jit.load(str(folder / f"{k}.pt"), map_location="cpu")
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
-        return None  # absent, stale or damaged: built again (and saved again)
+            model = torch.jit.load(str(_folder() / f"{k}.pt"), map_location="cpu")
+    except (OSError, ValueError, RuntimeError):
+        return None  # absent or damaged: built again (and saved again)
     e = record["encoder"]
     return Encoder(e["name"], model, e["dim"], Preprocess.from_dict(e["preprocess"]), e["pooling"], e["weights"],
                    device, options=e["options"], fixed_precision=e["fixed_precision"],
@@ -104,6 +130,8 @@ def load(k: str, device: torch.device) -> Encoder | None:
 
 def save(k: str, encoder: Encoder, files: list[Path]) -> None:
     """Keep `encoder` (just built and folded) for the next run, if its traced form is faithful."""
+    import torch
+
     if encoder.device.type != "cpu":
         return
     folder = _folder()
@@ -131,6 +159,8 @@ def save(k: str, encoder: Encoder, files: list[Path]) -> None:
 
 def _trace(encoder: Encoder) -> torch.jit.ScriptModule | None:
     """The traced network, or None if it does not reproduce the eager one."""
+    import torch
+
     size = encoder.preprocess.size
     gen = torch.Generator().manual_seed(1)
     example = torch.rand(2, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
