@@ -138,6 +138,8 @@ def save(k: str, encoder: Encoder, files: list[Path]) -> None:
     record: dict[str, Any] = {"format": FORMAT, "kept": False}
     try:
         record["files"] = [_stamp(p) for p in dict.fromkeys(files)]
+        if _already_refused(k, record["files"]):
+            return  # measured before: not worth tracing again on every run
         size = sum(t.numel() * t.element_size() for t in encoder.model.state_dict().values())
         traced = _trace(encoder) if size <= MAX_BYTES else None
         if traced is not None:
@@ -155,6 +157,14 @@ def save(k: str, encoder: Encoder, files: list[Path]) -> None:
             tmp.write_text(json.dumps(record, sort_keys=True, default=str))
     except (OSError, TypeError, ValueError) as exc:  # a read-only or full cache only costs the next run the build
         log.debug(f"prepared encoder not kept: {exc}")
+
+
+def _already_refused(k: str, files: list[list[Any]]) -> bool:
+    try:
+        record = json.loads((_folder() / f"{k}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("format") == FORMAT and not record.get("kept") and record.get("files") == files
 
 
 def _trace(encoder: Encoder) -> torch.jit.ScriptModule | None:

@@ -185,3 +185,20 @@ def test_the_decoder_gives_exactly_the_files_asked_for_in_order(tmp_path: Path, 
         assert [r.file for r in got] == wanted
         assert all(r.ok and r.pixels.shape == (64, 64, 3) for r in got[:-1])
         assert not got[-1].ok and got[-1].reason  # the text file named .jpg keeps its reason
+
+
+def test_a_network_refused_once_is_not_traced_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network whose trace is not faithful is built every time, as before, without paying for a trace each time."""
+    import torch
+
+    from cbir import prepared
+    from cbir.encoders import create
+
+    monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
+    calls: list[str] = []
+    monkeypatch.setattr(prepared, "_trace", lambda enc: calls.append(enc.name))  # "its traced form differs"
+    for _ in range(3):
+        enc = create("random_cnn", device="cpu")
+        assert not isinstance(enc.model, torch.jit.ScriptModule)
+    record = json.loads(next((tmp_path / "cache" / "prepared").glob("*.json")).read_text())
+    assert record["kept"] is False and record["reason"] == "its traced form differs" and calls == ["random_cnn"]
