@@ -2,7 +2,7 @@
 
     python benchmarks/preprocess_cost.py --images /tmp/cbir-throughput/640x480 [--encoder efficientnet_lite0]
 
-Stages are those of a decoding worker (indexer.decode.DecodedFiles): read the file and hash it, decode the
+Stages are those of a decoding worker (indexer.decode.decode): read the file and hash it, decode the
 JPEG (draft mode, EXIF, RGB), then resize the centre-crop box to the network's input (Preprocess.pixels).
 Milliseconds per image, medians of --repeats passes over the images. With the model's own cost per image
 (2 cores / its images/s), this bounds what any overlap of decoding with inference can reach:
@@ -23,7 +23,7 @@ import torch
 from cbir.encoders import create
 from cbir.files import sha256_bytes
 from cbir.images import load_image
-from indexer.decode import DecodedFiles
+from indexer.decode import decode
 from indexer.source import Source
 
 
@@ -52,13 +52,12 @@ def main() -> None:
     source = Source.of(folder)
     data = [source.read(f)[0] for f in files]
     decoded = [load_image(io.BytesIO(d), draft=pre.draft_size) for d in data]
-    ds = DecodedFiles(source, files, pre)
     rows = [
         ("read + sha256", per_image_ms(lambda f: sha256_bytes(source.read(f)[0]), files, args.repeats)),
         ("decode (draft, EXIF, RGB)", per_image_ms(lambda d: load_image(io.BytesIO(d), draft=pre.draft_size),
                                                    data, args.repeats)),
         (f"resize crop box to {pre.size} ({pre.interpolation})", per_image_ms(pre.pixels, decoded, args.repeats)),
-        ("whole worker item", per_image_ms(ds.__getitem__, list(range(len(files))), args.repeats)),
+        ("whole worker item", per_image_ms(lambda f: decode(source, f, pre), files, args.repeats)),
     ]
     w, h = decoded[0].size
     print(f"{len(files)} images of {folder} (first decodes to {w}x{h}), encoder {args.encoder}, 1 core, "
