@@ -14,6 +14,13 @@ def cache_dir(kind: str) -> Path:
 
 
 def model_key(config: dict) -> str:
-    """One cached derived model per network, pooling, input size and weights (from an encoder's config)."""
+    """One cached derived model per network, pooling, input size, weights and options (a fused encoder's view)."""
+    import hashlib
+    import json
+
     sha = str(config["weights"].get("sha256", "nohash"))[:16]
-    return f"{config['name']}-{config['pooling']}-{config['preprocess']['size']}-{sha}"
+    key = f"{config['name']}-{config['pooling']}-{config['preprocess']['size']}-{sha}"
+    options = config.get("options") or {}
+    if options:
+        key += "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return key

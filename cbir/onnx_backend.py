@@ -41,7 +41,7 @@ def _key(encoder: Any) -> str:
     from cbir.cache import model_key
 
     return model_key({"name": encoder.name, "pooling": encoder.pooling, "weights": encoder.weights,
-                      "preprocess": {"size": encoder.preprocess.size}})
+                      "preprocess": {"size": encoder.preprocess.size}, "options": encoder.options})
 
 
 def export_fp32(encoder: Any) -> Path:

@@ -98,6 +98,9 @@ def test_each_fused_part_sees_what_it_sees_alone_and_old_records_keep_their_view
     old_record = {**fused.config, "options": {}}
     old = from_config(old_record, device="cpu")
     assert old.config["options"] == {"view": 1}
+    from cbir.cache import model_key
+
+    assert model_key(old.config) != model_key(fused.config)  # their ONNX query models are not shared
     lite0_old = old.embed(ims)[:, :1280]
     lite0_old /= np.linalg.norm(lite0_old, axis=1, keepdims=True)
     assert np.sum(lite0_old * alone[0], axis=1).mean() < np.sum(
