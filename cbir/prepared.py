@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +75,18 @@ def key(name: str, weights: Any, pooling: str | None, device: str, options: dict
     if w is not None and os.path.isfile(os.path.expanduser(w)):
         w = str(Path(w).expanduser().resolve())
     request = {"name": name, "weights": w, "pooling": pooling, "options": options, "device": device,
-               "torch": version("torch"), "cbir": __version__, "format": FORMAT}
+               "torch": _torch_version(), "cbir": __version__, "format": FORMAT}
     safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:60]
     return f"{safe}-{sha256_bytes(json.dumps(request, sort_keys=True, default=str).encode())[:24]}"
+
+
+def _torch_version() -> str:
+    try:
+        return version("torch")
+    except PackageNotFoundError:  # installed without package metadata (some system builds): ask torch itself
+        import torch
+
+        return torch.__version__
 
 
 def _stamp(path: Path) -> list[Any]:
