@@ -94,12 +94,21 @@ def _stamp(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _record(k: str) -> dict[str, Any] | None:
-    """The record of a kept network whose weights files are unchanged, else None."""
+def _read(k: str) -> dict[str, Any] | None:
+    """The record under key `k` in this format, whatever it says, else None."""
     try:
         record = json.loads((_folder() / f"{k}.json").read_text())
-        if record.get("format") != FORMAT or not record.get("kept"):
-            return None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+
+
+def _record(k: str) -> dict[str, Any] | None:
+    """The record of a kept network whose weights files are unchanged, else None."""
+    record = _read(k)
+    if record is None or not record.get("kept"):
+        return None
+    try:
         if any(_stamp(Path(p)) != [p, size, mtime] for p, size, mtime in record["files"]):
             return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -169,11 +178,8 @@ def save(k: str, encoder: Encoder, files: list[Path]) -> None:
 
 
 def _already_refused(k: str, files: list[list[Any]]) -> bool:
-    try:
-        record = json.loads((_folder() / f"{k}.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return record.get("format") == FORMAT and not record.get("kept") and record.get("files") == files
+    record = _read(k)
+    return record is not None and not record.get("kept") and record.get("files") == files
 
 
 def _trace(encoder: Encoder) -> torch.jit.ScriptModule | None:

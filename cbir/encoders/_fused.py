@@ -65,7 +65,6 @@ class FusedNet(nn.Module):
         self.parts = nn.ModuleList(p.model for p in parts)
         self.sizes = [p.preprocess.size for p in parts]
         self.size = common.size
-        self.view = view
         self.crops = [_crop(p.preprocess, common) if view >= 2 else common.size for p in parts]
         self.modes = [p.preprocess.interpolation if view >= 2 else "bilinear" for p in parts]
         for i, p in enumerate(parts):
