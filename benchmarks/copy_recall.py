@@ -2,7 +2,7 @@
 
     python benchmarks/copy_recall.py --data ../shared/data/animals4 IDX [more indexes] [--sources 60]
 
-The same seeded sample of indexed photos is edited every way in `cbir.bench.edits.EDITS` (resized, recompressed,
+The same seeded sample of indexed photos is edited every way in `cbir.edits.EDITS` (resized, recompressed,
 cropped, greyscale, rotated, on a canvas, with a text banner, ...); each copy is embedded by the index's own
 encoder and searched with `Index.search_vector`, so the index's query expansion (and its database-side
 augmentation, which changed its stored rows) is what is measured. This is the other half of "quality" next to
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir import Index
-from cbir.bench.edits import EDITS
+from cbir.edits import EDITS
 from cbir.images import load_image
 
 

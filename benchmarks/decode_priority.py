@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import indexer.decode as decode_stage
-from cbir.device import configure_threads
 from cbir.encoders import create
+from cbir.encoders._device import configure_threads
 from cbir.images import discover, load_image
 from indexer import BuildOptions, build
 

@@ -3,7 +3,7 @@
     python benchmarks/duplicates.py --data ../shared/data/animals4 --work /tmp/cbir-dups [--sources 100]
 
 A seeded sample of the collection's photos is written with its 12 edited copies
-(`cbir.bench.edits.EDITS`: resize, JPEG 20, mirror, brightness/contrast, crop 70%, greyscale, rotation 15, canvas,
+(`cbir.edits.EDITS`: resize, JPEG 20, mirror, brightness/contrast, crop 70%, greyscale, rotation 15, canvas,
 text banner, 96-px thumbnail, crop + JPEG, rotation + greyscale) into one folder per source. Beside them go the
 hard negatives: for each source its 3 nearest *different* photos of the same class at cosine >= 0.7 (in animals4:
 another ginger cat, another squirrel on grass). Sources and negatives are only photos that have no copy in the
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from cbir import Index
-from cbir.bench.edits import EDITS
 from cbir.duplicates import find_duplicates
+from cbir.edits import EDITS
 from cbir.images import load_image
 
 

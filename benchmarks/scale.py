@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cbir import ondisk  # noqa: E402
-from cbir import store as store_mod  # noqa: E402
 from cbir.layout import FAISS, VECTORS  # noqa: E402
+from cbir.search import store as store_mod  # noqa: E402
 
 LATENT, CLUSTERS = 64, 1000
 

@@ -22,8 +22,8 @@ import time
 import faiss
 import numpy as np
 
-from cbir import tuning
-from cbir.search import VectorSearch, exact_numpy
+from cbir.search import tuning
+from cbir.search.searcher import VectorSearch, exact_numpy
 
 CLUSTERS, TOPICS, SPREAD = 5000, 200, 1.0
 

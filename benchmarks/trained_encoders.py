@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir import store
 from cbir.images import discover
+from cbir.search import store
 
 
 def p_at_10(index_dir: Path, queries: set[str]) -> float:

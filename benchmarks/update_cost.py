@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_latency import make_collection  # noqa: E402
 
 from cbir.encoders import from_config
-from cbir.store import read
+from cbir.search.store import read
 from indexer import BuildOptions, build
 
 

@@ -56,8 +56,8 @@ def _bytes(text: str | None) -> int | None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from cbir.encoders._onnx_query import QUERY_MODES
     from cbir.index import Index
-    from cbir.onnx_query import QUERY_MODES
 
     index = Index.open(args.index, device=args.device, weights=args.weights)
     started = time.perf_counter()
@@ -118,11 +118,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why += f" (on {cal.get('measured_at', 'an earlier run')}, reused from {cal['reused']})"
     print(f"precision {enc.get('precision', 'fp32')}  {why}".rstrip())
     print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
-    from cbir.search_plan import SearchPlan
+    from cbir.search.plan import SearchPlan
 
     plan = SearchPlan.from_dict({k: v for k, v in info["search"].items() if k not in ("gpu", "ntotal")})
     print(f"search    {plan.describe()}  gpu={info['search']['gpu']}")
-    from cbir.expansion import Expansion
+    from cbir.search.expansion import Expansion
 
     print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
           f"{'   preset ' + _describe_preset(info['preset']) if info['preset'] else ''}")

@@ -18,10 +18,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cbir import store
 from cbir.copies import Evidence, FeatureCache
 from cbir.errors import CbirError
 from cbir.index import Index
+from cbir.search import store
 
 # Candidates: pairs at this cosine or above are verified. Chosen by `cbir bench --task copies` on animals4 with
 # efficientnet_lite0 (benchmarks/RESULTS.md): every edited copy scored above it against its source.

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from cbir import store as store_mod
-from cbir import tuning
 from cbir.errors import BoxError, CbirError, QueryImageError
-from cbir.expansion import Expansion, combine
 from cbir.images import Box, ImageError, crop, load_image
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
-from cbir.search import VectorSearch, use_gpu
-from cbir.search_plan import ONDISK, SearchPlan
+from cbir.search import store as store_mod
+from cbir.search import tuning
+from cbir.search.expansion import Expansion, combine
+from cbir.search.plan import ONDISK, SearchPlan
+from cbir.search.searcher import VectorSearch, use_gpu
 from cbir.words import Words
 
 if TYPE_CHECKING:
     from cbir.encoders import Encoder
-    from cbir.onnx_query import OnnxQueryEncoder
+    from cbir.encoders._onnx_query import OnnxQueryEncoder
 
 log = logging.getLogger(__name__)
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
@@ -165,7 +165,7 @@ class Index:
     def _open_on_disk(cls, directory: Path, device: str, weights: str | None) -> Index:
         """An index larger than memory: vectors and ids memory-mapped, paths read per row, FAISS lists on disk.
         Opening reads none of them; a query reads its candidates' rows to re-rank them."""
-        from cbir import ondisk
+        from cbir.search import ondisk
 
         store = store_mod.open_lazy(directory / VECTORS)
         plan = SearchPlan.from_dict(json.loads(store.attrs["search"]))
@@ -211,16 +211,16 @@ class Index:
     @property
     def query_encoder(self) -> Encoder | OnnxQueryEncoder:
         """What embeds image queries: the encoder if it is built already, else the verified ONNX model of an fp32
-        index (no torch to load: see cbir/onnx_query.py), else the encoder."""
+        index (no torch to load: see cbir/encoders/_onnx_query.py), else the encoder."""
         if self._encoder is None and self._onnx is False:
-            from cbir.onnx_query import load
+            from cbir.encoders._onnx_query import load
 
             self._onnx = load(self.encoder_config)
         return self._encoder or self._onnx or self.encoder
 
     def prepare_fast_queries(self) -> bool:
         """Export and verify the ONNX query model of an fp32 index, so later processes need no torch to search."""
-        from cbir.onnx_query import load, prepare
+        from cbir.encoders._onnx_query import load, prepare
 
         if self._onnx or load(self.encoder_config) is not None:
             return True

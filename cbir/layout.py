@@ -1,7 +1,7 @@
 """What an index folder holds and where to find one: the file names every part of cbir agrees on.
 
-    IDX/vectors.h5     vectors and per-image metadata (cbir.store)
-    IDX/faiss.index    the search index over them (cbir.search)
+    IDX/vectors.h5     vectors and per-image metadata (cbir.search.store)
+    IDX/faiss.index    the search index over them (cbir.search.searcher)
     IDX/.work/         saved batches of an unfinished indexing run (indexer.work)
     IDX/.lock          held by the run that is writing IDX (indexer.lock)
 """

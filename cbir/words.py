@@ -66,7 +66,7 @@ def measure(encoder: Any, read: Callable[[str], bytes], paths: Sequence[str], ve
     ~0.93 on efficientnet_lite0 with alpha-QE and alpha-DBA, and images of one kind score higher too).
     """
     searched = query or (lambda rows: rows)
-    from cbir.bench.edits import EDITS
+    from cbir.edits import EDITS
     from cbir.images import ImageError, load_image
 
     n = len(paths)

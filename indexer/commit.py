@@ -14,17 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir import ondisk, tuning
-from cbir import store as store_mod
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
-from cbir.expansion import Expansion, augment_database, combine
 from cbir.files import atomic_path
 from cbir.images import Skipped
 from cbir.layout import FAISS, VECTORS
-from cbir.search import VectorSearch
-from cbir.search_plan import SearchPlan
-from cbir.store import Store
+from cbir.search import ondisk, tuning
+from cbir.search import store as store_mod
+from cbir.search.expansion import Expansion, augment_database, combine
+from cbir.search.plan import SearchPlan
+from cbir.search.searcher import VectorSearch
+from cbir.search.store import Store
 from cbir.version import __version__
 from cbir.words import Words
 from cbir.words import measure as measure_words
@@ -34,7 +34,7 @@ from indexer.work import Chunk, WorkDir
 BLOCK = 1024  # rows written at a time: memory stays flat however large the collection
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CommitJob:
     source: Source
     out: Path
@@ -48,11 +48,11 @@ class CommitJob:
     started: float = 0.0
     expansion: Expansion = field(default_factory=Expansion)
     preset: str | None = None
-    on_disk: bool = False  # IVF-PQ on disk, built shard by shard (cbir/ondisk.py)
+    on_disk: bool = False  # IVF-PQ on disk, built shard by shard (cbir/search/ondisk.py)
     mapper: Callable[..., Iterable[int]] | None = None  # runs the on-disk shards (map, or Ray tasks)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Committed:
     indexed: int
     added: int
@@ -95,8 +95,8 @@ def commit(job: CommitJob) -> Committed:
                                       "words": json.dumps(words.to_dict(), sort_keys=True)})
     ondisk.remove_stale(job.out, keep=plan.params.get("data"))
     old_paths = set(job.old.paths) if job.old is not None else set()
-    return Committed(len(rows.order), sum(p not in old_paths for p in rows.order),
-                     [Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+    return Committed(indexed=len(rows.order), added=sum(p not in old_paths for p in rows.order),
+                     skipped=[Skipped(p, r) for p, r in sorted(rows.skipped.items())])
 
 
 def _in_memory(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan, Words]:
@@ -115,7 +115,7 @@ def _in_memory(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPl
 
 
 def _on_disk(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan, Words]:
-    """IVF-PQ built shard by shard from the memory-mapped file; nothing holds all vectors (cbir/ondisk.py)."""
+    """IVF-PQ built shard by shard from the memory-mapped file; nothing holds all vectors (cbir/search/ondisk.py)."""
     if job.expansion.dba_k:
         raise CbirError("database-side augmentation (--dba) is not available with an on-disk index")
     final = store_mod.open_lazy(tmp_vec)

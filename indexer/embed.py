@@ -1,7 +1,7 @@
 """Embed stage: decoded batches -> the encoder in its numeric mode -> chunks for the write stage.
 
 Numeric mode 'auto' (or 'int8') is settled first on a sample of the images about to be embedded
-(cbir.numeric); the sample's vectors in the chosen mode are kept, so it is not decoded and embedded twice.
+(cbir.encoders._numeric); the sample's vectors in the chosen mode are kept, so it is not decoded and embedded twice.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 
-from cbir import numeric
 from cbir.encoders import Encoder
+from cbir.encoders import _numeric as numeric
 from cbir.errors import CbirError
 from indexer.decode import Decoded, Decoder, decode
 from indexer.options import BuildOptions
@@ -31,9 +31,10 @@ def default_batch(encoder: Encoder) -> int:
 def to_chunk(items: list[Decoded], vectors: np.ndarray) -> Chunk:
     """Decoded items -> a work chunk; `vectors` are the rows of the decodable items, in order."""
     good = [it for it in items if it.ok]
-    return Chunk([it.file for it in good], vectors, np.array([it.mtime_ns for it in good], np.int64),
-                 np.array([it.size for it in good], np.int64), [it.sha256 for it in good],
-                 [(it.file, it.reason) for it in items if not it.ok])
+    return Chunk(paths=[it.file for it in good], vectors=vectors, mtime_ns=np.array([it.mtime_ns for it in good],
+                 np.int64),
+                 size=np.array([it.size for it in good], np.int64), sha256=[it.sha256 for it in good],
+                 skipped=[(it.file, it.reason) for it in items if not it.ok])
 
 
 def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions,

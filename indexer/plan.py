@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cbir.files import sha256_bytes
-from cbir.store import Store
+from cbir.search.store import Store
 from indexer.source import Source
 
 

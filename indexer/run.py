@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cbir import store as store_mod
 from cbir.errors import CbirError
-from cbir.expansion import Expansion
 from cbir.images import Discovery
 from cbir.layout import DEFAULT_DIR, VECTORS
-from cbir.store import Store
+from cbir.search import store as store_mod
+from cbir.search.expansion import Expansion
+from cbir.search.store import Store
 from indexer.decode import Decoder
 from indexer.lock import IndexLock
 from indexer.options import DEFAULT_ENCODER, BuildOptions, preset_matching
@@ -58,10 +58,10 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
 
 def _decode_early(root: Source, found: Discovery, opts: BuildOptions) -> Decoder | None:
     """Start decoding a new index's files now, before the encoder is loaded (and torch imported), when its
-    preprocessing is known already: the encoder was prepared on this machine before (cbir/prepared.py)."""
+    preprocessing is known already: the encoder was prepared on this machine before (cbir/encoders/_prepared.py)."""
     if opts.mode == "update" or opts.engine != "local" or not found.files:
         return None
-    from cbir.prepared import known_preprocess
+    from cbir.encoders._prepared import known_preprocess
 
     preprocess = known_preprocess(opts.encoder or DEFAULT_ENCODER, opts.weights, opts.pooling)
     if preprocess is None:
@@ -71,7 +71,7 @@ def _decode_early(root: Source, found: Discovery, opts: BuildOptions) -> Decoder
 
 def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encoder: Encoder | None,
            early: Decoder | None) -> Summary:
-    from cbir.device import configure_threads
+    from cbir.encoders._device import configure_threads
     from indexer.commit import CommitJob, commit
 
     enc = encoder or _make_encoder(opts, out)
@@ -93,18 +93,20 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
         index_type, float16 = _search_settings(opts, old)
         on_disk = _on_disk(opts, old, len(plan.keep) + len(todo), enc.dim)
         expansion = _expansion(opts, old)
-        job = CommitJob(root, out, enc, old, plan.keep, work, found.skipped, "ivfpq" if on_disk else index_type,
-                        float16 or (on_disk and opts.float16 is None), started, expansion,
-                        preset_matching(enc.name, expansion.qe_k, expansion.dba_k), on_disk,
-                        engine.map if engine is not None else None)
+        job = CommitJob(source=root, out=out, encoder=enc, old=old, keep=plan.keep, work=work,
+                        discovery_skips=found.skipped, index_type="ivfpq" if on_disk else index_type,
+                        float16=float16 or (on_disk and opts.float16 is None), started=started, expansion=expansion,
+                        preset=preset_matching(enc.name, expansion.qe_k, expansion.dba_k), on_disk=on_disk,
+                        mapper=engine.map if engine is not None else None)
         try:
             done = commit(job)
         finally:
             if engine is not None:
                 engine.close()
         work.remove()
-    return Summary(out, enc, opts.mode, done.indexed, done.skipped, time.perf_counter() - started, len(todo),
-                   plan.resumed, done.added, plan.changed, plan.removed, plan.unchanged)
+    return Summary(out=out, encoder=enc, mode=opts.mode, indexed=done.indexed, skipped=done.skipped,
+                   seconds=time.perf_counter() - started, embedded=len(todo), resumed=plan.resumed, added=done.added,
+                   changed=plan.changed, removed=plan.removed, unchanged=plan.unchanged)
 
 
 def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir, opts: BuildOptions, *,
@@ -170,7 +172,7 @@ def _on_disk(opts: BuildOptions, old: Store | None, rows: int, dim: int) -> bool
     if opts.on_disk is not None:
         return opts.on_disk
     if old is not None and "search" in old.attrs:
-        from cbir.search_plan import ONDISK
+        from cbir.search.plan import ONDISK
 
         return json.loads(old.attrs["search"]).get("type") == ONDISK
     if (opts.index_type or "auto") != "auto":

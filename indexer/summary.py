@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from cbir.encoders import Encoder
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Summary:
     out: Path
     encoder: Encoder

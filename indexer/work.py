@@ -22,7 +22,7 @@ from cbir.files import atomic_path
 from cbir.layout import WORK
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Chunk:
     paths: list[str]
     vectors: np.ndarray
@@ -76,10 +76,11 @@ class WorkDir:
     def chunks(self) -> Iterator[Chunk]:
         for path in self._chunk_files():
             with np.load(path) as z:
-                yield Chunk([str(p) for p in z["paths"]], z["vectors"], z["mtime_ns"], z["size"],
-                            [str(h) for h in z["sha256"]],
-                            list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), z["ids"] if "ids" in z.files else None)
+                yield Chunk(paths=[str(p) for p in z["paths"]], vectors=z["vectors"], mtime_ns=z["mtime_ns"],
+                            size=z["size"],
+                            sha256=[str(h) for h in z["sha256"]],
+                            skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
+                                     strict=True)), ids=z["ids"] if "ids" in z.files else None)
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from cbir import tuning
 from cbir.encoders import Encoder
-from cbir.search import VectorSearch
+from cbir.search import tuning
+from cbir.search.searcher import VectorSearch
 from indexer import BuildOptions, Summary, build
 
 

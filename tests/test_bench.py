@@ -79,7 +79,7 @@ def test_bench_writes_every_output(bench_run: tuple[Path, dict]) -> None:
 
 
 def test_bench_numbers_equal_those_of_the_index_vectors(bench_run: tuple[Path, dict]) -> None:
-    from cbir import store
+    from cbir.search import store
 
     out, report = bench_run
     s = store.read(out / "indexes" / "efficientnet_lite0" / "vectors.h5")

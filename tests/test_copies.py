@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from cbir import Index
-from cbir.bench.edits import EDITS
 from cbir.cli import main
 from cbir.copies import FeatureCache, rank_copies_first
 from cbir.duplicates import find_duplicates
+from cbir.edits import EDITS
 from cbir.images import load_image
 
 SOURCES = ("astronaut/astronaut", "cat/chelsea", "coffee/coffee", "rocket/rocket")  # not a brick wall: see README

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cbir.device import resolve_device
+from cbir.encoders._device import resolve_device
 from cbir.errors import CbirError
-from cbir.search import gpu_count, use_gpu
+from cbir.search.searcher import gpu_count, use_gpu
 from tests.helpers import vector_search
 
 

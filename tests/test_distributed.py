@@ -177,10 +177,10 @@ def test_vectors_are_l2_normalised_float32(cluster, folder, tmp_path):
 
 
 def test_on_disk_shards_filled_by_ray_tasks_match_local(cluster, tmp_path):
-    from cbir import ondisk
-    from cbir import store as store_mod
-    from cbir.search import VectorSearch
-    from cbir.search_plan import ONDISK, SearchPlan
+    from cbir.search import ondisk
+    from cbir.search import store as store_mod
+    from cbir.search.plan import ONDISK, SearchPlan
+    from cbir.search.searcher import VectorSearch
     from indexer import distributed
 
     n, dim = ondisk.MIN_VECTORS, 16

@@ -34,14 +34,15 @@ def test_register_decorator_plugs_in_a_new_encoder() -> None:
                        default_weights="none")
     def _make(weights: str, pooling: str, device: torch.device) -> Encoder:
         net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        return Encoder("tiny_test", net, 3, Preprocess(size=32), pooling, {"source": "none", "sha256": "0"}, device)
+        return Encoder(name="tiny_test", model=net, dim=3, preprocess=Preprocess(size=32), pooling=pooling,
+                       weights={"source": "none", "sha256": "0"}, device=device)
 
     try:
         enc = create("tiny_test", device="cpu")
         v = enc.embed(IMAGES)
         assert v.shape == (3, 3) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     finally:
-        encoders._REGISTRY.pop("tiny_test")
+        encoders._registry._REGISTRY.pop("tiny_test")
 
 
 def test_registry_refuses_a_second_encoder_of_the_same_name_and_a_wrong_dimension() -> None:
@@ -52,8 +53,9 @@ def test_registry_refuses_a_second_encoder_of_the_same_name_and_a_wrong_dimensio
     def make(dim: int):
         def factory(weights, pooling: str, device: torch.device) -> Encoder:
             net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            return Encoder("tiny_dims", net, dim, Preprocess(size=32), pooling, {"source": "none", "sha256": "0"},
-                           device)
+            return Encoder(name="tiny_dims", model=net, dim=dim, preprocess=Preprocess(size=32), pooling=pooling,
+                           weights={"source": "none", "sha256": "0"},
+                           device=device)
         return factory
 
     encoders.register("tiny_dims", description="test", dims={"avg": 5}, default_pooling="avg",
@@ -66,12 +68,12 @@ def test_registry_refuses_a_second_encoder_of_the_same_name_and_a_wrong_dimensio
         with pytest.raises(CbirError, match="already registered"):
             encoders.register("efficientnet_lite0", description="mine", dims={"avg": 3}, default_pooling="avg")(make(3))
     finally:
-        encoders._REGISTRY.pop("tiny_dims")
+        encoders._registry._REGISTRY.pop("tiny_dims")
     assert encoders.get_entry("efficientnet_lite0").description.startswith("EfficientNet-Lite0")
 
 
 def test_weights_argument_is_parsed_once_into_a_value_with_its_identity(tmp_path: Path) -> None:
-    from cbir.weights import Weights
+    from cbir.encoders._weights import Weights
 
     assert Weights.parse("imagenet") == Weights("imagenet")
     assert Weights.parse("IMAGENET1K_V2") == Weights("imagenet", variant="IMAGENET1K_V2")

@@ -12,8 +12,8 @@ import pytest
 
 from cbir import CbirError, Index
 from cbir.encoders import create, from_config
-from cbir.expansion import Expansion, augment_database, combine
 from cbir.images import load_image
+from cbir.search.expansion import Expansion, augment_database, combine
 
 
 @pytest.fixture(scope="module")

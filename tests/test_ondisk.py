@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir import ondisk
-from cbir import store as store_mod
 from cbir.errors import CbirError
 from cbir.index import Index
 from cbir.layout import FAISS, VECTORS
-from cbir.search import VectorSearch
-from cbir.search_plan import ONDISK, SearchPlan
+from cbir.search import ondisk
+from cbir.search import store as store_mod
+from cbir.search.plan import ONDISK, SearchPlan
+from cbir.search.searcher import VectorSearch
 
 N, DIM = ondisk.MIN_VECTORS, 32
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from cbir import Index
-from cbir import numeric as precision
 from cbir.encoders import Encoder, Preprocess, create, from_config
+from cbir.encoders import _numeric as precision
 from cbir.errors import CbirError
 from cbir.images import discover
 from tests.helpers import build_index
@@ -71,8 +71,9 @@ class _SlowFirstCall(torch.nn.Module):
 
 
 def test_speed_is_measured_after_the_first_batch_and_vectors_cover_the_sample() -> None:
-    enc = Encoder("slow_first", _SlowFirstCall(), 8, Preprocess(size=32), "avg", {"source": "none"},
-                  torch.device("cpu"))
+    enc = Encoder(name="slow_first", model=_SlowFirstCall(), dim=8, preprocess=Preprocess(size=32), pooling="avg",
+                  weights={"source": "none"},
+                  device=torch.device("cpu"))
     x = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)  # 16 + 16 + 8
     found = precision.measure(enc, x, ("fp32",))
     assert found["fp32"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # all 40 rows, in order

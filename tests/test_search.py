@@ -13,9 +13,9 @@ import pytest
 from cbir import Index
 from cbir.cli import main
 from cbir.errors import CbirError
-from cbir.search import VectorSearch, exact_numpy
-from cbir.search_plan import EXACT_UP_TO, SearchPlan
-from cbir.tuning import default_nlist, held_out, pq_subquantizers, recall_at_10
+from cbir.search.plan import EXACT_UP_TO, SearchPlan
+from cbir.search.searcher import VectorSearch, exact_numpy
+from cbir.search.tuning import default_nlist, held_out, pq_subquantizers, recall_at_10
 from tests.helpers import vector_search
 
 
@@ -35,7 +35,7 @@ def test_exact_numpy_matches_faiss_flat(monkeypatch: pytest.MonkeyPatch) -> None
     ns, ni = exact_numpy(x, q, 10)
     assert np.array_equal(fi, ni)
     np.testing.assert_allclose(fs, ns, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr("cbir.search.SIMS_BUDGET", 3000 * 3)  # 3 queries per block: blocks must not matter
+    monkeypatch.setattr("cbir.search.searcher.SIMS_BUDGET", 3000 * 3)  # 3 queries per block: blocks must not matter
     bs, bi = exact_numpy(x, q, 10)
     assert np.array_equal(bi, ni)
     np.testing.assert_allclose(bs, ns, rtol=1e-5, atol=1e-6)
@@ -59,7 +59,7 @@ def test_auto_is_exact_for_small_collections_and_ivf_above_the_limit(monkeypatch
     ids = np.arange(4000, dtype=np.int64)
     small = vector_search(x, ids, index_type="auto")
     assert small.plan.type == "flat" and small.exact and small.plan.requested == "auto"
-    monkeypatch.setattr("cbir.tuning.EXACT_UP_TO", 3000)
+    monkeypatch.setattr("cbir.search.tuning.EXACT_UP_TO", 3000)
     big = vector_search(x, ids, index_type="auto")
     assert big.plan.type == "ivf" and big.plan.requested == "auto"
     assert big.plan.recall_at_10 >= 0.99 and big.plan.queries == 500

@@ -37,6 +37,11 @@ def test_second_search_needs_no_torch_and_gives_the_same_answer(fp32_index: Path
     second = json.loads(out.stdout)
     assert second["kind"] == "OnnxQueryEncoder" and not second["torch"] and not second["timm"]
     assert second["ids"] == [r["id"] for r in first["results"]]
+    command = ("import sys\nfrom cbir.cli import main\n"
+               f"code = main(['search', {str(fp32_index)!r}, {str(query)!r}, '--json'])\n"
+               "print('torch loaded' if 'torch' in sys.modules else 'no torch', code)")
+    out = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "no torch 0", out.stdout[-500:] + out.stderr[-2000:]
     ref = Index.open(fp32_index, device="cpu")
     assert type(ref.encoder).__name__ == "Encoder"  # built: queries now go through torch
     assert float(np.dot(ref.embed(str(query)), np.asarray(second["vector"], np.float32))) >= 0.9999
@@ -44,9 +49,9 @@ def test_second_search_needs_no_torch_and_gives_the_same_answer(fp32_index: Path
 
 def test_bf16_index_queries_through_a_model_that_rounds_like_bf16(tmp_path: Path, samples: Path) -> None:
     """A bf16 index: the plain fp32 ONNX model is not faithful enough, the rounding one is, and is then used."""
-    from cbir import onnx_backend
+    from cbir.encoders import _onnx_backend as onnx_backend
+    from cbir.encoders._onnx_query import OnnxQueryEncoder, load
     from cbir.images import load_image
-    from cbir.onnx_query import OnnxQueryEncoder, load
 
     out = tmp_path / "bf16"
     index = Index.build(samples, out=out, device="cpu", precision="bf16")
@@ -67,7 +72,7 @@ def test_bf16_index_queries_through_a_model_that_rounds_like_bf16(tmp_path: Path
 
 
 def test_int8_indexes_never_use_the_onnx_query_model() -> None:
-    from cbir.onnx_query import _usable
+    from cbir.encoders._onnx_query import _usable
 
     config = {"name": "efficientnet_lite0", "precision": "int8"}
     assert not _usable(config) and _usable({**config, "precision": "bf16"})
@@ -120,7 +125,7 @@ def test_a_prepared_network_is_checked_at_another_batch_size(tmp_path: Path, sam
     import torch
     from PIL import Image
 
-    from cbir import prepared
+    from cbir.encoders import _prepared as prepared
 
     monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
     images = [Image.open(p).convert("RGB") for p in sorted(samples.rglob("*.jpg"))[:5]]
@@ -191,7 +196,7 @@ def test_a_network_refused_once_is_not_traced_again(tmp_path: Path, monkeypatch:
     """A network whose trace is not faithful is built every time, as before, without paying for a trace each time."""
     import torch
 
-    from cbir import prepared
+    from cbir.encoders import _prepared as prepared
     from cbir.encoders import create
 
     monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))

@@ -21,7 +21,10 @@ def test_ruff_check_is_clean() -> None:
 
 
 def test_package_imports_without_loading_models() -> None:
-    """Importing the library must be cheap: no model, h5py or faiss loaded at import time."""
-    code = "import cbir, sys; assert 'faiss' not in sys.modules and 'h5py' not in sys.modules; print('ok')"
+    """Importing the packages must be cheap: no torch, timm, h5py or faiss loaded by `import cbir, indexer, webui`
+    (each loads what it needs when it is used: a Ray decode worker imports indexer, a search process cbir)."""
+    code = ("import sys, cbir, indexer, webui, cbir.encoders\n"
+            "heavy = [m for m in ('torch', 'timm', 'faiss', 'h5py') if m in sys.modules]\n"
+            "print('loaded: ' + ','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "ok", out.stderr
+    assert out.stdout.strip() == "loaded:", out.stdout + out.stderr

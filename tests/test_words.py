@@ -37,7 +37,7 @@ def test_each_index_gets_its_own_words(tmp_path: Path, samples: Path) -> None:
 def test_an_expanded_index_fits_its_words_on_the_scores_search_shows(tmp_path: Path, samples: Path) -> None:
     """With alpha-QE and alpha-DBA, copies score higher than between plain vectors: the words follow the scores
     that search returns, not the encoder's raw cosines."""
-    from cbir.bench.edits import EDITS
+    from cbir.edits import EDITS
     from cbir.images import load_image
 
     plain = Index.build(samples, out=tmp_path / "plain", device="cpu")

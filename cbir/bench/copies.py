@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cbir.bench.edits import EDITS
 from cbir.bench.report import thumb_url
 from cbir.copies import FeatureCache, rank_copies_first
+from cbir.edits import EDITS
 from cbir.errors import CbirError
 from cbir.images import load_image
 from cbir.index import Index

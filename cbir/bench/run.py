@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from cbir import metrics, store
+from cbir import metrics
 from cbir.encoders import get_entry
 from cbir.errors import CbirError, WeightsUnavailable
+from cbir.search import store
 from cbir.training.data import load_collection, stratified_split, write_split
 
 BASELINES = ("colour_histogram", "random_cnn")

@@ -109,5 +109,6 @@ def create_fused(spec: str, device: torch.device, create: Callable[..., Encoder]
     digest = hashlib.sha256("".join(str(i.get("sha256")) for i in idents).encode()).hexdigest()
     canonical = SEP.join(p.spec for p in parts)
     net = FusedNet(built, [p.weight for p in parts], common, view)
-    return Encoder(canonical, net, sum(e.dim for e in built), common, POOLING,
-                   {"source": "parts", "parts": idents, "sha256": digest}, device, options={"view": view})
+    return Encoder(name=canonical, model=net, dim=sum(e.dim for e in built), preprocess=common, pooling=POOLING,
+                   weights={"source": "parts", "parts": idents, "sha256": digest}, device=device,
+                   options={"view": view})

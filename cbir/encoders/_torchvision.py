@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbir.encoders._weights import Weights, load_state, seeded, sha256_state, state_dict_from_file
 from cbir.errors import WeightsUnavailable
-from cbir.weights import Weights, load_state, seeded, sha256_state, state_dict_from_file
 
 
 def checkpoint_path(weights_enum: Any) -> Path:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from cbir.encoders._weights import Weights
 from cbir.encoders.base import Encoder, Preprocess
 from cbir.errors import CbirError, WeightsUnavailable
-from cbir.weights import Weights
 
 
 def create_trained(kind: str, weights: Weights, pooling: str, device: torch.device) -> Encoder:
-    from cbir.training.models import load_checkpoint, network_from_checkpoint
+    from cbir.encoders._trainable import load_checkpoint, network_from_checkpoint
 
     if weights.path is None:
         raise WeightsUnavailable(
@@ -27,4 +27,5 @@ def create_trained(kind: str, weights: Weights, pooling: str, device: torch.devi
     training = ckpt.get("training", {})
     ident = weights.identity(kind=kind, arch=ckpt["arch"], trained_on=training.get("fingerprint"),
                              training_metric=training.get("metric"), training_best_val=training.get("best_val"))
-    return Encoder(kind, net, dim, Preprocess.from_dict(ckpt["preprocess"]), pooling, ident, device)
+    return Encoder(name=kind, model=net, dim=dim, preprocess=Preprocess.from_dict(ckpt["preprocess"]),
+                   pooling=pooling, weights=ident, device=device)

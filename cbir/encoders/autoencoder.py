@@ -6,8 +6,8 @@ import torch
 
 from cbir.encoders import register
 from cbir.encoders._trained import create_trained
+from cbir.encoders._weights import Weights
 from cbir.encoders.base import Encoder
-from cbir.weights import Weights
 
 
 @register("autoencoder", description="Conv autoencoder bottleneck, trained here: cbir train autoencoder DIR",

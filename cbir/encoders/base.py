@@ -57,7 +57,7 @@ def library_versions() -> dict[str, str]:
     return {k: str(v) for k, v in versions.items()}  # plain str: checkpoints must load with weights_only
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Encoder:
     """A ready network: `embed(images)` gives float32, L2-normalised rows of length `dim`.
 
@@ -73,7 +73,7 @@ class Encoder:
     weights: dict[str, Any]
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # numeric mode: fp32, bf16 or int8; "auto" until cbir.numeric.choose() has measured it
+    precision: str = "fp32"  # numeric mode: fp32, bf16 or int8; "auto" until _numeric.choose() has measured it
     calibration: dict[str, Any] = field(default_factory=dict)  # what choose() measured
     runtime: Any = field(default=None, repr=False)  # the ONNX Runtime int8 model when precision is int8
     fixed_precision: bool = False  # a computation, not a network (the colour histogram): always fp32
@@ -107,7 +107,7 @@ class Encoder:
         if not record:
             raise CbirError("this index says int8 but records no int8 model; rebuild it")
         if self.runtime is None or self.runtime.sha256 != record.get("sha256"):
-            from cbir.onnx_backend import OrtModel
+            from cbir.encoders._onnx_backend import OrtModel
 
             self.runtime = OrtModel(record["path"], record.get("sha256"))
 

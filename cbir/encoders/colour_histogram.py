@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cbir.encoders import register
+from cbir.encoders._weights import Weights
 from cbir.encoders.base import Encoder, Preprocess
-from cbir.weights import Weights
 
 PREPROCESS = Preprocess(size=128, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 BINS = 8
@@ -45,5 +45,5 @@ class HSVHistogram(nn.Module):
           dims={"hist": BINS**3}, default_pooling="hist", default_weights="none",
           weights_status=lambda: "none needed")
 def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
-    return Encoder("colour_histogram", HSVHistogram(), BINS**3, PREPROCESS, pooling,
-                   {"source": "none", "sha256": "none"}, device, fixed_precision=True)
+    return Encoder(name="colour_histogram", model=HSVHistogram(), dim=BINS**3, preprocess=PREPROCESS, pooling=pooling,
+                   weights={"source": "none", "sha256": "none"}, device=device, fixed_precision=True)

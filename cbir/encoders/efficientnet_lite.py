@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from cbir.encoders import register
+from cbir.encoders._weights import Weights, load_by_position, seeded, sha256_state, state_dict_from_file
 from cbir.encoders.base import Encoder, Preprocess, make_pool
 from cbir.errors import WeightsUnavailable
 from cbir.files import sha256_file
-from cbir.weights import Weights, load_by_position, seeded, sha256_state, state_dict_from_file
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,9 @@ class _Features(nn.Module):
 def _factory(variant: Variant):
     def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
         model, ident = network(weights, variant.name)
-        return Encoder(variant.name, _Features(model, make_pool(pooling)), 1280, variant.preprocess, pooling, ident,
-                       device)
+        return Encoder(name=variant.name, model=_Features(model, make_pool(pooling)), dim=1280,
+                       preprocess=variant.preprocess, pooling=pooling, weights=ident,
+                       device=device)
 
     create.__qualname__ = f"create_{variant.name}"  # one definition per variant (a reload may register it again)
     return create

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from cbir.encoders import register
+from cbir.encoders._weights import Weights, seeded, sha256_state
 from cbir.encoders.base import Encoder, Preprocess, make_pool
-from cbir.weights import Weights, seeded, sha256_state
 
 PREPROCESS = Preprocess(size=128, resize="center_crop", crop_pct=0.875)
 
@@ -29,5 +29,6 @@ def seed_cnn() -> nn.Sequential:
           weights_status=lambda: "none needed (random, seeded)")
 def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     net = nn.Sequential(seeded(seed_cnn), make_pool(pooling))
-    return Encoder("random_cnn", net, 256, PREPROCESS, pooling, Weights("none").identity(sha256=sha256_state(net)),
-                   device)
+    return Encoder(name="random_cnn", model=net, dim=256, preprocess=PREPROCESS, pooling=pooling,
+                   weights=Weights("none").identity(sha256=sha256_state(net)),
+                   device=device)

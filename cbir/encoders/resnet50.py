@@ -8,8 +8,8 @@ from torchvision.models import ResNet50_Weights, resnet50
 
 from cbir.encoders import _torchvision as tv
 from cbir.encoders import register
+from cbir.encoders._weights import Weights
 from cbir.encoders.base import Encoder, Preprocess, make_pool
-from cbir.weights import Weights
 
 PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)
 
@@ -25,4 +25,5 @@ def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     else:
         body = nn.Sequential(*list(model.children())[:-2])  # up to layer4: [B, 2048, 7, 7]
         net, dim = nn.Sequential(body, make_pool(pooling)), 2048
-    return Encoder("resnet50", net, dim, PREPROCESS, pooling, ident, device)
+    return Encoder(name="resnet50", model=net, dim=dim, preprocess=PREPROCESS, pooling=pooling, weights=ident,
+                   device=device)

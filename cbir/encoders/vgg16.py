@@ -8,8 +8,8 @@ from torchvision.models import VGG16_Weights, vgg16
 
 from cbir.encoders import _torchvision as tv
 from cbir.encoders import register
+from cbir.encoders._weights import Weights
 from cbir.encoders.base import Encoder, Preprocess, make_pool
-from cbir.weights import Weights
 
 PREPROCESS = Preprocess(size=224, resize="center_crop", crop_pct=0.875)
 
@@ -26,4 +26,5 @@ def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     else:
         conv5_3 = model.features[:-1]  # drop the last max-pool: a finer 14x14 map pools better
         net, dim = nn.Sequential(conv5_3, make_pool(pooling)), 512
-    return Encoder("vgg16", net, dim, PREPROCESS, pooling, ident, device)
+    return Encoder(name="vgg16", model=net, dim=dim, preprocess=PREPROCESS, pooling=pooling, weights=ident,
+                   device=device)

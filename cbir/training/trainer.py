@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbir import metrics
-from cbir.device import configure_threads, resolve_device
+from cbir.encoders import _trainable as models
+from cbir.encoders._device import configure_threads, resolve_device
 from cbir.encoders.base import Preprocess, library_versions
 from cbir.errors import CbirError
 from cbir.files import atomic_path
-from cbir.training import models
 from cbir.training.data import Collection, cache_views, load_collection, stratified_split, write_split
 
 log = logging.getLogger(__name__)

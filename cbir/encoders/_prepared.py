@@ -141,8 +141,9 @@ def load(k: str, device: torch.device) -> Encoder | None:
     except (OSError, ValueError, RuntimeError):
         return None  # absent or damaged: built again (and saved again)
     e = record["encoder"]
-    return Encoder(e["name"], model, e["dim"], Preprocess.from_dict(e["preprocess"]), e["pooling"], e["weights"],
-                   device, options=e["options"], fixed_precision=e["fixed_precision"],
+    return Encoder(name=e["name"], model=model, dim=e["dim"], preprocess=Preprocess.from_dict(e["preprocess"]),
+                   pooling=e["pooling"], weights=e["weights"],
+                   device=device, options=e["options"], fixed_precision=e["fixed_precision"],
                    folded_batchnorms=e["folded_batchnorms"])
 
 

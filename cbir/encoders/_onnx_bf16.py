@@ -5,7 +5,7 @@ bf16; the ops after (activations, residual adds, pooling) then work on bf16 tens
 fp32 ONNX model alone misses that rounding (cosine 0.9975 to the index's bf16 rows on the sample photos). This
 rewrite rounds every weight and every activation tensor to the nearest bf16 value (round to nearest even: a Cast to
 BFLOAT16 and back), so ONNX Runtime computes what autocast computes; measured against torch bf16 on the sample
-photos: cosine 0.99998 (efficientnet_lite0). Used only where `cbir.onnx_query` verifies it (>= 0.9999).
+photos: cosine 0.99998 (efficientnet_lite0). Used only where `cbir.encoders._onnx_query` verifies it (>= 0.9999).
 Shape arithmetic (0-d and 1-d tensors, e.g. the padding of TF-style "same" convolutions) is left exact.
 """
 

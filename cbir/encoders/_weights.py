@@ -80,7 +80,7 @@ def sha256_state(model: nn.Module) -> str:
 
 def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict (or a cbir checkpoint holding one under 'state_dict') without running pickled code."""
-    from cbir.prepared import note_read
+    from cbir.encoders._prepared import note_read
 
     p = Path(path)
     if not p.is_file():

@@ -4,7 +4,7 @@ A fresh `cbir search` spent ~1.8 s importing torch, ~2 s more importing timm and
 the network, for one image. So after a search of an fp32 index, the network is exported once to ONNX (fp32) and
 checked against the torch encoder on the bundled sample photos; later processes embed queries with it, loading
 neither torch nor timm. Only where the vectors are the index's own (cosine >= 0.9999 on every check image): fp32
-indexes, and bf16 indexes through a model that rounds as bf16 autocast does (cbir/onnx_bf16.py). int8 indexes
+indexes, and bf16 indexes through a model that rounds as bf16 autocast does (cbir/encoders/_onnx_bf16.py). int8 indexes
 embed queries with their own quantized model, through torch.
 """
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from cbir.encoders import Encoder
 
 MIN_COSINE = 0.9999
-QUERY_MODES = ("fp32", "bf16")  # bf16: the fp32 model rewritten to round as autocast does (cbir/onnx_bf16.py)
-SAMPLES = Path(__file__).parent / "samples"
+QUERY_MODES = ("fp32", "bf16")  # bf16: the fp32 model rewritten to round as autocast does (cbir/encoders/_onnx_bf16.py)
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"  # cbir/samples: the bundled photos
 
 
 def _check_path(config: dict[str, Any]) -> Path:
@@ -74,7 +74,7 @@ def load(config: dict[str, Any]) -> OnnxQueryEncoder | None:
 
 def prepare(encoder: Encoder) -> bool:
     """Export `encoder` (fp32 or bf16) to ONNX and verify it against torch on the sample photos; True if usable."""
-    from cbir import onnx_backend
+    from cbir.encoders import _onnx_backend as onnx_backend
     from cbir.images import load_image
 
     config = encoder.config
@@ -82,7 +82,7 @@ def prepare(encoder: Encoder) -> bool:
         return False
     path = onnx_backend.export_fp32(encoder)
     if encoder.precision == "bf16":
-        from cbir.onnx_bf16 import emulate
+        from cbir.encoders._onnx_bf16 import emulate
 
         with atomic_path(path.with_suffix(".bf16.onnx"), suffix=".onnx") as tmp:
             emulate(path, tmp)

@@ -18,7 +18,7 @@ Rows are appended batch by batch as they are embedded, so memory does not grow w
 
 When the row count is known before writing (the commit stage knows it), the numeric columns are stored
 contiguously (attr `contiguous`), and `open_lazy` memory-maps them: an index of 10 million images opens without
-reading its vectors, ids or paths (rows are read when asked for; see cbir/ondisk.py).
+reading its vectors, ids or paths (rows are read when asked for; see cbir/search/ondisk.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 
 from cbir.errors import CbirError
 from cbir.metrics import drop_self, overlap
-from cbir.search_plan import EXACT_UP_TO, INDEX_TYPES, TARGET_RECALL, SearchPlan, apply_params
+from cbir.search.plan import EXACT_UP_TO, INDEX_TYPES, TARGET_RECALL, SearchPlan, apply_params
 
 SAMPLE_QUERIES = 500
 log = logging.getLogger(__name__)

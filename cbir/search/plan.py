@@ -14,7 +14,7 @@ import faiss
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 EXACT_UP_TO = 50_000  # auto: exact search up to this many vectors
 TARGET_RECALL = 0.99
-ONDISK = "ivfpq-ondisk"  # IVF-PQ with its lists on disk, re-ranked with exact rows (cbir.ondisk)
+ONDISK = "ivfpq-ondisk"  # IVF-PQ with its lists on disk, re-ranked with exact rows (cbir.search.ondisk)
 
 
 @dataclass

@@ -8,8 +8,8 @@ by 1.1-8x up to 16 queries at 100k x 1280 and x 2048, while at 64 queries faiss 
 (benchmarks/search.py). So numpy answers batches up to 32 queries, faiss larger ones.
 
 This module only loads, saves and searches. Which kind of index to build, and the recall@10 measured against
-exact search on a held-out sample of the collection's own vectors, is decided in `cbir.tuning` and recorded
-as a `SearchPlan` (cbir.search_plan), stored in the vectors file and shown by `cbir info`.
+exact search on a held-out sample of the collection's own vectors, is decided in `cbir.search.tuning` and recorded
+as a `SearchPlan` (cbir.search.plan), stored in the vectors file and shown by `cbir info`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from cbir.errors import CbirError
 from cbir.files import atomic_path
 from cbir.metrics import SIMS_BUDGET
-from cbir.search_plan import ONDISK, SearchPlan, apply_params
+from cbir.search.plan import ONDISK, SearchPlan, apply_params
 
 NUMPY_MAX_BATCH = 32  # exact CPU search: numpy up to this many queries at once, faiss above
 FEW_QUERIES = 4  # an on-disk index searches up to this many queries on one thread

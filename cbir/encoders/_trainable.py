@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir.encoders._weights import Weights, load_state
 from cbir.encoders.base import Preprocess
 from cbir.encoders.efficientnet_lite import network as lite_network
 from cbir.encoders.random_cnn import seed_cnn
 from cbir.errors import CbirError
-from cbir.weights import Weights, load_state
 
 BACKBONES = ("efficientnet_lite0", "resnet50", "seed-cnn")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -37,14 +37,14 @@ AUTO_INT8_MIN_IMAGES = 2000  # int8 export and quantization take ~15 s: only wor
 
 
 def int8_possible(encoder: Encoder) -> bool:
-    from cbir import onnx_backend
+    from cbir.encoders import _onnx_backend as onnx_backend
 
     return encoder.device.type == "cpu" and onnx_backend.available()
 
 
 def prepare_int8(encoder: Encoder, calibration: np.ndarray) -> None:
     """Give the encoder its int8 model, quantized with activation ranges from `calibration`."""
-    from cbir import onnx_backend
+    from cbir.encoders import _onnx_backend as onnx_backend
 
     if not onnx_backend.available():
         raise CbirError("--precision int8 needs ONNX Runtime: pip install onnxruntime onnx")

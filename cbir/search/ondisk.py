@@ -7,7 +7,7 @@
 
 Shards are independent: `cbir index --engine ray` fills them in parallel tasks; merging streams them into
 FAISS's OnDiskInvertedLists without holding them in memory. The PQ codes only find candidates: the exact
-vectors (float16, memory-mapped from vectors.h5) re-rank them (see cbir.search.VectorSearch).
+vectors (float16, memory-mapped from vectors.h5) re-rank them (see cbir.search.searcher.VectorSearch).
 
 Parameters (a rule, not tuned on one set): about sqrt(N) lists, a power of two (FAISS's guidance is 4-16 sqrt(N);
 fewer lists keep training and assignment affordable on a small machine, a larger nprobe makes up for it);
@@ -32,8 +32,8 @@ import faiss
 import numpy as np
 
 from cbir.errors import CbirError
-from cbir.search_plan import ONDISK as KIND
-from cbir.search_plan import SearchPlan
+from cbir.search.plan import ONDISK as KIND
+from cbir.search.plan import SearchPlan
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def build(vectors: np.ndarray | Path, out: Path, data_dir: Path, *, seed: int = 
 def build_index(vectors_file: Path, out: Path, *, seed: int = 0, shard_rows: int = SHARD_ROWS,
                 mapper: Callable[..., Iterable[int]] = map) -> SearchPlan:
     """The on-disk index of a vectors file (written with known rows: contiguous), tuned; its data file beside `out`."""
-    from cbir.search import VectorSearch
-    from cbir.store import open_lazy
+    from cbir.search.searcher import VectorSearch
+    from cbir.search.store import open_lazy
 
     started = time.perf_counter()
     layout, data = build(vectors_file, out, out.parent, seed=seed, shard_rows=shard_rows, mapper=mapper)
@@ -198,7 +198,7 @@ def rows_reader(vectors: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
 def _open(vectors: np.ndarray | Path) -> np.ndarray:
     if isinstance(vectors, np.ndarray):
         return vectors
-    from cbir.store import open_lazy
+    from cbir.search.store import open_lazy
 
     store = open_lazy(Path(vectors))
     assert store.vectors is not None
@@ -210,7 +210,7 @@ def fill_rows(blob: bytes, vectors: np.ndarray | Path, start: int, rows: int, ou
     if isinstance(vectors, np.ndarray):
         part, ids = vectors[start:start + rows], np.arange(start, min(start + rows, len(vectors)))
     else:
-        from cbir.store import open_lazy
+        from cbir.search.store import open_lazy
 
         store = open_lazy(Path(vectors))
         assert store.vectors is not None
