@@ -242,7 +242,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from webui.auth import is_loopback
+    from webui.server import check_port
 
+    check_port(args.port)
     token = args.token or os.environ.get("CBIR_TOKEN") or None
     if not is_loopback(args.host) and not token and not args.public:
         raise CbirError(f"--host {args.host} makes every image of the collection reachable from the network; set a "

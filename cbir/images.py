@@ -11,7 +11,7 @@ import io
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,33 @@ class Skipped:
 class Discovery:
     files: list[str]  # relative POSIX paths, sorted
     skipped: list[Skipped]
+    left_out: dict[str, LeftOut] = field(default_factory=dict)  # passed over by rule (not images, hidden, excluded)
+
+    def nothing_found(self, where: str) -> str:
+        """Why a folder gave nothing to index, naming what it holds: the message of a run that writes no index."""
+        kinds = ", ".join(f".{e[1:]}" for e in sorted(IMAGE_EXTENSIONS))
+        text = f"found no image to index in {where} (files ending in {kinds}, in any case, in it or its folders)"
+        parts = [f"{n.count} {reason} ({', '.join(n.examples)}{', ...' if n.count > len(n.examples) else ''})"
+                 for reason, n in self.left_out.items()]
+        parts += [f"{s.path} ({s.reason})" for s in self.skipped[:LeftOut.EXAMPLES]]
+        if len(self.skipped) > LeftOut.EXAMPLES:
+            parts.append(f"{len(self.skipped) - LeftOut.EXAMPLES} more skipped")
+        text += "; left out: " + "; ".join(parts) if parts else "; it is empty"
+        return text + ". Nothing was written."
+
+
+@dataclass
+class LeftOut:
+    """Files of one kind that discovery passed over: how many, and the first few names (to say what they were)."""
+
+    EXAMPLES = 3
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, rel: str) -> None:
+        self.count += 1
+        if len(self.examples) < self.EXAMPLES:
+            self.examples.append(rel)
 
 
 def _is_junk(name: str, exclude: Iterable[str]) -> bool:
@@ -62,7 +89,7 @@ def discover(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Disco
         raise NotADirectoryError(f"not a folder: {root}")
     walker = _Walker(tuple(exclude))
     walker.walk(root_path, "")
-    return Discovery(walker.files, walker.skipped)
+    return Discovery(walker.files, walker.skipped, walker.left_out)
 
 
 class _Walker:
@@ -70,6 +97,7 @@ class _Walker:
         self.exclude = exclude
         self.files: list[str] = []
         self.skipped: list[Skipped] = []
+        self.left_out: dict[str, LeftOut] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
 
     def walk(self, directory: Path, rel: str) -> None:
@@ -87,6 +115,7 @@ class _Walker:
         for entry in entries:
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
             if _is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
+                self._leave_out(child_rel, "hidden, system or excluded")
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
@@ -96,6 +125,11 @@ class _Walker:
                 self.walk(Path(entry.path), child_rel)
             elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
                 self.file(entry, child_rel)
+            else:
+                self._leave_out(child_rel, "files not named as images")
+
+    def _leave_out(self, rel: str, reason: str) -> None:
+        self.left_out.setdefault(reason, LeftOut()).add(rel)
 
     def file(self, entry: os.DirEntry, rel: str) -> None:
         try:

@@ -72,6 +72,8 @@ class _Rows:
 
 def commit(job: CommitJob) -> Committed:
     rows = _gather(job)
+    if not rows.order:
+        raise CbirError(_nothing_readable(job.source, rows.skipped))
     attrs = {"encoder": job.encoder.name, "encoder_config": json.dumps(job.encoder.config, sort_keys=True),
              "root": job.source.resolved(), "cbir_version": __version__, "created": store_mod.now_iso(),
              "vector_dtype": "float16" if job.float16 else "float32", "preset": job.preset or ""}
@@ -97,6 +99,14 @@ def commit(job: CommitJob) -> Committed:
     old_paths = set(job.old.paths) if job.old is not None else set()
     return Committed(indexed=len(rows.order), added=sum(p not in old_paths for p in rows.order),
                      skipped=[Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+
+
+def _nothing_readable(source: Source, skipped: dict[str, str]) -> str:
+    """No file could be read as a picture: say which and why, and write no (empty) index."""
+    named = "; ".join(f"{p} ({r})" for p, r in sorted(skipped.items())[:3])
+    more = f"; {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"none of the {len(skipped)} image files in {source.location} could be read: {named}{more}. No index " \
+        "was written."
 
 
 def _in_memory(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan, Words]:

@@ -134,7 +134,10 @@ def _discover(root: Source, out: Path, opts: BuildOptions) -> Discovery:
     if (out / VECTORS).is_file() and opts.mode == "create":
         raise CbirError(f"{out} already holds an index; pass --update to add new and changed files, or "
                         "--rebuild to re-embed everything")
-    return root.discover(opts.exclude)
+    found = root.discover(opts.exclude)
+    if not found.files:  # an empty index helps no one, and would replace one that had pictures
+        raise CbirError(found.nothing_found(root.location))
+    return found
 
 
 def _make_encoder(opts: BuildOptions, out: Path) -> Encoder:

@@ -58,6 +58,8 @@ def test_info_and_encoders(cli_index: Path, capsys: pytest.CaptureFixture[str]) 
         (["index", ".", "--encoder", "nope"], "unknown encoder"),
         (["index", ".", "--encoder", "vgg16"], "vgg16-397923af.pth"),
         (["index", ".", "--device", "cuda"], "no CUDA GPU"),
+        (["serve", "/no/such/index", "--port", "99999"], "--port 99999 is not a TCP port"),
+        (["serve", "/no/such/index", "--port", "-1"], "--port -1 is not a TCP port"),
     ],
 )
 def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,6 +71,15 @@ def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_index_of_a_folder_without_images_fails_plainly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("no picture here")
+    assert main(["index", str(tmp_path / "texts"), "--out", str(tmp_path / "idx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cbir: error: found no image to index") and "(notes.txt)" in err and "Traceback" not in err
+    assert not (tmp_path / "idx").exists()
 
 
 def test_search_with_missing_query_and_bad_k(cli_index: Path, capsys: pytest.CaptureFixture[str]) -> None:

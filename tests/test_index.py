@@ -148,10 +148,28 @@ def test_moved_index_still_opens_and_searches(sample_index: Index, tmp_path: Pat
     assert index.search_vector(v, k=1)[0].path == sample_index.store.paths[3]
 
 
-def test_empty_folder_makes_an_empty_index(tmp_path: Path) -> None:
+def test_a_folder_without_images_writes_no_index(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    index = Index.build(tmp_path / "empty", out=tmp_path / "idx", device="cpu")
-    assert len(index) == 0 and index.search_vector(np.ones(1280, np.float32), k=5) == []
+    with pytest.raises(CbirError, match="found no image to index in .*empty .*; it is empty. Nothing was written"):
+        Index.build(tmp_path / "empty", out=tmp_path / "idx", device="cpu")
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    for name in ("readme.txt", "sub/table.csv", ".DS_Store"):
+        (notes / name).write_text("not a picture")
+    with pytest.raises(CbirError, match=r"left out: 1 hidden, system or excluded \(.DS_Store\); 2 files not named as "
+                                        r"images \(readme.txt, sub/table.csv\)"):
+        Index.build(notes, out=tmp_path / "idx", device="cpu")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_folder_of_unreadable_images_writes_no_index(tmp_path: Path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"this is text, not a jpeg")
+    (tmp_path / "bad" / "b.png").write_bytes(b"")
+    with pytest.raises(CbirError, match=r"none of the 2 image files in .*bad could be read: a.jpg \(not an image.*\); "
+                                        r"b.png \(empty file \(0 bytes\)\). No index was written"):
+        Index.build(tmp_path / "bad", out=tmp_path / "idx", device="cpu")
+    assert not (tmp_path / "idx" / "vectors.h5").exists()
 
 
 def test_faiss_file_with_same_ids_but_other_vectors_is_caught(sample_index: Index, tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from flask import Flask
 from waitress import create_server
 from waitress.server import BaseWSGIServer
 
+from cbir.errors import CbirError
+
 CAP_FACTOR = 4  # read up to 4x the upload limit ...
 CAP_MIN_EXTRA = 64 * 1024 * 1024  # ... and at least 64 MB over it, then stop reading
 
@@ -22,7 +24,14 @@ def body_cap(limit: int) -> int:
     return max(CAP_FACTOR * limit, limit + CAP_MIN_EXTRA)
 
 
+def check_port(port: int) -> None:
+    """Refuse a port outside 0-65535: the socket layer would take 99999 modulo 65536 and serve on 34463, unsaid."""
+    if not 0 <= port <= 65535:
+        raise CbirError(f"--port {port} is not a TCP port: give one from 1 to 65535 (0: any free port)")
+
+
 def make_server(app: Flask, host: str = "127.0.0.1", port: int = 5000, threads: int = 8) -> BaseWSGIServer:
     """A waitress server for `app` (port 0: any free port, see `.effective_port`); `.run()` serves."""
+    check_port(port)
     return create_server(app, host=host, port=port, threads=threads,
                          max_request_body_size=body_cap(int(app.config["MAX_CONTENT_LENGTH"])))
