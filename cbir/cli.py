@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -442,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     warnings.simplefilter("default")
     _configure_logging(args.verbose, timestamps=args.command == "serve")
+    with contextlib.suppress(AttributeError, ValueError):  # no such signal here, or not the main thread
+        # over a file-size limit (ulimit -f) a write fails with EFBIG and is reported as such, not a core dump
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return func(args)
     except CbirError as exc:

@@ -1,29 +1,140 @@
-"""Files written whole or not at all, and content hashes: the two things every writer of cbir needs."""
+"""Files written whole or not at all, content hashes, and write failures in words: what every writer of cbir needs.
+
+A write that fails for want of room or rights (disk full, quota, read-only file system, permission, a file-size
+limit) is one `WriteError`: a `CbirError` whose message names the file, the reason, the space needed and free, and
+what the caller adds (an indexing run: that nothing was lost and the same command resumes). `atomic_path` and the
+vectors file's writer translate through `writing`, so every file of an index is covered wherever it is written.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import os
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from cbir.errors import CbirError
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "the file would grow past the largest size this process may write (ulimit -f) or the file "
+                 "system allows",
+}
+Needed = int | Callable[[], int | None] | None  # bytes, or how to estimate them once a write has failed
+
+
+class WriteError(CbirError, OSError):
+    """A file that could not be written for want of space or rights; still an OSError (errno set) for callers that
+    treat any OSError as "not kept" (caches)."""
+
+    def __init__(self, *, path: Path, code: int, needed: int | None = None, advice: str = "") -> None:
+        super().__init__(code, os.strerror(code))
+        self.path, self.code, self.needed, self.advice = path, code, needed, advice
+
+    def fill(self, needed: Needed, advice: str) -> None:
+        """What an outer writer knows better: the whole job's space (not one file's), what to do now."""
+        self.needed = _evaluate(needed) or self.needed
+        self.advice = self.advice or advice
+
+    def __str__(self) -> str:
+        free = free_bytes(self.path)  # when shown: after the partial file is gone, what the user has to work with
+        space = f"{_size(free)} free there" if free is not None else "free space unknown"
+        if self.needed:
+            space = f"about {_size(self.needed)} needed, {space}"
+        text = f"cannot write {final_name(self.path)}: {WRITE_FAILURES[self.code]} ({space})."
+        return f"{text} {self.advice}" if self.advice else text
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write if it is one of WRITE_FAILURES: from an OSError, or from the text of a library's
+    error (h5py puts "errno = 28" in it, FAISS the C library's message)."""
+    code = getattr(exc, "errno", None)
+    if code in WRITE_FAILURES:
+        return code
+    text = str(exc)
+    found = re.search(r"errno = (\d+)", text)
+    if found and int(found.group(1)) in WRITE_FAILURES:
+        return int(found.group(1))
+    return next((c for c in WRITE_FAILURES if os.strerror(c) in text), None)
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+def writing(path: str | os.PathLike[str], needed: Needed = None, advice: str = "") -> Iterator[None]:
+    """Turn a failed write to `path` (or anything under it) into a WriteError; `needed` is the space the writing
+    takes, `advice` what to tell the user. Other errors pass as they are."""
+    try:
+        yield
+    except WriteError as exc:
+        exc.fill(needed, advice)
+        raise
+    except (OSError, RuntimeError) as exc:
+        code = write_errno(exc)
+        if code is None:
+            raise
+        raise WriteError(path=Path(path), code=code, needed=_evaluate(needed), advice=advice) from None
+
+
+def _evaluate(needed: Needed) -> int | None:
+    return needed() if callable(needed) else needed
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system that holds `path` (or its nearest existing folder)."""
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def final_name(path: Path) -> Path:
+    """The file a temporary path of `atomic_path` stands for (people know vectors.h5, not vectors.h5.tmp-4242)."""
+    return path.with_name(re.sub(r"\.tmp-\d+.*$", "", path.name))
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str], suffix: str = "", *, needed: Needed = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it onto `final`, on any error delete it.
 
     A reader (or a run killed at any moment) sees the old file or the new one, never half of one. Nested
     uses rename in reverse order of entry, so the outermost file is the last to change (a commit point).
-    `suffix` keeps an extension that a writer insists on (numpy adds .npz, ONNX tools look at .onnx).
+    `suffix` keeps an extension that a writer insists on (numpy adds .npz, ONNX tools look at .onnx). A write
+    that fails for want of space or rights raises a WriteError naming `final` (`needed`: the bytes it takes).
     """
     final = Path(final)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}{suffix}")
     try:
-        yield tmp
-        os.replace(tmp, final)
+        with writing(final, needed):
+            yield tmp
+            os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_in_one_go(path: Path, save: Callable[[io.BytesIO], object]) -> None:
+    """Run `save` (torch.save, torch.jit.save) into memory, then write the bytes with Python's own I/O.
+
+    torch's zip writer ends the whole process (std::terminate, SIGABRT) when a write fails, say on a full disk or
+    over a file-size limit; Python's write raises an OSError that can be caught and reported.
+    """
+    buffer = io.BytesIO()
+    save(buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -26,6 +26,7 @@ from indexer.lock import IndexLock
 from indexer.options import DEFAULT_ENCODER, BuildOptions, preset_matching
 from indexer.plan import make_plan, resume
 from indexer.source import Source
+from indexer.space import Needs, guarded
 from indexer.summary import Summary
 from indexer.work import WorkDir
 
@@ -49,8 +50,10 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     out = Path(out) if out is not None else DEFAULT_DIR / root.name
     found = _discover(root, out, opts)
     early = _decode_early(root, found, opts) if encoder is None else None
+    needs = Needs()
     try:
-        return _build(root, out, opts, found, encoder, early)
+        with guarded(out, needs):  # a write that fails for want of space or rights: one plain message
+            return _build(root, out, opts, found, encoder, early, needs=needs)
     finally:
         if early is not None:
             early.close()
@@ -70,7 +73,7 @@ def _decode_early(root: Source, found: Discovery, opts: BuildOptions) -> Decoder
 
 
 def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encoder: Encoder | None,
-           early: Decoder | None) -> Summary:
+           early: Decoder | None, *, needs: Needs) -> Summary:
     from cbir.encoders._device import configure_threads
     from indexer.commit import CommitJob, commit
 
@@ -89,6 +92,7 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
         work = WorkDir(out, _manifest(root, enc, opts.mode, old))
         work.open()
         todo = resume(plan, root, work.done())
+        needs.rows, needs.todo, needs.dim = len(plan.keep) + len(todo), len(todo), enc.dim
         engine = _embed(root, plan.todo, todo, enc, work, opts, early=early)
         index_type, float16 = _search_settings(opts, old)
         on_disk = _on_disk(opts, old, len(plan.keep) + len(todo), enc.dim)

@@ -25,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cbir.files import atomic_path, sha256_bytes
+from cbir.files import atomic_path, sha256_bytes, write_in_one_go
 from cbir.preprocess import Preprocess
 
 if TYPE_CHECKING:  # torch only where a network is loaded or saved: the indexer asks `known_preprocess` before
@@ -164,7 +164,7 @@ def save(k: str, encoder: Encoder, files: list[Path]) -> None:
         if traced is not None:
             with atomic_path(folder / f"{k}.pt", suffix=".pt") as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.jit.save(traced, str(tmp))
+                write_in_one_go(tmp, lambda f: torch.jit.save(traced, f))
             record["kept"] = True
             record["encoder"] = {"name": encoder.name, "dim": encoder.dim, "preprocess": encoder.preprocess.to_dict(),
                                  "pooling": encoder.pooling, "weights": encoder.weights, "options": encoder.options,

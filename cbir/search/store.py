@@ -23,9 +23,11 @@ reading its vectors, ids or paths (rows are read when asked for; see cbir/search
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,26 @@ import h5py
 import numpy as np
 
 from cbir.errors import CbirError
+from cbir.files import writing
 
 FORMAT = 1
 STR = h5py.string_dtype("utf-8")
+ROW_BYTES = 200  # a row's metadata: id, mtime, size, sha256 (hex), a path of ~100 bytes
+
+
+def bytes_needed(rows: int, dim: int, itemsize: int = 4) -> int:
+    """About how large a vectors file of `rows` rows is (what a write needs free)."""
+    return rows * (dim * itemsize + ROW_BYTES) + 64 * 1024
+
+
+def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A writer's method whose failed writes (disk full, quota, read-only, permission) are a WriteError."""
+    @functools.wraps(method)
+    def wrapper(self: VectorWriter, *args: Any, **kwargs: Any) -> Any:
+        with writing(self.path, needed=self.bytes_needed):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class VectorWriter:
@@ -49,6 +68,15 @@ class VectorWriter:
         self.dim = dim
         self.count = 0
         self.rows = rows
+        self.itemsize = np.dtype(dtype).itemsize
+        self._create(attrs, chunk_rows, dtype)
+
+    def bytes_needed(self) -> int | None:
+        return bytes_needed(self.rows, self.dim, self.itemsize) if self.rows is not None else None
+
+    @_translated
+    def _create(self, attrs: dict[str, Any], chunk_rows: int, dtype: str) -> None:
+        dim, rows = self.dim, self.rows
         self.f = h5py.File(self.path, "w")
         numeric = (("vectors", dtype, (dim,)), ("ids", "int64", ()), ("mtime_ns", "int64", ()), ("size", "int64", ()))
         for name, dt, tail in numeric:
@@ -67,6 +95,7 @@ class VectorWriter:
         self.f.attrs["dim"] = dim
         self.f.attrs["complete"] = False
 
+    @_translated
     def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
                ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None) -> None:
         n = len(paths)
@@ -89,6 +118,7 @@ class VectorWriter:
             ds[start:stop] = data
         self.count = stop
 
+    @_translated
     def add_skipped(self, path: str, reason: str) -> None:
         g = self.f["skipped"]
         n = g["path"].shape[0]
@@ -96,6 +126,7 @@ class VectorWriter:
             g[name].resize(n + 1, axis=0)
             g[name][n] = value
 
+    @_translated
     def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Mark the file complete and close it; only a file closed this way is ever opened for search."""
         if self.rows is not None and self.count != self.rows:
@@ -108,8 +139,10 @@ class VectorWriter:
         self.f.close()
 
     def abort(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
+        """Let go of the file whatever state a failed write left it in (it is deleted next: no second error)."""
+        with contextlib.suppress(OSError, RuntimeError, ValueError, AttributeError):
+            if self.f.id.valid:
+                self.f.close()
 
 
 @dataclass

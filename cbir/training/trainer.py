@@ -25,7 +25,7 @@ from cbir.encoders import _trainable as models
 from cbir.encoders._device import configure_threads, resolve_device
 from cbir.encoders.base import Preprocess, library_versions
 from cbir.errors import CbirError
-from cbir.files import atomic_path
+from cbir.files import atomic_path, write_in_one_go
 from cbir.training.data import Collection, cache_views, load_collection, stratified_split, write_split
 
 log = logging.getLogger(__name__)
@@ -393,13 +393,14 @@ class Trainer:
             },
         }
         with atomic_path(self.out) as tmp:
-            torch.save(ckpt, tmp)
+            write_in_one_go(tmp, lambda f: torch.save(ckpt, f))
 
     def _save_last(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: _State) -> None:
+        last = {"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": state.history, "best": state.best, "best_epoch": state.best_epoch, "epoch": state.epoch,
+                "baseline": state.baseline}
         with atomic_path(self.last_path) as tmp:
-            torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "history": state.history, "best": state.best,
-                        "best_epoch": state.best_epoch, "epoch": state.epoch, "baseline": state.baseline}, tmp)
+            write_in_one_go(tmp, lambda f: torch.save(last, f))
 
     def _plot(self, history: list[dict[str, float]]) -> None:
         if not history:
