@@ -253,12 +253,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         "it with anyone who can reach this machine")
     from webui import create_app
     from webui.server import make_server
+    from webui.warm import when_ready
 
     app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
                       "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
-    names = ", ".join(app.extensions["cbir"].names)
-    print(f"serving {names} on http://{args.host}:{server.effective_port}/  (Ctrl+C stops)", flush=True)
+    served = f"serving {', '.join(app.extensions['cbir'].names)} on http://{args.host}:{server.effective_port}/"
+    # listening already (health answers "warming"); "serving" once every query model has answered a search
+    when_ready(app, lambda: print(f"{served}  (Ctrl+C stops)", flush=True))
     try:
         server.run()
     except KeyboardInterrupt:

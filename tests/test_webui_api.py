@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cbir import Index
+from cbir import CbirError, Index
 from tests.badfiles import bomb_png, jpeg_bytes, photo
 from webui import create_app
+from webui.warm import Warmup
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,65 @@ def test_indexes_and_health(served: dict) -> None:
     assert names == ["sample", "cats"]
     health = c.get("/api/health").get_json()
     assert health["status"] == "ok" and health["indexes"] == 2 and health["images"] > 36
+
+
+def test_an_index_that_cannot_be_read_is_shown_with_the_reason_and_the_others_served(served: dict,
+                                                                                  tmp_path: Path) -> None:
+    good = served["base"] / "idx" / "cats"
+    broken = shutil.copytree(good, tmp_path / "broken")
+    (broken / "vectors.h5").write_bytes(b"this is not an HDF5 file")
+    app = create_app({"INDEXES": [broken, good, tmp_path / "gone"], "DEVICE": "cpu", "WARM_UP": False,
+                      "RELOAD_CHECK_SECONDS": 0.0})
+    c = app.test_client()
+    body = c.get("/api/indexes").get_json()
+    assert [i["name"] for i in body["indexes"]] == ["cats"] and body["default"] == "cats"
+    reasons = {u["name"]: u["reason"] for u in body["unavailable"]}
+    assert reasons["broken"].startswith(f"cannot read {broken / 'vectors.h5'}") and "no index at" in reasons["gone"]
+    page = c.get("/").get_data(as_text=True)
+    assert "<strong>broken</strong> is not served: cannot read" in page and "<strong>gone</strong>" in page
+    assert c.get("/api/health").get_json()["unavailable"] == 2
+    assert c.post("/api/search?index=cats&k=1", data=chelsea(served), content_type="image/jpeg").status_code == 200
+    shutil.copy(good / "vectors.h5", broken / "vectors.h5")  # repaired: served from the next check on
+    body = c.get("/api/indexes").get_json()
+    assert [i["name"] for i in body["indexes"]] == ["cats", "broken"] and [u["name"] for u in body["unavailable"]] \
+        == ["gone"]
+    with pytest.raises(CbirError, match="no index could be opened: .*gone: no index at"):
+        create_app({"INDEXES": [tmp_path / "gone"], "DEVICE": "cpu", "WARM_UP": False})
+
+
+def test_health_says_warming_until_every_index_has_answered_a_search(served: dict,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app({"INDEXES": [served["base"] / "idx" / "sample", served["base"] / "idx" / "cats"],
+                      "DEVICE": "cpu", "WARM_UP": False})
+    app.extensions["cbir_warm"] = warm = Warmup(app)  # not started: as cbir serve is until the warm-up ends
+    c = app.test_client()
+    assert c.get("/api/health").get_json()["status"] == "warming"
+    with caplog.at_level("INFO", logger="cbir.webui"):
+        warm.run()
+    assert c.get("/api/health").get_json()["status"] == "ok"
+    assert "warmed up in" in caplog.text and "warming index" not in caplog.text and "failed" not in caplog.text
+
+
+def test_cbir_serve_says_serving_only_when_warm(served: dict) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cbir", "serve", str(served["base"] / "idx" / "cats"), "--port",
+                             str(port), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith(f"serving cats on http://127.0.0.1:{port}/"), proc.stderr.read() if proc.stderr else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=30) as resp:
+            assert json.load(resp)["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "warmed up in" in (proc.stderr.read() if proc.stderr else "")
 
 
 @pytest.mark.parametrize(

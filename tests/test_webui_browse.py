@@ -4,6 +4,7 @@ this" with its own URL and the back button, region search, side by side, the tok
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -150,3 +151,42 @@ def test_phone_width_and_keyboard(site: str, browser) -> None:  # noqa: F811
     assert "id=" in page.url and page.locator("#results .card").count() == 10
     assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
     page.screenshot(path=str(ARTIFACTS / "phone_results.png"), full_page=True)
+
+
+OVERFLOWS = """() => {
+  const width = document.documentElement.clientWidth, out = [];
+  for (const el of document.querySelectorAll("body *")) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 && r.height === 0) continue;
+    const card = el.closest(".search, .card, .tile");
+    const c = card && card !== el ? card.getBoundingClientRect() : null;
+    if (r.left < -0.5 || r.right > width + 0.5 || (c && (r.left < c.left - 0.5 || r.right > c.right + 0.5)))
+      out.push(`${el.tagName.toLowerCase()}#${el.id}.${el.className}: ${Math.round(r.left)}-${Math.round(r.right)}`);
+  }
+  return {scrollWidth: document.scrollingElement.scrollWidth, outside: out};
+}"""
+
+
+@pytest.fixture(scope="module")
+def long_names(two_indexes: list[Path], tmp_path_factory: pytest.TempPathFactory, start_server) -> str:
+    """Two indexes with long names (the selector shows "name (encoder, N images)"), and one that cannot be opened."""
+    root = tmp_path_factory.mktemp("long")
+    first = shutil.copytree(two_indexes[0], root / "holiday-photos-of-the-whole-family-2019-2024")
+    second = shutil.copytree(two_indexes[1], root / "holiday-photos-of-the-whole-family-colours")
+    return start_server([first, second, root / "an-index-folder-that-is-not-there"])
+
+
+@pytest.mark.parametrize("route", ["/", "/?id=5&k=10", "/compare?id=5"])
+def test_every_box_fits_a_phone(long_names: str, browser, route: str) -> None:  # noqa: F811
+    """At 390 px nothing runs past the screen or out of its card (the index selector did), and nothing scrolls
+    sideways."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(long_names + route)
+    page.wait_for_load_state("networkidle")
+    found = page.evaluate(OVERFLOWS)
+    assert found == {"scrollWidth": 390, "outside": []}
+    if route == "/":
+        assert page.locator("#index option").count() == 2
+        assert "an-index-folder-that-is-not-there is not served" in page.locator(".unavailable").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "phone_long_names.png"), full_page=True)
+    page.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from webui import query
 
@@ -51,14 +51,19 @@ def search():
 
 @api.get("/indexes")
 def indexes():
-    out = [{"name": served.name, **served.index.summary()} for served in query.indexes().all()]
-    return jsonify(indexes=out, default=query.indexes().default)
+    """The served indexes, and those that could not be opened with the reason (`unavailable`)."""
+    state = query.indexes()
+    out = [{"name": served.name, **served.index.summary()} for served in state.all()]
+    return jsonify(indexes=out, default=state.default, unavailable=[u.to_dict() for u in state.unavailable.values()])
 
 
 @api.get("/health")
 def health():
+    """"warming" until every index's query model is loaded and has answered once (webui/warm.py), then "ok"."""
     state = query.indexes()
-    return jsonify(status="ok", indexes=len(state.names), images=sum(len(s.index) for s in state.all()))
+    warm = current_app.extensions["cbir_warm"].ready.is_set()
+    return jsonify(status="ok" if warm else "warming", indexes=len(state.names),
+                   images=sum(len(s.index) for s in state.all()), unavailable=len(state.unavailable))
 
 
 @api.post("/reload")

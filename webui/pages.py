@@ -25,7 +25,8 @@ def _render(status: int = 200, template: str = "page.html", **ctx):
     ctx.setdefault("k", 10)
     ctx.setdefault("index", state.default)
     served = [(s.name, s.index.encoder_config["name"], len(s.index)) for s in state.all()]
-    return render_template(template, indexes=served, max_k=current_app.config["MAX_K"],
+    return render_template(template, indexes=served, unavailable=list(state.unavailable.values()),
+                           max_k=current_app.config["MAX_K"],
                            max_mb=current_app.config["MAX_CONTENT_LENGTH"] // (1024 * 1024), **ctx), status
 
 

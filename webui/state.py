@@ -35,9 +35,29 @@ class Served:
     signature: tuple[int, int, int]
 
 
+@dataclass(kw_only=True)
+class Unavailable:
+    """An index that could not be opened: shown with the reason, opened when its files change."""
+
+    name: str
+    directory: Path
+    reason: str
+    signature: tuple[int, int, int] | None
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "directory": str(self.directory), "reason": self.reason}
+
+
 def _signature(directory: Path) -> tuple[int, int, int]:
     st = os.stat(directory / VECTORS)
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _signature_or_none(directory: Path) -> tuple[int, int, int] | None:
+    try:
+        return _signature(directory)
+    except OSError:
+        return None
 
 
 class IndexSet:
@@ -54,13 +74,28 @@ class IndexSet:
         self.busy_timeout = busy_timeout
         self._last_check = 0.0
         self._served: dict[str, Served] = {}
+        self.unavailable: dict[str, Unavailable] = {}  # one bad index does not stop the others
         self._encoders: dict[str, Encoder] = {}
         for p in paths:
-            directory = resolve_index_dir(p)
-            name = directory.name
-            if name in self._served:
-                name = f"{name}-{len(self._served)}"
-            self._served[name] = self._load(name, directory)
+            self._open(Path(p))
+        if not self._served:
+            raise CbirError("no index could be opened: " + "; ".join(f"{u.directory}: {u.reason}"
+                                                                    for u in self.unavailable.values()))
+
+    def _open(self, given: Path, name: str | None = None) -> bool:
+        """Serve the index at `given`, or list it as unavailable with the reason."""
+        if name is None:
+            name = given.name
+            if name in self._served or name in self.unavailable:
+                name = f"{name}-{len(self._served) + len(self.unavailable)}"
+        try:
+            self._served[name] = self._load(name, resolve_index_dir(given))
+            return True
+        except (CbirError, OSError) as exc:
+            log.warning("index %s is not served: %s", given, exc)
+            self.unavailable[name] = Unavailable(name=name, directory=given, reason=str(exc),
+                                                 signature=_signature_or_none(given))
+            return False
 
     def _load(self, name: str, directory: Path) -> Served:
         sig = _signature(directory)
@@ -93,9 +128,10 @@ class IndexSet:
         return list(self._served.values())
 
     def reload(self, force: bool = False) -> list[str]:
-        """Reopen every index whose vectors file changed; returns the names reloaded."""
-        reloaded = []
+        """Reopen every index whose vectors file changed (and try again those that could not be opened); returns the
+        names reloaded."""
         with self._lock:
+            reloaded = self._retry_unavailable(force)
             for name, served in list(self._served.items()):
                 try:
                     sig = _signature(served.directory)
@@ -107,6 +143,16 @@ class IndexSet:
                     log.warning("index %s not reloaded (%s); still serving the previous one", name, exc)
             self._last_check = time.monotonic()
         return reloaded
+
+    def _retry_unavailable(self, force: bool) -> list[str]:
+        """Open again the indexes that could not be, once their vectors file changed (rebuilt, restored)."""
+        opened = []
+        for name, bad in list(self.unavailable.items()):
+            if force or _signature_or_none(bad.directory) != bad.signature:
+                del self.unavailable[name]
+                if self._open(bad.directory, name):
+                    opened.append(name)
+        return opened
 
     def _maybe_reload(self) -> None:
         if time.monotonic() - self._last_check >= self.check_every:
