@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from cbir.errors import CbirError
 
@@ -29,7 +30,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
                            on_disk=True if args.on_disk else None, memory_budget=_bytes(args.memory_budget),
-                           engine=args.engine, ray_address=args.ray_address)
+                           engine=args.engine, ray_address=args.ray_address,
+                           local_features=not args.no_local_features)
     print(build(args.dir, args.out, options).describe())
     return 0
 
@@ -319,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes; ray: decode and embed on a Ray cluster (README: More than one machine)")
     s.add_argument("--ray-address", help="with --engine ray: the cluster to join (default: RAY_ADDRESS if set, else "
                    "a local cluster started for this run)")
+    s.add_argument("--no-local-features", action="store_true", help="keep no local features per picture: indexing "
+                   "is faster, and cbir search --copies computes them from the files instead (slower)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 
@@ -416,6 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OUR_LOGGERS = ("cbir", "indexer", "webui")
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes each record to sys.stderr as it is when the record comes, not as it was when the handler was made: a
+    stream replaced since (pytest's capture of a test that ran `main`) may be closed, and writing to it printed
+    "--- Logging error ---" with a traceback for every record a server thread logged later."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 _handler: logging.Handler | None = None
 DEFAULT_BENCH_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
 
@@ -429,7 +449,7 @@ def _configure_logging(verbose: bool, timestamps: bool = False) -> None:
     root = logging.getLogger()
     if _handler is not None:  # main() called again in one process (tests, notebooks): replace only our own
         root.removeHandler(_handler)
-    _handler = logging.StreamHandler(sys.stderr)
+    _handler = _Stderr()
     _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s" if timestamps else "%(message)s"))
     root.addHandler(_handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -18,7 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cbir.copies import Evidence, FeatureCache
+from cbir.copies import MIRROR_COSINE, Evidence, FeatureCache
 from cbir.errors import CbirError
 from cbir.index import Index
 from cbir.search import store
@@ -29,7 +29,6 @@ DEFAULT_THRESHOLD = 0.7
 NEIGHBOURS = 5  # and each picture's 5 nearest ...
 FLOOR = 0.5  # ... down to this cosine
 WORKERS = 4
-MIRROR_COSINE = 0.85  # mirrored copies are looked for only above this cosine (animals4: all mirrored copies >= 0.936)
 COMPLETE = 40  # pictures linked by verified pairs: up to this many, every pair among them is checked
 
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbir import local_features
 from cbir.errors import CbirError
 from cbir.files import sha256_bytes
 from cbir.images import ImageError, load_image
+from cbir.local_features import Features
 from cbir.preprocess import Preprocess
 from indexer.source import Source
 
@@ -32,37 +34,41 @@ AHEAD = 512  # files decoded ahead of the model at most (~75 MB of 224-px pixels
 GROUP = 8  # files per task handed to a worker: one at a time cost 30% more than torch's DataLoader
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Decoded:
     """One file after decoding: its pixels, or the reason it was skipped."""
 
     file: str  # path relative to the collection root
-    pixels: np.ndarray | None
+    pixels: np.ndarray | None = None
     reason: str = ""
     mtime_ns: int = 0
     size: int = 0
     sha256: str = ""
+    features: Features | None = None  # its local features, when the index keeps them (cbir/local_features.py)
 
     @property
     def ok(self) -> bool:
         return self.pixels is not None
 
 
-def decode(source: Source, file: str, preprocess: Preprocess) -> Decoded:
+def decode(source: Source, file: str, preprocess: Preprocess, features: bool = False) -> Decoded:
+    """One file's pixels for the encoder (and its local features, from the same decoded picture, if asked)."""
     try:
         data, size, mtime_ns = source.read(file)
         if not data:
-            return Decoded(file, None, "empty file (0 bytes)")
+            return Decoded(file=file, reason="empty file (0 bytes)")
         im = load_image(io.BytesIO(data), draft=preprocess.draft_size)
-        return Decoded(file, preprocess.pixels(im), "", mtime_ns, size, sha256_bytes(data))
+        kept = local_features.to_keep(im) if features else None
+        return Decoded(file=file, pixels=preprocess.pixels(im), mtime_ns=mtime_ns, size=size, sha256=sha256_bytes(data),
+                       features=kept)
     except ImageError as exc:
-        return Decoded(file, None, str(exc))
+        return Decoded(file=file, reason=str(exc))
     except FileNotFoundError:
-        return Decoded(file, None, "file not found (deleted or moved)")
+        return Decoded(file=file, reason="file not found (deleted or moved)")
     except OSError as exc:
-        return Decoded(file, None, f"file not readable: {exc.strerror or exc}")
+        return Decoded(file=file, reason=f"file not readable: {exc.strerror or exc}")
     except Exception as exc:  # a decoder bug must cost one file, never the run
-        return Decoded(file, None, f"cannot decode: {exc.__class__.__name__}: {exc}")
+        return Decoded(file=file, reason=f"cannot decode: {exc.__class__.__name__}: {exc}")
 
 
 def die_with_parent(parent: int) -> None:
@@ -87,6 +93,7 @@ def _worker_init(parent: int) -> None:
     die_with_parent(parent)
     with contextlib.suppress(OSError):
         os.nice(DECODE_NICE)
+    local_features.one_thread()  # a worker per core already: OpenCV's own threads would only contend
 
 
 def default_workers(n_files: int, batch_size: int) -> int:
@@ -95,8 +102,8 @@ def default_workers(n_files: int, batch_size: int) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def decode_group(source: Source, files: list[str], preprocess: Preprocess) -> list[Decoded]:
-    return [decode(source, f, preprocess) for f in files]
+def decode_group(source: Source, files: list[str], preprocess: Preprocess, features: bool) -> list[Decoded]:
+    return [decode(source, f, preprocess, features) for f in files]
 
 
 class Decoder:
@@ -110,8 +117,9 @@ class Decoder:
     """
 
     def __init__(self, source: Source, files: list[str], preprocess: Preprocess, workers: int | None = None,
-                 batch_size: int = 16) -> None:
-        self.source, self.preprocess = source, preprocess
+                 batch_size: int = 16, *, features: bool = False) -> None:
+        """`features`: also extract each picture's local features (what the index keeps for verified copies)."""
+        self.source, self.preprocess, self.features = source, preprocess, features
         self._position = {f: i for i, f in enumerate(files)}
         self._todo: deque[str] = deque(files)  # not handed to a worker yet
         self._ahead: deque[tuple[list[str], Future | None]] = deque()  # groups handed out, in order
@@ -168,7 +176,7 @@ class Decoder:
         group, future = self._ahead.popleft()
         self._fill()
         if future is None:
-            return [decode(self.source, f, self.preprocess) for f in group]
+            return decode_group(self.source, group, self.preprocess, self.features)
         try:
             return future.result()
         except BrokenProcessPool:
@@ -179,7 +187,7 @@ class Decoder:
     def _fill(self) -> None:
         while self._todo and len(self._ahead) * GROUP < (AHEAD if self._pool is not None else 1):
             group = [self._todo.popleft() for _ in range(min(GROUP, len(self._todo)))]
-            future = self._pool.submit(decode_group, self.source, group, self.preprocess) \
+            future = self._pool.submit(decode_group, self.source, group, self.preprocess, self.features) \
                 if self._pool is not None else None
             self._ahead.append((group, future))
 

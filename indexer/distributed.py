@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cbir.files import atomic_path
+from cbir.local_features import DIM, KEEP, Features
 from indexer import guardian
 from indexer.decode import DECODE_NICE, Decoded, decode
 from indexer.options import BuildOptions
@@ -155,11 +156,12 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
     ids = write_manifest(work, source, planned)
     if not files:
         return 0
-    files = settle_mode(source, files, encoder, work)  # on the driver: the actors rebuild the settled mode
+    # on the driver: the actors rebuild the settled mode
+    files = settle_mode(source, files, encoder, work, features=options.local_features)
     batch_size = options.batch_size or default_batch(encoder)
     embedded, started, first = 0, time.perf_counter(), None
     with _progress(len(files), options.progress) as bar:
-        for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
+        for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size, options.local_features):
             chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
             chunk.ids = batch["id"][batch["ok"]]
             work.write(chunk)
@@ -174,8 +176,8 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
     return embedded
 
 
-def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
-              batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder, batch_size: int,
+              features: bool) -> Iterator[dict[str, np.ndarray]]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -187,7 +189,8 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
     actor_cpus = 1.0 if gpus else max(0.5, min(cpus, default=1.0) - 1)
     ds = ray.data.from_items([{"id": i, "path": p} for i, p in items],
                              override_num_blocks=max(1, min(len(items) // batch_size, 64 * actors)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"source": source, "preprocess": encoder.preprocess},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"source": source, "preprocess": encoder.preprocess,
+                                                 "features": features},
                         batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"config": encoder.config, "gpu": gpus > 0},
                         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
@@ -202,17 +205,40 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
 def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
     """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
     marker = np.zeros(0, np.uint8)
-    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h))
-            for p, ok, r, m, s, h in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
-                                         batch["size"], batch["sha256"], strict=True)]
+    kept = _unpad(batch) if "kp_count" in batch else [None] * len(batch["path"])
+    return [Decoded(file=str(p), pixels=marker if ok else None, reason=str(r), mtime_ns=int(m), size=int(s),
+                    sha256=str(h), features=f)
+            for p, ok, r, m, s, h, f in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
+                                            batch["size"], batch["sha256"], kept, strict=True)]
 
 
-def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocess: Any) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocess: Any,
+                 features: bool = False) -> dict[str, np.ndarray]:
     """Read and decode a batch of files (cbir's own preprocessing) at low priority, like the local decoders."""
     with contextlib.suppress(OSError):
         os.nice(max(0, DECODE_NICE - os.nice(0)))
-    items = [decode(source, str(p), preprocess) for p in batch["path"]]
-    return _decoded_columns(batch, items, preprocess.size)
+    items = [decode(source, str(p), preprocess, features) for p in batch["path"]]
+    columns = _decoded_columns(batch, items, preprocess.size)
+    return {**columns, **_padded(items)} if features else columns
+
+
+def _padded(items: list[Decoded]) -> dict[str, np.ndarray]:
+    """Local features as fixed-shape columns (Ray Data's numpy batches): KEEP rows per picture, and the count."""
+    n = len(items)
+    out = {"kp_count": np.zeros(n, np.int32), "kp_xy": np.zeros((n, KEEP, 2), np.float16),
+           "kp_descriptors": np.zeros((n, KEEP, DIM), np.uint8), "kp_size": np.zeros((n, 2), np.uint16)}
+    for j, it in enumerate(items):
+        if it.features is not None:
+            f = it.features.strongest(KEEP)
+            out["kp_count"][j], out["kp_size"][j] = len(f), f.size
+            out["kp_xy"][j, :len(f)], out["kp_descriptors"][j, :len(f)] = f.xy, f.descriptors
+    return out
+
+
+def _unpad(batch: dict[str, np.ndarray]) -> list[Features | None]:
+    return [Features(xy=batch["kp_xy"][j, :c].astype(np.float32), descriptors=batch["kp_descriptors"][j, :c],
+                     size=(int(batch["kp_size"][j, 0]), int(batch["kp_size"][j, 1]))) if batch["kp_size"][j].any()
+            else None for j, c in enumerate(batch["kp_count"])]
 
 
 def _decoded_columns(batch: dict[str, np.ndarray], items: list[Decoded], size: int) -> dict[str, np.ndarray]:

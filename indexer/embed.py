@@ -15,6 +15,7 @@ import numpy as np
 from cbir.encoders import Encoder
 from cbir.encoders import _numeric as numeric
 from cbir.errors import CbirError
+from cbir.local_features import pack
 from indexer.decode import Decoded, Decoder, decode
 from indexer.options import BuildOptions
 from indexer.source import Source
@@ -29,12 +30,14 @@ def default_batch(encoder: Encoder) -> int:
 
 
 def to_chunk(items: list[Decoded], vectors: np.ndarray) -> Chunk:
-    """Decoded items -> a work chunk; `vectors` are the rows of the decodable items, in order."""
+    """Decoded items -> a work chunk; `vectors` are the rows of the decodable items, in order (their local features
+    too, when they were extracted)."""
     good = [it for it in items if it.ok]
+    features = pack([it.features for it in good]) if any(it.features is not None for it in good) else None
     return Chunk(paths=[it.file for it in good], vectors=vectors, mtime_ns=np.array([it.mtime_ns for it in good],
                  np.int64),
                  size=np.array([it.size for it in good], np.int64), sha256=[it.sha256 for it in good],
-                 skipped=[(it.file, it.reason) for it in items if not it.ok])
+                 skipped=[(it.file, it.reason) for it in items if not it.ok], features=features)
 
 
 def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions,
@@ -46,12 +49,13 @@ def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDi
     """
     if not files:
         return
-    files = settle_mode(source, files, encoder, work)
+    files = settle_mode(source, files, encoder, work, features=options.local_features)
     batch_size = options.batch_size or default_batch(encoder)
     if decoder is None or not decoder.covers(files, encoder.preprocess):
         if decoder is not None:
             decoder.close()
-        decoder = Decoder(source, files, encoder.preprocess, options.workers, batch_size)
+        decoder = Decoder(source, files, encoder.preprocess, options.workers, batch_size,
+                          features=options.local_features)
     skipped = 0
     with _progress(len(files), options.progress) as bar, contextlib.closing(decoder):
         for items in decoder.batches(files, batch_size):
@@ -64,9 +68,10 @@ def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDi
             bar.set_postfix(skipped=skipped, refresh=False)
 
 
-def settle_mode(source: Source, files: list[str], encoder: Encoder, work: WorkDir) -> list[str]:
-    """Calibrate the numeric mode if needed (its sample saved as the first chunk); the files still to embed."""
-    sample = calibrate(source, files, encoder)
+def settle_mode(source: Source, files: list[str], encoder: Encoder, work: WorkDir, *, features: bool) -> list[str]:
+    """Calibrate the numeric mode if needed (its sample saved as the first chunk, with local features if the index
+    keeps them); the files still to embed."""
+    sample = calibrate(source, files, encoder, features=features)
     if sample is None:
         return files
     work.write(sample)
@@ -96,7 +101,7 @@ def _modes_to_measure(encoder: Encoder, n_files: int) -> tuple[str, ...] | None:
     return ("fp32", "bf16")
 
 
-def calibrate(source: Source, files: list[str], encoder: Encoder) -> Chunk | None:
+def calibrate(source: Source, files: list[str], encoder: Encoder, *, features: bool = False) -> Chunk | None:
     """Settle numeric mode 'auto' (or calibrate 'int8') on a sample of `files`.
 
     Returns the sample as a chunk embedded in the chosen mode (its undecodable files as skipped), or None when
@@ -110,7 +115,7 @@ def calibrate(source: Source, files: list[str], encoder: Encoder) -> Chunk | Non
         log.info(f"precision: {encoder.precision} (as measured on this machine before; "
                  f"{encoder.calibration['reused']})")
         return None
-    items = _sample(source, files, encoder)
+    items = _sample(source, files, encoder, features)
     pixels = [it.pixels for it in items if it.ok]
     if forced and len(pixels) < 4:
         raise CbirError("--precision int8 needs at least 4 decodable images to calibrate on")
@@ -125,12 +130,12 @@ def calibrate(source: Source, files: list[str], encoder: Encoder) -> Chunk | Non
     return to_chunk(items, vectors[chosen])
 
 
-def _sample(source: Source, files: list[str], encoder: Encoder) -> list[Decoded]:
+def _sample(source: Source, files: list[str], encoder: Encoder, features: bool) -> list[Decoded]:
     """Decoded files spread over the collection, until SAMPLE of them decode."""
     picks = np.unique(np.linspace(0, len(files) - 1, num=2 * numeric.SAMPLE).astype(int))
     items: list[Decoded] = []
     for i in picks:
-        items.append(decode(source, files[i], encoder.preprocess))
+        items.append(decode(source, files[i], encoder.preprocess, features))
         if sum(it.ok for it in items) == numeric.SAMPLE:
             break
     return items

@@ -60,6 +60,7 @@ class BuildOptions:
     memory_budget: int | None = None  # bytes the vectors may take in RAM before auto goes on disk (None: half the RAM)
     engine: str = "local"  # local (this machine's processes) or ray (a Ray cluster: indexer/distributed.py)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for the run
+    local_features: bool = True  # keep each picture's local features: fast verified copies (cbir/local_features.py)
     progress: bool = False
 
     def validate(self) -> None:

@@ -69,7 +69,7 @@ def _decode_early(root: Source, found: Discovery, opts: BuildOptions) -> Decoder
     preprocess = known_preprocess(opts.encoder or DEFAULT_ENCODER, opts.weights, opts.pooling)
     if preprocess is None:
         return None
-    return Decoder(root, found.files, preprocess, opts.workers, opts.batch_size or 16)
+    return Decoder(root, found.files, preprocess, opts.workers, opts.batch_size or 16, features=opts.local_features)
 
 
 def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encoder: Encoder | None,

@@ -20,6 +20,7 @@ import numpy as np
 
 from cbir.files import atomic_path
 from cbir.layout import WORK
+from cbir.local_features import Packed
 
 
 @dataclass(kw_only=True)
@@ -31,6 +32,21 @@ class Chunk:
     sha256: list[str]
     skipped: list[tuple[str, str]]
     ids: np.ndarray | None = None  # --engine ray: the manifest's global id of each row
+    features: Packed | None = None  # each row's local features (cbir/local_features.py), if the index keeps them
+
+
+FEATURE_COLUMNS = {"kp_xy": "xy", "kp_descriptors": "descriptors", "kp_offsets": "offsets", "kp_sizes": "sizes"}
+
+
+def _feature_columns(features: Packed | None) -> dict[str, np.ndarray]:
+    return {} if features is None else {name: getattr(features, field) for name, field in FEATURE_COLUMNS.items()}
+
+
+def _features(z: Any) -> Packed | None:
+    """A saved chunk's local features (None in chunks of runs that kept none)."""
+    if "kp_offsets" not in z.files:
+        return None
+    return Packed(**{field: z[name] for name, field in FEATURE_COLUMNS.items()})
 
 
 class WorkDir:
@@ -69,7 +85,8 @@ class WorkDir:
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
                      skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
-                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}))
+                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}),
+                     **_feature_columns(chunk.features))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -80,7 +97,8 @@ class WorkDir:
                             size=z["size"],
                             sha256=[str(h) for h in z["sha256"]],
                             skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), ids=z["ids"] if "ids" in z.files else None)
+                                     strict=True)), ids=z["ids"] if "ids" in z.files else None,
+                            features=_features(z))
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""

@@ -107,7 +107,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # layer knows nothing of encoders, the pipeline nothing of the Python API, the library nothing of the web app.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("cbir.errors", "cbir.version", "cbir.files", "cbir.layout", "cbir.cache", "cbir.preprocess",
-              "cbir.metrics", "cbir.images", "cbir.edits", "cbir.words")),
+              "cbir.metrics", "cbir.images", "cbir.edits", "cbir.words", "cbir.local_features")),
     ("storage", ("cbir.search",)),  # the vectors file plus FAISS
     ("models", ("cbir.encoders",)),  # encoders and their runtime
     ("training", ("cbir.training",)),

@@ -8,14 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
+import cbir.copies
 from cbir import Index
 from cbir.cli import main
-from cbir.copies import FeatureCache, rank_copies_first
+from cbir.copies import FeatureCache, Verification, rank_copies_first
 from cbir.duplicates import find_duplicates
 from cbir.edits import EDITS
 from cbir.images import load_image
+from cbir.preprocess import Preprocess
+from indexer.decode import decode
+from indexer.source import Source
 
 SOURCES = ("astronaut/astronaut", "cat/chelsea", "coffee/coffee", "rocket/rocket")  # not a brick wall: see README
 HALVES = ("gravel/gravel", "camera/camera")  # halves, with the whole picture in the collection
@@ -93,6 +97,50 @@ def test_copies_of_a_query_come_first_with_their_evidence(index: Index, collecti
     mirrored = rank_copies_first(index, Image.open(collection / "chelsea" / "chelsea.jpg").transpose(
         Image.FLIP_LEFT_RIGHT), k=3)
     assert mirrored[0][1].verified and mirrored[0][0].path.startswith("chelsea/")
+
+
+def _kept(index: Index):
+    """features_of for an in-memory table of the features the indexer keeps (its decoding, its extraction)."""
+    source, pre = Source.of(index.root), Preprocess.from_dict(index.encoder_config["preprocess"])
+    table = {int(i): decode(source, p, pre, features=True).features
+             for p, i in zip(index.store.paths, index.store.ids, strict=True)}
+    return lambda ids: [table[i] for i in ids]
+
+
+def test_kept_features_verify_copies_without_reading_a_file(index: Index, collection: Path) -> None:
+    how = Verification(features_of=_kept(index))
+    for kind in ("96-px thumbnail", "crop 70% + JPEG 30", "rotate 15 + greyscale", "mirror"):
+        query = EDITS[kind](load_image(collection / "rocket" / "rocket.jpg"))
+        ranked = rank_copies_first(index, query, k=5, how=how)
+        assert ranked[0][1].verified and ranked[0][0].path.startswith("rocket/"), kind
+        assert ranked[0][1].mirrored == (kind == "mirror")
+    assert not how.cache._items  # no candidate's features came from its file
+
+
+def test_checking_stops_after_the_copies_and_the_mirror_image_is_made_only_when_needed(
+        index: Index, collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[int, int]] = []
+    real = cbir.copies.extract
+
+    def counted(im: Image.Image, *args, **kwargs):
+        made.append(im.size)
+        return real(im, *args, **kwargs)
+
+    monkeypatch.setattr(cbir.copies, "extract", counted)
+    original = load_image(collection / "coffee" / "coffee.jpg")
+    query = cbir.copies._Query(original)
+    assert len(made) == 1  # the direct features only ...
+    assert query.mirrored is query.mirrored and len(made) == 2  # ... the mirror image's when asked, once
+
+    how = Verification(features_of=_kept(index))
+    for edit, mirrored in ((EDITS["resize 50%"], False), (ImageOps.mirror, True)):
+        made.clear()
+        ranked = rank_copies_first(index, edit(original), k=20, how=how)
+        assert len(made) <= 2 and ranked[0][1].mirrored == mirrored  # at most once, however many candidates need it
+        copies = [r.path for r, e in ranked if e.verified]  # the run of copies at the top, all of coffee
+        assert len(copies) >= 6 and all(p.startswith("coffee/") for p in copies)
+        checked = [e.checked for _, e in ranked]
+        assert not all(checked) and checked == sorted(checked, reverse=True)  # after the copies: not checked
 
 
 def test_duplicates_json_keeps_its_shape_and_adds_evidence(index: Index, capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,9 +139,10 @@ def _bench_one(ctx: _Context, name: str, weights: str | None, tag: str) -> tuple
         model, train_s = _train(name, ctx.cfg, ctx.coll, ctx.split, ctx.out)
         entry["training_seconds"] = round(train_s, 1)
         weights = str(model)
-    # fp32, not 'auto': auto decides by timing, and a benchmark must give the same numbers for the same seed
+    # fp32, not 'auto': auto decides by timing, and a benchmark must give the same numbers for the same seed; no
+    # local features: images/s is the encoder's speed, and this benchmark verifies no copies
     options = BuildOptions(encoder=name, weights=weights, precision="fp32", device=ctx.cfg.device, mode="rebuild",
-                           progress=ctx.cfg.progress)
+                           progress=ctx.cfg.progress, local_features=False)
     entry.update(_index_and_evaluate(ctx, name, options, tag))
     random = entry["weights"] == "none"
     return (f"{name} (random weights)" if random and name not in BASELINES else name), entry
@@ -163,7 +164,7 @@ def _bench_preset(ctx: _Context, preset: str, tag: str) -> tuple[str, dict[str, 
     from indexer.options import PRESETS
 
     options = BuildOptions(preset=preset, precision="fp32", device=ctx.cfg.device, mode="rebuild",
-                           progress=ctx.cfg.progress)
+                           progress=ctx.cfg.progress, local_features=False)
     entry = _index_and_evaluate(ctx, f"preset-{preset}", options, tag)
     entry["preset"] = {k: v for k, v in PRESETS[preset].items()}
     return f"preset {preset}", entry
