@@ -42,7 +42,7 @@ class Discovery:
     skipped: list[Skipped]
 
 
-def _is_junk(name: str, exclude: Iterable[str]) -> bool:
+def is_junk(name: str, exclude: Iterable[str]) -> bool:
     if name.startswith(".") or name in JUNK_NAMES:
         return True
     return any(fnmatch.fnmatch(name, pat) for pat in exclude)
@@ -86,7 +86,7 @@ class _Walker:
             return
         for entry in entries:
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
-            if _is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
+            if is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
