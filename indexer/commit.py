@@ -115,15 +115,19 @@ def _words(job: CommitJob, writer: IndexWriter, entry: SegmentEntry | None) -> W
 
 
 def _gather(job: CommitJob) -> _NewRows:
+    """The plan's files from the saved chunks (a chunk of a killed run whose rows were committed after all is not
+    taken again: only what this run planned to embed counts)."""
     chunks = list(job.work.chunks())
+    planned = set(job.plan.todo)
     new: dict[str, tuple[int, int]] = {}
     skipped: dict[str, str] = {s.path: s.reason for s in job.discovery_skips}
     for ci, c in enumerate(chunks):
         for r, p in enumerate(c.paths):
-            new[p] = (ci, r)
-            skipped.pop(p, None)
+            if p in planned:
+                new[p] = (ci, r)
+                skipped.pop(p, None)
         for p, reason in c.skipped:
-            if p not in new:
+            if p in planned and p not in new:
                 skipped[p] = reason
     order = sorted(set(new) | set(job.plan.reuse))
     return _NewRows(order, new, dict(job.plan.reuse), chunks, skipped)
