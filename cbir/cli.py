@@ -166,14 +166,11 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cbir.training.trainer import TrainConfig, Trainer
 
-    extra = {}
-    if args.backbone_weights:
-        extra["backbone_weights"] = args.backbone_weights
     cfg = TrainConfig(kind=args.kind, data=args.dir, out=args.out, labels=args.labels, epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, device=args.device, seed=args.seed,
                       resume=args.resume, backbone=args.backbone, emb_dim=args.emb_dim, margin=args.margin,
                       lr=args.lr, patience=args.patience, split=_parse_split(args.split), progress=not args.quiet,
-                      extra=extra)
+                      backbone_weights=args.backbone_weights or "imagenet")
     result = Trainer(cfg).run()
     print(f"{args.kind}: best val {result['metric']} {result['best_val']:.4f} at epoch {result['best_epoch']} "
           f"(before training {result['baseline_val']:.4f}), {result['epochs_run']} epochs in "
@@ -331,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")
-    s.add_argument("kind", choices=["siamese", "autoencoder"])
+    s.add_argument("kind", help="siamese or autoencoder (any recipe in cbir/training/)")
     s.add_argument("dir", help="folder of training images (class sub-folders give labels)")
     s.add_argument("--out", required=True, help="model file to write, e.g. models/siamese.pt")
     s.add_argument("--labels", default="auto", help="folders, none, or a CSV of file,label (default: folders "

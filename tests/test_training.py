@@ -17,7 +17,8 @@ import torch
 from cbir import CbirError, Index
 from cbir.encoders import create, from_config
 from cbir.training.data import load_collection, stratified_split
-from cbir.training.trainer import TrainConfig, Trainer, contrastive_loss
+from cbir.training.siamese import contrastive_loss
+from cbir.training.trainer import TrainConfig, Trainer
 from tests.badfiles import photo
 
 
@@ -129,10 +130,16 @@ def test_index_records_the_trained_model(labelled: Path, tmp_path: Path) -> None
 
 def test_resume_continues_where_it_stopped(labelled: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.pt"
-    Trainer(small("autoencoder", labelled, out, epochs=2, patience=10)).run()
-    res = Trainer(small("autoencoder", labelled, out, epochs=4, patience=10, resume=True)).run()
+    first = Trainer(small("autoencoder", labelled, out, epochs=2, patience=10)).run()
+    again = Trainer(small("autoencoder", labelled, out, epochs=4, patience=10, resume=True))
+    measured = []
+    validate = again.validate
+    again.validate = lambda net: measured.append(validate(net)) or measured[-1]  # counts, the real one runs
+    res = again.run()
     hist = torch.load(out.with_suffix(".last.pt"), weights_only=True)["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and res["epochs_run"] == 4
+    # the baseline is the first run's, restored: validation ran once per new epoch, not once more before them
+    assert res["baseline_val"] == first["baseline_val"] and measured == [h["val"] for h in hist[2:]]
     with pytest.raises(CbirError, match="no interrupted run"):
         Trainer(small("autoencoder", labelled, tmp_path / "other.pt", resume=True)).run()
 
@@ -162,6 +169,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(labelled: Path, tmp_path: Path) -> No
     ("argv", "message"),
     [
         (["train", "siamese", "{data}", "--out", "{tmp}/m.pt", "--epochs", "0"], "--epochs must be at least 1"),
+        (["train", "gan", "{data}", "--out", "{tmp}/m.pt"], "unknown model kind 'gan'; use autoencoder or siamese"),
         (["train", "siamese", "{data}", "--out", "{tmp}/m.pt", "--labels", "nope.csv"], "--labels must be"),
         (["train", "siamese", "{data}/class0", "--out", "{tmp}/m.pt", "--labels", "folders"], "class sub-folder"),
         (["train", "siamese", "{tmp}/missing", "--out", "{tmp}/m.pt"], "folder not found"),

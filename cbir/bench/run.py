@@ -194,11 +194,9 @@ def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tu
     from cbir.training.trainer import TrainConfig, Trainer
 
     model = out / "models" / f"{kind}.pt"
-    tc = TrainConfig(kind=kind, data=cfg.dataset, out=str(model), labels=cfg.labels, seed=cfg.seed,
-                     device=cfg.device, split=cfg.split, epochs=cfg.train_epochs, progress=cfg.progress)
-    tc.extra["assignments"] = split
-    if kind == "autoencoder":
-        tc.labels = "none"  # trained without labels, by definition
+    labels = "none" if kind == "autoencoder" else cfg.labels  # an autoencoder trains without labels, by definition
+    tc = TrainConfig(kind=kind, data=cfg.dataset, out=str(model), labels=labels, seed=cfg.seed, device=cfg.device,
+                     split=cfg.split, epochs=cfg.train_epochs, progress=cfg.progress, assignments=split)
     t = time.perf_counter()
     Trainer(tc).run()
     return model, time.perf_counter() - t
