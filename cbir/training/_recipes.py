@@ -1,4 +1,5 @@
-"""The training recipes: one class per kind of model (`cbir train KIND`), registered by a decorator.
+"""What to train (`TrainConfig`) and the training recipes: one class per kind of model (`cbir train KIND`),
+registered by a decorator.
 
 A recipe says what differs between kinds: its default settings, its architecture and network, how it draws a
 batch, its loss, and how it is validated. The trainer (`trainer.py`) does the rest the same for every kind
@@ -26,10 +27,38 @@ from cbir.errors import CbirError
 
 if TYPE_CHECKING:
     from cbir.encoders.base import Preprocess
-    from cbir.training.trainer import TrainConfig
 
 PACKAGE = __name__.rpartition(".")[0]  # cbir.training
 MACHINERY = {"data", "trainer"}  # the public modules of the package that are not recipes
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What to train; None: the recipe's default for its kind."""
+
+    kind: str  # a registered recipe: siamese | autoencoder
+    data: str
+    out: str
+    labels: str = "auto"
+    epochs: int | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    backbone: str = "efficientnet_lite0"
+    emb_dim: int = 256
+    margin: float = 1.0
+    lr: float | None = None
+    patience: int = 5
+    views: int | None = None
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    progress: bool = True
+    backbone_weights: str = "imagenet"  # the pretrained trunk: imagenet, none or a state-dict file
+    assignments: list[str] | None = None  # train/val/test per image of the collection, instead of a fresh split
+    trainable_blocks: int = 1  # siamese: the backbone's last blocks trained with the head
+    bottleneck: int | None = None  # autoencoder: channels of the code
+    grid: int | None = None  # autoencoder: the code pooled to grid x grid
 
 
 @dataclass(kw_only=True)

@@ -10,11 +10,10 @@ from torch import nn
 
 from cbir.encoders import _trainable as models
 from cbir.errors import CbirError
-from cbir.training._recipes import Recipe, Views, register
+from cbir.training._recipes import Recipe, TrainConfig, Views, register
 
 if TYPE_CHECKING:
     from cbir.encoders.base import Preprocess
-    from cbir.training.trainer import TrainConfig
 
 
 @register("autoencoder")

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbir.encoders import _trainable as models
-from cbir.training._recipes import Recipe, Views, register
+from cbir.training._recipes import Recipe, TrainConfig, Views, register
 
 if TYPE_CHECKING:
     from cbir.encoders.base import Preprocess
-    from cbir.training.trainer import TrainConfig
 
 
 def contrastive_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float, hard: int = 8) -> torch.Tensor:

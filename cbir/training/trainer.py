@@ -26,39 +26,10 @@ from cbir.encoders._device import configure_threads, resolve_device
 from cbir.encoders.base import Preprocess, library_versions
 from cbir.errors import CbirError
 from cbir.files import atomic_path
-from cbir.training._recipes import Recipe, Views, get_recipe
+from cbir.training._recipes import Recipe, TrainConfig, Views, get_recipe
 from cbir.training.data import Collection, cache_views, load_collection, stratified_split, write_split
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """What to train; None: the recipe's default for its kind."""
-
-    kind: str  # a registered recipe: siamese | autoencoder
-    data: str
-    out: str
-    labels: str = "auto"
-    epochs: int | None = None
-    batch_size: int | None = None
-    image_size: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    backbone: str = "efficientnet_lite0"
-    emb_dim: int = 256
-    margin: float = 1.0
-    lr: float | None = None
-    patience: int = 5
-    views: int | None = None
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    progress: bool = True
-    backbone_weights: str = "imagenet"  # the pretrained trunk: imagenet, none or a state-dict file
-    assignments: list[str] | None = None  # train/val/test per image of the collection, instead of a fresh split
-    trainable_blocks: int = 1  # siamese: the backbone's last blocks trained with the head
-    bottleneck: int | None = None  # autoencoder: channels of the code
-    grid: int | None = None  # autoencoder: the code pooled to grid x grid
 
 
 def _resolved(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
