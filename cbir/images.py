@@ -30,13 +30,13 @@ class ImageError(Exception):
     """An input that is not a usable image; the message is the reason shown to the user."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Skipped:
     path: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Discovery:
     files: list[str]  # relative POSIX paths, sorted
     skipped: list[Skipped]
@@ -62,7 +62,7 @@ def discover(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Disco
         raise NotADirectoryError(f"not a folder: {root}")
     walker = _Walker(tuple(exclude))
     walker.walk(root_path, "")
-    return Discovery(walker.files, walker.skipped)
+    return Discovery(files=walker.files, skipped=walker.skipped)
 
 
 class _Walker:
@@ -77,12 +77,12 @@ class _Walker:
             st = directory.stat()
             key = (st.st_dev, st.st_ino)
             if key in self.seen_dirs:
-                self.skipped.append(Skipped(rel, "folder already visited (symlink loop or duplicate link)"))
+                self.skipped.append(Skipped(path=rel, reason="folder already visited (symlink loop or duplicate link)"))
                 return
             self.seen_dirs.add(key)
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            self.skipped.append(Skipped(rel or ".", f"folder not readable: {exc.strerror or exc}"))
+            self.skipped.append(Skipped(path=rel or ".", reason=f"folder not readable: {exc.strerror or exc}"))
             return
         for entry in entries:
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
@@ -102,17 +102,17 @@ class _Walker:
             rel.encode("utf-8")
         except UnicodeEncodeError:
             shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
-            self.skipped.append(Skipped(shown, "file name is not valid UTF-8"))
+            self.skipped.append(Skipped(path=shown, reason="file name is not valid UTF-8"))
             return
         if entry.is_symlink() and not os.path.exists(entry.path):
-            self.skipped.append(Skipped(rel, "broken symlink"))
+            self.skipped.append(Skipped(path=rel, reason="broken symlink"))
             return
         try:
             regular = entry.is_file(follow_symlinks=True)
         except OSError:
             regular = False
         if not regular:  # a FIFO or device named .jpg would block or stream forever
-            self.skipped.append(Skipped(rel, "not a regular file"))
+            self.skipped.append(Skipped(path=rel, reason="not a regular file"))
             return
         self.files.append(rel)
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Result:
     rank: int
     id: int
@@ -309,7 +309,8 @@ class Index:
         kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
                 if i >= 0 and int(i) not in exclude_ids][:k]
         paths = self.paths_of([i for _, i in kept])
-        return [Result(n + 1, i, p, s) for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+        return [Result(rank=n + 1, id=i, path=p, score=s)
+                for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
 
     def paths_of(self, ids: list[int]) -> list[str]:
         """The paths of several ids at once (one read of an on-disk index's path column)."""

@@ -96,7 +96,7 @@ def commit(job: CommitJob) -> Committed:
     ondisk.remove_stale(job.out, keep=plan.params.get("data"))
     old_paths = set(job.old.paths) if job.old is not None else set()
     return Committed(indexed=len(rows.order), added=sum(p not in old_paths for p in rows.order),
-                     skipped=[Skipped(p, r) for p, r in sorted(rows.skipped.items())])
+                     skipped=[Skipped(path=p, reason=r) for p, r in sorted(rows.skipped.items())])
 
 
 def _in_memory(job: CommitJob, tmp_vec: Path, tmp_faiss: Path) -> tuple[SearchPlan, Words]:

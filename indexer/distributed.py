@@ -202,7 +202,8 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
 def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
     """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
     marker = np.zeros(0, np.uint8)
-    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h))
+    return [Decoded(file=str(p), pixels=marker if ok else None, reason=str(r), mtime_ns=int(m), size=int(s),
+                    sha256=str(h))
             for p, ok, r, m, s, h in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
                                          batch["size"], batch["sha256"], strict=True)]
 

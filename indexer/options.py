@@ -31,7 +31,7 @@ def preset_matching(encoder: str, qe: int, dba: int) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildOptions:
     """mode: "create" (refuses an existing index), "rebuild" (re-embeds everything) or "update" (re-embeds only
     new and changed files, drops deleted ones, keeps the ids and the encoder of the others).

@@ -9,7 +9,7 @@ from cbir.search.store import Store
 from indexer.source import Source
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     keep: dict[str, int] = field(default_factory=dict)  # path -> row of the old index, kept as it is
     todo: list[str] = field(default_factory=list)  # files to embed, in discovery order

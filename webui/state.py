@@ -27,7 +27,7 @@ class Busy(Exception):
     """The encoder stayed busy longer than the configured wait."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Served:
     name: str
     directory: Path
@@ -71,7 +71,7 @@ class IndexSet:
         else:
             self._encoders[key] = index.encoder
         log.info("loaded index %s: %d images, encoder %s", name, len(index), index.encoder_config["name"])
-        return Served(name, directory, index, sig)
+        return Served(name=name, directory=directory, index=index, signature=sig)
 
     @property
     def names(self) -> list[str]:

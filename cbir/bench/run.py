@@ -31,7 +31,7 @@ DEFAULT_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchConfig:
     dataset: str
     out: str
@@ -89,7 +89,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                      "gallery": "every image of the collection"},
         "machine": machine(), "encoders": {}, "skipped": {},
     }
-    ctx = _Context(cfg, coll, split, ks, out)
+    ctx = _Context(cfg=cfg, coll=coll, split=split, ks=ks, out=out)
     jobs: list[tuple[str, str | None, str | None]] = [(name, weights, None) for name, weights in encoders]
     jobs += [(f"preset {p}", None, p) for p in _presets(cfg.presets)]
     for n, (name, weights, preset) in enumerate(jobs, 1):
@@ -112,7 +112,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return report
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Context:
     cfg: BenchConfig
     coll: Any

@@ -47,7 +47,7 @@ def _resolved(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     return cfg, recipe
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _State:
     """Where training stands: what resuming restores."""
 
