@@ -64,14 +64,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     evidence: list = []
     if args.copies:
         from cbir.copies import rank_copies_first
-        from cbir.images import ImageError, load_image
+        from cbir.images import load_query
 
-        if not Path(args.image).is_file():
-            raise CbirError(f"query image not found: {args.image}")
-        try:
-            ranked = rank_copies_first(index, load_image(args.image), k=args.k)
-        except ImageError as exc:
-            raise CbirError(f"cannot use the query image: {exc}") from exc
+        ranked = rank_copies_first(index, load_query(args.image), k=args.k)
         results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
     else:
         results = index.search(args.image, k=args.k)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbir.errors import CbirError, ImageError, QueryImageError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 # Folders and files that photo managers, NAS boxes and operating systems sprinkle over collections.
@@ -24,10 +26,6 @@ JUNK_NAMES = ("@eaDir", ".thumbnails", "System Volume Information", "$RECYCLE.BI
 
 # PIL's own decompression-bomb limit is kept: it raises above twice this many pixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-
-class ImageError(Exception):
-    """An input that is not a usable image; the message is the reason shown to the user."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +180,18 @@ def load_image(source: str | os.PathLike[str] | bytes | io.IOBase, draft: int | 
         if "truncated" in text.lower():
             raise ImageError("truncated image (the file ends early)") from exc
         raise ImageError(f"corrupt image: {text}") from exc
+
+
+def load_query(query: str | os.PathLike[str] | bytes | io.IOBase, draft: int | None = None) -> Image.Image:
+    """A query picture (a path, bytes or an open file), for every way a query comes in (search, --copies, the API):
+    the one place a query's problems get their message. Raises QueryImageError, or CbirError for a missing path."""
+    if isinstance(query, (str, os.PathLike)) and not Path(query).is_file():
+        raise CbirError(f"query image not found: {query}" if not Path(query).exists() else
+                        f"the query is not an image file but a folder or device: {query}")
+    try:
+        return load_image(query.read() if isinstance(query, io.IOBase) else query, draft=draft)
+    except ImageError as exc:
+        raise QueryImageError(str(exc)) from exc
 
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the picture as shown (EXIF applied)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from cbir.errors import BoxError, CbirError, QueryImageError
-from cbir.images import Box, ImageError, crop, load_image
+from cbir.errors import BoxError, CbirError
+from cbir.images import Box, crop, load_query
 from cbir.layout import FAISS, VECTORS, resolve_index_dir
 from cbir.search import store as store_mod
 from cbir.search import tuning
@@ -277,13 +276,7 @@ class Index:
         if isinstance(query, Image.Image):
             im = query.convert("RGB")
         else:
-            if isinstance(query, (str, os.PathLike)) and not Path(query).exists():
-                raise CbirError(f"query image not found: {query}")
-            try:
-                src = query if not isinstance(query, io.IOBase) else query.read()
-                im = load_image(src, draft=None if box else enc.preprocess.draft_size)
-            except ImageError as exc:
-                raise QueryImageError(str(exc)) from exc
+            im = load_query(query, draft=None if box else enc.preprocess.draft_size)
         if box is not None:
             try:
                 im = crop(im, box)

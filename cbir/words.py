@@ -67,7 +67,8 @@ def measure(encoder: Any, read: Callable[[str], bytes], paths: Sequence[str], ve
     """
     searched = query or (lambda rows: rows)
     from cbir.edits import EDITS
-    from cbir.images import ImageError, load_image
+    from cbir.errors import ImageError
+    from cbir.images import load_image
 
     n = len(paths)
     if n < 3:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ImageError
 from cbir.files import sha256_bytes
-from cbir.images import ImageError, load_image
+from cbir.images import load_image
 from cbir.preprocess import Preprocess
 from indexer.source import Source
 

@@ -22,8 +22,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
 
 from cbir.encoders.base import Preprocess
-from cbir.errors import CbirError
-from cbir.images import ImageError, discover, load_image
+from cbir.errors import CbirError, ImageError
+from cbir.images import discover, load_image
 
 
 @dataclass(kw_only=True)
