@@ -121,11 +121,9 @@ class Index:
         the encoder it was built with.
         """
         from indexer import BuildOptions, build
+        from indexer.options import mode_of
 
-        update, rebuild = options.pop("update", False), options.pop("rebuild", False)
-        if update and rebuild:
-            raise CbirError("update and rebuild exclude each other")
-        mode = "update" if update else "rebuild" if rebuild else "create"
+        mode = mode_of(update=options.pop("update", False), rebuild=options.pop("rebuild", False))
         summary = build(root, out, BuildOptions(device=device, mode=mode, **options))
         return cls.open(summary.out, device=device, encoder=summary.encoder)
 

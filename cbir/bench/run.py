@@ -148,24 +148,24 @@ def _bench_one(ctx: _Context, name: str, weights: str | None, tag: str) -> tuple
 
 
 def _presets(text: str) -> list[str]:
-    from indexer.options import PRESETS
+    """The preset names of --presets, each checked before anything runs."""
+    from indexer.options import preset_settings
 
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PRESETS]
-    if unknown:
-        raise CbirError(f"unknown preset {unknown[0]!r}; choose among {', '.join(PRESETS)}")
+    for name in names:
+        preset_settings(name)
     return names
 
 
 def _bench_preset(ctx: _Context, preset: str, tag: str) -> tuple[str, dict[str, Any]]:
     """A measured configuration of `cbir index --preset` (encoder, expansion), evaluated through its expansion."""
     from indexer import BuildOptions
-    from indexer.options import PRESETS
+    from indexer.options import preset_settings
 
     options = BuildOptions(preset=preset, precision="fp32", device=ctx.cfg.device, mode="rebuild",
                            progress=ctx.cfg.progress)
     entry = _index_and_evaluate(ctx, f"preset-{preset}", options, tag)
-    entry["preset"] = {k: v for k, v in PRESETS[preset].items()}
+    entry["preset"] = dict(preset_settings(preset))
     return f"preset {preset}", entry
 
 

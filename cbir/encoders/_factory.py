@@ -7,10 +7,9 @@ from typing import Any
 
 from cbir.encoders import _builder, _prepared
 from cbir.encoders._device import resolve_device
+from cbir.encoders._registry import PRECISIONS
 from cbir.encoders.base import Encoder, Preprocess
 from cbir.errors import CbirError
-
-PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
 def create(name: str, weights: str | None = None, pooling: str | None = None, device: str = "auto",

@@ -9,7 +9,6 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
 
 PACKAGE = __name__.rpartition(".")[0]  # cbir.encoders
 PACKAGE_DIR = Path(__file__).parent
+PRECISIONS = ("fp32", "bf16", "int8", "auto")  # the encoder's arithmetic (see _numeric.py); here, torch-free
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +65,8 @@ def register(name: str, *, description: str, dims: dict[str, int | None], defaul
 
 def _load_plugins() -> None:
     """Every public module of the package (one per encoder family), then entry points of group cbir.encoders."""
+    from importlib.metadata import entry_points  # 50-100 ms of imports: not for the command's parser
+
     global _plugins_loaded
     if _plugins_loaded:
         return

@@ -7,9 +7,10 @@ A leaf module (faiss and the standard library only): the search code, the tuning
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
+if TYPE_CHECKING:  # imported where used: the command's parser reads INDEX_TYPES without loading faiss
+    import faiss
 
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 EXACT_UP_TO = 50_000  # auto: exact search up to this many vectors
@@ -47,11 +48,15 @@ class SearchPlan:
 
 
 def _inner(index: faiss.Index) -> faiss.Index:
+    import faiss
+
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
 def apply_params(inner: faiss.Index, plan: SearchPlan) -> None:
     """Set the run-time knobs (nprobe, efSearch, k_factor) that the plan chose."""
+    import faiss
+
     p = plan.params
     if plan.type in ("ivf", "ivfpq", ONDISK):
         faiss.extract_index_ivf(inner).nprobe = int(p["nprobe"])
