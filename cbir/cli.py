@@ -229,8 +229,6 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from webui.auth import is_loopback
 
     token = args.token or os.environ.get("CBIR_TOKEN") or None

@@ -62,8 +62,8 @@ class Evidence:
     def verified(self) -> bool:
         if self.inliers >= STRONG_INLIERS or (self.inliers >= MIN_INLIERS and self.agreement >= MIN_AGREEMENT):
             return True
-        return self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints) and \
-            self.agreement >= SPARSE_AGREEMENT
+        many_for_its_points = self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints)
+        return many_for_its_points and self.agreement >= SPARSE_AGREEMENT
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "agreement": round(self.agreement, 3), "verified": self.verified}

@@ -180,8 +180,8 @@ class Decoder:
     def _fill(self) -> None:
         while self._todo and len(self._ahead) * GROUP < (AHEAD if self._pool is not None else 1):
             group = [self._todo.popleft() for _ in range(min(GROUP, len(self._todo)))]
-            future = self._pool.submit(decode_group, self.source, group, self.preprocess) \
-                if self._pool is not None else None
+            pool = self._pool
+            future = pool.submit(decode_group, self.source, group, self.preprocess) if pool is not None else None
             self._ahead.append((group, future))
 
     def close(self) -> None:

@@ -79,8 +79,8 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
     configure_threads()
     started = time.perf_counter()
     with IndexLock(out):
-        old = store_mod.read(out / VECTORS, vectors=False, raw=True) \
-            if opts.mode == "update" and (out / VECTORS).is_file() else None
+        updating = opts.mode == "update" and (out / VECTORS).is_file()
+        old = store_mod.read(out / VECTORS, vectors=False, raw=True) if updating else None
         if old is not None:
             _check_same_encoder(old, enc, out)
             enc.restore_mode(old.encoder_config)  # new rows embedded as the old ones were
@@ -160,8 +160,8 @@ def _manifest(root: Source, enc: Encoder, mode: str, old: Store | None) -> dict:
 
 def _expansion(opts: BuildOptions, old: Store | None) -> Expansion:
     """alpha-QE / alpha-DBA as asked, else as the old index had them, else none."""
-    before = Expansion.from_dict(json.loads(old.attrs["expansion"])) if old is not None and \
-        "expansion" in old.attrs else Expansion()
+    recorded = old is not None and "expansion" in old.attrs
+    before = Expansion.from_dict(json.loads(old.attrs["expansion"])) if recorded else Expansion()
     return Expansion(qe_k=before.qe_k if opts.qe is None else opts.qe,
                      dba_k=before.dba_k if opts.dba is None else opts.dba)
 

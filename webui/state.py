@@ -43,8 +43,8 @@ def _signature(directory: Path) -> tuple[int, int, int]:
 class IndexSet:
     """Named indexes with change detection (checked at most every `check_every` seconds)."""
 
-    def __init__(self, paths: list[str], device: str = "cpu", check_every: float = 1.0,
-                 busy_timeout: float = 15.0) -> None:
+    def __init__(self, paths: list[str], *, device: str, check_every: float, busy_timeout: float) -> None:
+        """The settings come from the app's config (webui.app.DEFAULTS: device auto), their one default."""
         if not paths:
             raise CbirError("no index to serve: give at least one index folder")
         self.device = device

@@ -23,8 +23,10 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
     """
     if precision not in PRECISIONS:
         raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    enc = _prepared_encoder(name, weights, pooling, device, options) if fold_batchnorm else \
-        _builder.build(name, weights, pooling, device, options, part_factory=create)
+    if fold_batchnorm:
+        enc = _prepared_encoder(name, weights, pooling, device, options)
+    else:  # the network exactly as built
+        enc = _builder.build(name, weights, pooling, device, options, part_factory=create)
     enc.precision = "fp32" if enc.fixed_precision else precision
     return enc
 

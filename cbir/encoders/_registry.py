@@ -51,8 +51,9 @@ def register(name: str, *, description: str, dims: dict[str, int | None], defaul
 
     def decorate(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
         known = _REGISTRY.get(name)
-        same_definition = known is not None and "<locals>" not in factory.__qualname__ and \
-            (known.factory.__module__, known.factory.__qualname__) == (factory.__module__, factory.__qualname__)
+        origin = (factory.__module__, factory.__qualname__)
+        same_definition = (known is not None and "<locals>" not in factory.__qualname__
+                           and (known.factory.__module__, known.factory.__qualname__) == origin)
         if known is not None and not same_definition:  # a module reloaded registers its own name again: fine
             raise CbirError(f"encoder name {name!r} is already registered by {known.factory.__module__}")
         _REGISTRY[name] = EncoderEntry(name=name, factory=factory, description=description, dims=dims,
