@@ -190,6 +190,25 @@ def test_bad_arguments_are_clear_errors(argv: list[str], message: str, labelled:
     assert message in err and "Traceback" not in err
 
 
+def test_a_kind_is_one_registered_recipe() -> None:
+    """`cbir train KIND` finds every recipe module by itself; a second recipe under a taken name is refused."""
+    from cbir.training import _recipes
+
+    assert _recipes.kinds() == ["autoencoder", "siamese"]
+    with pytest.raises(CbirError, match="already registered by cbir.training.siamese"):
+        @_recipes.register("siamese")
+        class Other(_recipes.Recipe):
+            pass
+    try:
+        @_recipes.register("tiny")
+        class Tiny(_recipes.Recipe):
+            pass
+
+        assert isinstance(_recipes.get_recipe("tiny"), Tiny) and _recipes.get_recipe("tiny").kind == "tiny"
+    finally:
+        _recipes._RECIPES.pop("tiny", None)
+
+
 def test_wrong_kind_of_model_file_is_refused(labelled: Path, tmp_path: Path) -> None:
     model = tmp_path / "ae.pt"
     Trainer(small("autoencoder", labelled, model, epochs=1)).run()
