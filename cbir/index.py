@@ -11,7 +11,6 @@ An `Index` answers every call from one generation of the index (cbir/search/segm
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -23,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from cbir.errors import BoxError, CbirError, QueryImageError
-from cbir.images import Box, ImageError, crop, load_image
+from cbir.errors import BoxError, CbirError
+from cbir.images import Box, crop, load_query
 from cbir.layout import MANIFEST, VECTORS, resolve_index_dir
 from cbir.search.expansion import Expansion, expand_queries
 from cbir.search.manifest import Manifest
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Result:
     rank: int
     id: int
@@ -341,7 +340,8 @@ class Index:
         kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
                 if i >= 0 and int(i) not in exclude_ids][:k]
         paths = gen.paths_of([i for _, i in kept])
-        return [Result(n + 1, i, p, s) for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+        return [Result(rank=n + 1, id=i, path=p, score=s)
+                for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
 
     def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None, *,
                generation: Generation | None = None) -> np.ndarray:
@@ -414,16 +414,6 @@ class Index:
             "seconds": m.seconds,
             "removed_files": sorted(m.removed),
         }
-
-
-def load_query(query: str | os.PathLike[str] | bytes | io.IOBase, draft: int | None = None) -> Image.Image:
-    """A query picture from a path, bytes or a file object; a missing or unusable file is a plain error."""
-    if isinstance(query, (str, os.PathLike)) and not Path(query).is_file():
-        raise CbirError(f"query image not found: {query}")
-    try:
-        return load_image(query if not isinstance(query, io.IOBase) else query.read(), draft=draft)
-    except ImageError as exc:
-        raise QueryImageError(str(exc)) from exc
 
 
 def _signature(directory: Path) -> tuple[int, int, int]:

@@ -83,7 +83,7 @@ def commit(job: CommitJob) -> Committed:
                              created=job.base.created if updating else now_iso())
     manifest = policy.merge_small(job.out, manifest, mapper=job.engine.map)
     added = len(rows.order) - job.plan.changed - len(rows.reused)
-    return Committed(indexed=manifest.live, added=added, skipped=[Skipped(p, r) for p, r in skipped],
+    return Committed(indexed=manifest.live, added=added, skipped=[Skipped(path=p, reason=r) for p, r in skipped],
                      manifest=manifest)
 
 

@@ -66,7 +66,7 @@ class Source:
                 return discover(root, exclude)
             except (FileNotFoundError, NotADirectoryError) as exc:
                 raise CbirError(str(exc)) from exc
-        return Discovery(sorted(self.listing(exclude)), [])
+        return Discovery(files=sorted(self.listing(exclude)), skipped=[])
 
     def listing(self, exclude: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
         """Object store: relative path -> (size, mtime_ns) of every image object under the prefix."""

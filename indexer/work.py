@@ -30,7 +30,6 @@ class Chunk:
     size: np.ndarray
     sha256: list[str]
     skipped: list[tuple[str, str]]
-    ids: np.ndarray | None = None  # --engine ray: the manifest's global id of each row
 
 
 class WorkDir:
@@ -68,8 +67,7 @@ class WorkDir:
                      mtime_ns=np.asarray(chunk.mtime_ns, np.int64), size=np.asarray(chunk.size, np.int64),
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
-                     skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
-                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}))
+                     skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -80,7 +78,7 @@ class WorkDir:
                             size=z["size"],
                             sha256=[str(h) for h in z["sha256"]],
                             skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), ids=z["ids"] if "ids" in z.files else None)
+                                     strict=True)))
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""
