@@ -278,14 +278,8 @@ class Index:
             raise CbirError(f"no image with id {exc.args[0]} in index {self.name}") from None
 
     def id_of(self, path: str) -> int | None:
-        """The id of the image at `path` (relative to the root), or None (reads every path once: slow at 10M)."""
-        gen = self._gen
-        by_path = getattr(gen, "_by_path", None)
-        if by_path is None:
-            rows = self.rows()
-            by_path = {p: int(i) for p, i in zip(rows.paths, rows.ids, strict=True)}
-            gen._by_path = by_path  # type: ignore[attr-defined]  # one lookup per generation
-        return by_path.get(path)
+        """The id of the image at `path` (relative to the root), or None (the first call reads a segment's paths)."""
+        return self._gen.id_of(path)
 
     def vector_of(self, id_: int) -> np.ndarray:
         try:

@@ -130,6 +130,7 @@ class Store:
     handle: h5py.File | None = field(default=None, repr=False)  # open_lazy: the file its columns read from
     plan: SearchPlan | None = None  # the segment's search plan (attrs["search"], parsed once)
     has_raw: bool = False  # the file keeps the encoder's own rows beside the searched ones (alpha-DBA)
+    by_path: dict[str, int] | None = field(default=None, repr=False)  # path -> row, made when first asked
 
     def __post_init__(self) -> None:
         if self.plan is None and "search" in self.attrs:
