@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from copy_recall import held_out_photos, same_picture  # benchmarks/ is on the path when run as a script
+from copy_recall import content_of, held_out_photos, same_picture  # benchmarks/ is on the path when run as a script
 
 from cbir import Index
 from cbir.copies import Verification, rank_copies_first
@@ -92,14 +92,14 @@ def _timed(index: Index, query, vector: np.ndarray, how: Verification) -> tuple[
 def run(index: Index, data: Path, picks: np.ndarray, held_out: list[str], chosen: list[Variant]) -> None:
     tables = Tables(index)
     hows = [Verification(features_of=tables.features_of(v), stop_early=v.stop_early) for v in chosen]
-    paths = list(index.store.paths)
+    paths, hashes = content_of(index)
     for n, i in enumerate(picks, 1):
         im = load_image(data / paths[i])
         queries = [edit(im) for edit in EDITS.values()]
         for query, vector in zip(queries, index.encoder.embed(queries), strict=True):
             for v, how in zip(chosen, hows, strict=True):
                 ranked, ms = _timed(index, query, vector, how)
-                v.hits.append(same_picture(index, ranked[0][0].path, paths[i]))
+                v.hits.append(same_picture(hashes, ranked[0][0].path, paths[i]))
                 v.ms.append(ms)
         print(f"{n}/{len(picks)} sources", flush=True)
     for rel in held_out:

@@ -32,7 +32,7 @@ from cbir.images import discover, load_image
 
 
 def recall(index: Index, data: Path, picks: np.ndarray) -> dict[str, float]:
-    paths = list(index.store.paths)
+    paths = list(index.rows().paths)
     hits = dict.fromkeys(EDITS, 0)
     for i in picks:
         im = load_image(data / paths[i])
@@ -46,7 +46,7 @@ def verified(index: Index, data: Path, picks: np.ndarray, held_out: list[str]) -
     """Recall@1 with verified copies first, and per-query milliseconds, through `rank_copies_first`."""
     from cbir.copies import rank_copies_first
 
-    paths = list(index.store.paths)
+    paths, hashes = content_of(index)
     rank_copies_first(index, load_image(data / paths[picks[0]]))  # warm-up: the query model and OpenCV load
     hits, ms, negatives, false_copies = [], [], [], 0
     for i in picks:
@@ -56,7 +56,7 @@ def verified(index: Index, data: Path, picks: np.ndarray, held_out: list[str]) -
             started = time.perf_counter()
             ranked = rank_copies_first(index, query, k=10)
             ms.append((time.perf_counter() - started) * 1000)
-            hits.append(same_picture(index, ranked[0][0].path, paths[i]))
+            hits.append(same_picture(hashes, ranked[0][0].path, paths[i]))
     for rel in held_out:
         query = load_image(data / rel)
         started = time.perf_counter()
@@ -67,17 +67,20 @@ def verified(index: Index, data: Path, picks: np.ndarray, held_out: list[str]) -
             "false_copies": false_copies}
 
 
-def same_picture(index: Index, found: str, source: str) -> bool:
+def content_of(index: Index) -> tuple[list[str], dict[str, str]]:
+    """Every indexed path (in row order) and its content hash."""
+    rows = index.rows()
+    paths = list(rows.paths)
+    return paths, dict(zip(paths, rows.sha256 or [""] * len(paths), strict=True))
+
+
+def same_picture(hashes: dict[str, str], found: str, source: str) -> bool:
     """The source, or a byte-identical file of it (animals4 holds a few photos more than once)."""
-    if found == source:
-        return True
-    hashes = index.store.sha256 or []
-    rows = {p: n for n, p in enumerate(index.store.paths) if p in (found, source)}
-    return bool(hashes) and hashes[rows[found]] == hashes[rows[source]] != ""
+    return found == source or hashes.get(found, "") == hashes.get(source) != ""
 
 
 def held_out_photos(index: Index, data: Path, n: int, seed: int) -> list[str]:
-    indexed = set(index.store.paths)
+    indexed = set(index.rows().paths)
     others = [f for f in discover(data).files if f not in indexed]
     if not n or not others:
         return []

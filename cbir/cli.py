@@ -20,12 +20,10 @@ from cbir.errors import CbirError
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer import BuildOptions, build
+    from indexer.options import mode_of
 
-    if args.update and args.rebuild:
-        raise CbirError("--update and --rebuild exclude each other")
-    mode = "update" if args.update else "rebuild" if args.rebuild else "create"
     options = BuildOptions(encoder=args.encoder, weights=args.weights, pooling=args.pooling, precision=args.precision,
-                           device=args.device, mode=mode,
+                           device=args.device, mode=mode_of(update=args.update, rebuild=args.rebuild),
                            batch_size=args.batch_size, workers=args.workers, exclude=tuple(args.exclude),
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
@@ -67,14 +65,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     evidence: list = []
     if args.copies:
         from cbir.copies import rank_copies_first
-        from cbir.images import ImageError, load_image
+        from cbir.images import load_query
 
-        if not Path(args.image).is_file():
-            raise CbirError(f"query image not found: {args.image}")
-        try:
-            ranked = rank_copies_first(index, load_image(args.image), k=args.k)
-        except ImageError as exc:
-            raise CbirError(f"cannot use the query image: {exc}") from exc
+        ranked = rank_copies_first(index, load_query(args.image), k=args.k)
         results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
     else:
         results = index.search(args.image, k=args.k)
@@ -103,7 +96,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     index = Index.open(args.index, device="cpu")
     info = index.info()
     if args.json:
-        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.store.skipped]
+        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.skipped]
         print(json.dumps(info, indent=2))
         return 0
     enc = info["encoder"]
@@ -121,10 +114,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why += f" (on {cal.get('measured_at', 'an earlier run')}, reused from {cal['reused']})"
     print(f"precision {enc.get('precision', 'fp32')}  {why}".rstrip())
     print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
-    from cbir.search.plan import SearchPlan
-
-    plan = SearchPlan.from_dict({k: v for k, v in info["search"].items() if k not in ("gpu", "ntotal")})
-    print(f"search    {plan.describe()}  gpu={info['search']['gpu']}")
+    _print_segments(info)
     from cbir.search.expansion import Expansion
 
     print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
@@ -133,10 +123,60 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
           f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
-    for p, r in index.store.skipped[: args.show_skipped]:
+    for p, r in index.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
-    if len(index.store.skipped) > args.show_skipped:
-        print(f"  ... {len(index.store.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    if len(index.skipped) > args.show_skipped:
+        print(f"  ... {len(index.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    return 0
+
+
+def _print_segments(info: dict) -> None:
+    """The search index of each segment (one line each, the first few), and what the generation holds."""
+    from cbir.search.plan import SearchPlan
+
+    segments = info["segments"]
+    print(f"segments  {len(segments)} (generation {info['generation']}; {info['deleted']} deleted rows awaiting "
+          f"compaction){'' if len(segments) < 2 else '   cbir compact merges them'}")
+    for seg in segments[:5]:
+        plan = SearchPlan.from_dict({k: v for k, v in seg["search"].items() if k not in ("gpu", "ntotal")})
+        print(f"search    {seg['name']}: {seg['rows'] - seg['deleted']} rows  {plan.describe()}  "
+              f"gpu={seg['search']['gpu']}")
+    if len(segments) > 5:
+        print(f"          ... {len(segments) - 5} more segments (cbir info --json lists all)")
+    if info["removed_files"]:
+        print(f"removed   {len(info['removed_files'])} files removed from the index by hand (left out until they "
+              "change; cbir info --json lists them)")
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from cbir.watch import Watcher
+    from indexer import BuildOptions
+
+    out = Path(args.out) if args.out else Path("indexes") / Path(args.dir).resolve().name
+    watcher = Watcher(Path(args.dir), out, BuildOptions(encoder=args.encoder, weights=args.weights, device=args.device,
+                                                        exclude=tuple(args.exclude), progress=not args.quiet),
+                      poll=args.poll)
+    print(watcher.catch_up(), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop.set())
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        watcher.stop.set()
+    print(f"stopped watching {args.dir}: {watcher.batches} batches committed; {out} is up to date", flush=True)
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from cbir.index import Index
+
+    index = Index.open(args.index, device="cpu")
+    before = len(index.manifest.segments), index.manifest.deleted
+    started = time.perf_counter()
+    index.compact()
+    print(f"compacted {index.name}: {before[0]} segments ({before[1]} deleted rows) -> "
+          f"{len(index.manifest.segments)} segment of {len(index)} rows in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -169,14 +209,11 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cbir.training.trainer import TrainConfig, Trainer
 
-    extra = {}
-    if args.backbone_weights:
-        extra["backbone_weights"] = args.backbone_weights
     cfg = TrainConfig(kind=args.kind, data=args.dir, out=args.out, labels=args.labels, epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, device=args.device, seed=args.seed,
                       resume=args.resume, backbone=args.backbone, emb_dim=args.emb_dim, margin=args.margin,
                       lr=args.lr, patience=args.patience, split=_parse_split(args.split), progress=not args.quiet,
-                      extra=extra)
+                      backbone_weights=args.backbone_weights or "imagenet")
     result = Trainer(cfg).run()
     print(f"{args.kind}: best val {result['metric']} {result['best_val']:.4f} at epoch {result['best_epoch']} "
           f"(before training {result['baseline_val']:.4f}), {result['epochs_run']} epochs in "
@@ -242,8 +279,6 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from webui.auth import is_loopback
     from webui.server import check_port
 
@@ -253,11 +288,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CbirError(f"--host {args.host} makes every image of the collection reachable from the network; set a "
                         "token (CBIR_TOKEN=... or --token ...) that visitors must give, or pass --public to share "
                         "it with anyone who can reach this machine")
+    if args.writable and not is_loopback(args.host) and not token:
+        raise CbirError(f"--writable on --host {args.host} would let anyone on the network add and remove images; "
+                        "set a token (CBIR_TOKEN=...) that writers must give (--public does not cover writes)")
     from webui import create_app
     from webui.server import make_server
     from webui.warm import when_ready
 
-    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
+    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token, "WRITABLE": args.writable,
                       "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     served = f"serving {', '.join(app.extensions['cbir'].names)} on http://{args.host}:{server.effective_port}/"
@@ -273,7 +311,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cbir.encoders import PRECISIONS  # the parser's imports load neither torch nor faiss: --help stays quick
+    from cbir.search.kinds import EXACT_UP_TO, INDEX_TYPES
     from cbir.version import __version__
+    from indexer.options import DEFAULT_PRESET, ENGINES, PRESETS
 
     p = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval: index a folder of "
                                 "images, then find the images most like a query image.")
@@ -296,18 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--update", action="store_true", help="embed only new and changed files, drop deleted ones")
     s.add_argument("--verify", action="store_true", help="with --update: compare file contents (sha256), not "
                    "just size and modification time")
-    s.add_argument("--index-type", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
-                   help="search index: auto (default: exact up to 50,000 vectors, above that approximate, tuned "
-                        "to recall@10 >= 0.99 on the collection's own vectors), flat (exact), ivf, hnsw, ivfpq")
+    s.add_argument("--index-type", choices=INDEX_TYPES,
+                   help=f"search index: auto (default: exact up to {EXACT_UP_TO:,} vectors, above that approximate, "
+                        "tuned to recall@10 >= 0.99 on the collection's own vectors), flat (exact); the others are "
+                        "approximate")
     s.add_argument("--float16", action="store_true", help="store vectors as float16 (half the disk space)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "int8", "auto"], default=None,
+    s.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="encoder arithmetic: fp32, bf16, int8 (ONNX Runtime, calibrated on this collection), or "
                         "auto (default: the fastest mode that stays faithful to fp32 on a calibration sample)")
-    s.add_argument("--preset", choices=["fast", "balanced", "best"], help="a measured configuration: fast "
-                   "(efficientnet_lite0, the default: best at finding the original of a copy), balanced (+ query "
-                   "expansion and database augmentation: same speed, better 'more of this kind' neighbours, copies "
-                   "found a little less often), best (efficientnet_lite0+efficientnet_lite2 fused, + both; half the "
-                   "speed)")
+    s.add_argument("--preset", choices=PRESETS, help="a measured configuration (README: presets): "
+                   f"{'; '.join(_describe_preset(name) for name in PRESETS)}. {DEFAULT_PRESET} is best at finding "
+                   "the original of a copy; query expansion (qe) and database augmentation (dba) find better 'more "
+                   "of this kind' neighbours")
     s.add_argument("--qe", type=int, metavar="K", help="alpha-query expansion at search time with the top K "
                    "neighbours (0: off, default; 2 is the published setting)")
     s.add_argument("--dba", type=int, metavar="K", help="alpha-database-side augmentation at index time with the top "
@@ -317,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "more)")
     s.add_argument("--memory-budget", metavar="SIZE", help="auto index type: go on disk when the float32 vectors "
                    "would exceed this (e.g. 8G; default half of this machine's RAM)")
-    s.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default): this machine's "
+    s.add_argument("--engine", choices=ENGINES, default="local", help="local (default): this machine's "
                    "processes; ray: decode and embed on a Ray cluster (README: More than one machine)")
     s.add_argument("--ray-address", help="with --engine ray: the cluster to join (default: RAY_ADDRESS if set, else "
                    "a local cluster started for this run)")
@@ -340,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")
-    s.add_argument("kind", choices=["siamese", "autoencoder"])
+    s.add_argument("kind", help="siamese or autoencoder (any recipe in cbir/training/)")
     s.add_argument("dir", help="folder of training images (class sub-folders give labels)")
     s.add_argument("--out", required=True, help="model file to write, e.g. models/siamese.pt")
     s.add_argument("--labels", default="auto", help="folders, none, or a CSV of file,label (default: folders "
@@ -402,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
     s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
+    s.add_argument("--writable", action="store_true", help="accept POST /api/images (add an image) and DELETE "
+                   "/api/images/ID (remove one); needs a token on a network address")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="describe an index")
@@ -409,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--show-skipped", type=int, default=10, metavar="N")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("watch", help="keep an index in step with a folder: new, changed, moved and deleted files are "
+                       "committed within seconds (catches up first)")
+    s.add_argument("dir", help="folder of images to watch (searched recursively)")
+    s.add_argument("--out", help="index folder (default: indexes/<folder name>); built first if absent")
+    s.add_argument("--encoder", help="for a new index (default efficientnet_lite0)")
+    s.add_argument("--weights")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--poll", action="store_true", help="poll the folder instead of inotify (network file systems)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while catching up")
+    s.set_defaults(func=_cmd_watch)
+
+    s = sub.add_parser("compact", help="merge an index's segments into one (deleted rows dropped, search index "
+                       "tuned again); no image is embedded again")
+    s.add_argument("index")
+    s.set_defaults(func=_cmd_compact)
 
     s = sub.add_parser("encoders", help="list encoders, their dimensions and whether their weights are here")
     s.add_argument("--json", action="store_true")

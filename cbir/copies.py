@@ -54,7 +54,7 @@ MIRROR_COSINE = 0.85  # mirrored copies are looked for only above this cosine (a
 STOP_AFTER_MISSES = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Evidence:
     """Why two pictures are (or are not) copies of each other."""
 
@@ -72,8 +72,8 @@ class Evidence:
     def verified(self) -> bool:
         if self.inliers >= STRONG_INLIERS or (self.inliers >= MIN_INLIERS and self.agreement >= MIN_AGREEMENT):
             return True
-        return self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints) and \
-            self.agreement >= SPARSE_AGREEMENT
+        many_for_its_points = self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints)
+        return many_for_its_points and self.agreement >= SPARSE_AGREEMENT
 
     @property
     def strong(self) -> bool:
@@ -83,7 +83,8 @@ class Evidence:
         return {**asdict(self), "agreement": round(self.agreement, 3), "verified": self.verified}
 
 
-NOT_CHECKED = Evidence(0, 0, checked=False)
+NO_EVIDENCE = Evidence(inliers=0, matches=0)  # no features to compare, or a file gone since indexing
+NOT_CHECKED = Evidence(inliers=0, matches=0, checked=False)  # not looked at: checking had stopped
 
 
 def match(a: Features, b: Features) -> Evidence:
@@ -91,7 +92,7 @@ def match(a: Features, b: Features) -> Evidence:
     import cv2
 
     if len(a) < 2 or len(b) < 2:
-        return Evidence(0, 0)
+        return NO_EVIDENCE
     keypoints = min(len(a), len(b))
     # float32: OpenCV's brute-force L2 matcher is 6x slower on uint8 rows (17 ms against 2.7 ms for 300 x 500)
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.descriptors.astype(np.float32), b.descriptors.astype(np.float32),
@@ -103,7 +104,7 @@ def match(a: Features, b: Features) -> Evidence:
             best[m.trainIdx] = m
     good = list(best.values())
     if len(good) < 4:
-        return Evidence(0, len(good), keypoints=keypoints)
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints)
     src = a.xy[[m.queryIdx for m in good]]
     dst = b.xy[[m.trainIdx for m in good]]
     cv2.setRNGSeed(0)  # the same pair gets the same answer every time
@@ -111,8 +112,8 @@ def match(a: Features, b: Features) -> Evidence:
                                                   maxIters=5000, confidence=0.999)
     inliers = mask.ravel().astype(bool) if mask is not None else np.zeros(len(good), bool)
     if transform is None or not _plausible(transform, src[inliers], dst[inliers], a.size, b.size):
-        return Evidence(0, len(good), keypoints=keypoints)
-    return Evidence(int(inliers.sum()), len(good), keypoints=keypoints)
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints)
+    return Evidence(inliers=int(inliers.sum()), matches=len(good), keypoints=keypoints)
 
 
 def _plausible(transform: np.ndarray, src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int],
@@ -215,8 +216,7 @@ def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates:
 
 
 def _verify(index: Index, query: _Query, found: list[Result], how: Verification) -> list[tuple[Result, Evidence]]:
-    features_of = how.features_of or getattr(index, "features_of", None)
-    kept = features_of([r.id for r in found]) if features_of is not None else [None] * len(found)
+    kept = (how.features_of or index.features_of)([r.id for r in found])
     checked: list[tuple[Result, Evidence]] = []
     strong, misses = False, 0
     for r, target in zip(found, kept, strict=True):
@@ -226,7 +226,7 @@ def _verify(index: Index, query: _Query, found: list[Result], how: Verification)
         try:
             target = target if target is not None else how.cache.get(index.file_of(r.id))
         except (OSError, ValueError):
-            checked.append((r, Evidence(0, 0)))
+            checked.append((r, NO_EVIDENCE))
             continue
         if r.score >= how.mirror_cosine:
             evidence = either_way(query.direct, lambda: query.mirrored, target)

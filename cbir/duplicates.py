@@ -18,10 +18,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cbir.copies import MIRROR_COSINE, Evidence, FeatureCache
+from cbir.copies import MIRROR_COSINE, NO_EVIDENCE, Evidence, FeatureCache
 from cbir.errors import CbirError
 from cbir.index import Index
-from cbir.search import store
 
 # Candidates: pairs at this cosine or above are verified. Chosen by `cbir bench --task copies` on animals4 with
 # efficientnet_lite0 (benchmarks/RESULTS.md): every edited copy scored above it against its source.
@@ -74,7 +73,7 @@ class _Verifier:
         self.evidence: dict[tuple[int, int], Evidence] = {}
 
     def file(self, row: int):
-        return self.index.root / self.index.store.paths[row]
+        return self.index.root / self.index.rows().paths[row]
 
     def check(self, i: int, j: int) -> Evidence:
         key = (min(i, j), max(i, j))
@@ -86,7 +85,7 @@ class _Verifier:
                 self.evidence[key] = self.cache.compare(self.file(key[0]), self.file(key[1]),
                                                         mirror=cos >= MIRROR_COSINE)
             except Exception:  # a file gone or unreadable since indexing: no evidence, no group
-                self.evidence[key] = Evidence(0, 0)
+                self.evidence[key] = NO_EVIDENCE
         return self.evidence[key]
 
     def check_all(self, pairs: list[tuple[int, int]]) -> None:
@@ -97,7 +96,7 @@ class _Verifier:
         e = self.check(i, j)
         cos = self.cosines.get((min(i, j), max(i, j)))
         why = f"verified: {e.inliers} matching points ({e.agreement:.0%} agree){', mirrored' if e.mirrored else ''}"
-        return {"of_id": int(self.index.store.ids[j]), "of_path": self.index.store.paths[j], "why": why,
+        return {"of_id": int(self.index.rows().ids[j]), "of_path": self.index.rows().paths[j], "why": why,
                 **e.to_dict(), **({"cosine": round(cos, 4)} if cos is not None else {})}
 
 
@@ -151,7 +150,7 @@ def _stars(pairs: list[tuple[int, int]], sizes: np.ndarray, verifier: _Verifier)
 
 
 def _member(verifier: _Verifier, hub: int, i: int) -> dict[str, Any]:
-    s = verifier.index.store
+    s = verifier.index.rows()
     if i == hub:
         return {"id": int(s.ids[i]), "path": s.paths[i], "best_score": 1.0, "hub": True, "evidence": []}
     cos = verifier.cosines.get((min(i, hub), max(i, hub)), 0.0)
@@ -161,10 +160,10 @@ def _member(verifier: _Verifier, hub: int, i: int) -> dict[str, Any]:
 
 def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Byte-identical groups, and groups of verified copies with the evidence for each pair."""
-    s = index.store
-    if s.lazy:
+    if index.generation.lazy:
         raise CbirError(f"cbir duplicates compares every picture with its neighbours in memory; index {index.name} "
                         "is an on-disk index larger than that (run it on a subset, indexed without --on-disk)")
+    s = index.rows()
     identical: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(s.sha256 or []):
         if h:
@@ -173,7 +172,7 @@ def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD) -> dict[
     byte_group = {i: n for n, g in enumerate(same_bytes) for i in g}
     # the encoder's own rows: database-side augmentation pulls look-alikes together, which is right for
     # search and wrong for deciding what is a copy
-    own = store.read(s.path, vectors=False, raw=True).raw_vectors if index.expansion.dba_k else s.vectors
+    own = s.raw_vectors() if index.expansion.dba_k else s.vectors
     assert own is not None
     candidates = [(i, j, c) for i, j, c in candidate_pairs(own, threshold)
                   if not (i in byte_group and byte_group.get(j) == byte_group[i])]

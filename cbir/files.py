@@ -4,6 +4,7 @@ A write that fails for want of room or rights (disk full, quota, read-only file 
 limit) is one `WriteError`: a `CbirError` whose message names the file, the reason, the space needed and free, and
 what the caller adds (an indexing run: that nothing was lost and the same command resumes). `atomic_path` and the
 vectors file's writer translate through `writing`, so every file of an index is covered wherever it is written.
+Also the crash points where the tests kill a writer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -148,3 +150,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def crash_point(name: str) -> None:
+    """A named step of a write. With CBIR_CRASH_AT=<name> in the environment the process kills itself here with
+    SIGKILL, as the kernel's out-of-memory killer would: the crash tests stop writers at exact steps this way."""
+    if os.environ.get("CBIR_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbir.errors import CbirError, ImageError, QueryImageError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 # Folders and files that photo managers, NAS boxes and operating systems sprinkle over collections.
@@ -26,17 +28,13 @@ JUNK_NAMES = ("@eaDir", ".thumbnails", "System Volume Information", "$RECYCLE.BI
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-class ImageError(Exception):
-    """An input that is not a usable image; the message is the reason shown to the user."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Skipped:
     path: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Discovery:
     files: list[str]  # relative POSIX paths, sorted
     skipped: list[Skipped]
@@ -55,7 +53,7 @@ class Discovery:
         return text + ". Nothing was written."
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LeftOut:
     """Files of one kind that discovery passed over: how many, and the first few names (to say what they were)."""
 
@@ -69,7 +67,7 @@ class LeftOut:
             self.examples.append(rel)
 
 
-def _is_junk(name: str, exclude: Iterable[str]) -> bool:
+def is_junk(name: str, exclude: Iterable[str]) -> bool:
     if name.startswith(".") or name in JUNK_NAMES:
         return True
     return any(fnmatch.fnmatch(name, pat) for pat in exclude)
@@ -89,7 +87,7 @@ def discover(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Disco
         raise NotADirectoryError(f"not a folder: {root}")
     walker = _Walker(tuple(exclude))
     walker.walk(root_path, "")
-    return Discovery(walker.files, walker.skipped, walker.left_out)
+    return Discovery(files=walker.files, skipped=walker.skipped, left_out=walker.left_out)
 
 
 class _Walker:
@@ -105,16 +103,16 @@ class _Walker:
             st = directory.stat()
             key = (st.st_dev, st.st_ino)
             if key in self.seen_dirs:
-                self.skipped.append(Skipped(rel, "folder already visited (symlink loop or duplicate link)"))
+                self.skipped.append(Skipped(path=rel, reason="folder already visited (symlink loop or duplicate link)"))
                 return
             self.seen_dirs.add(key)
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            self.skipped.append(Skipped(rel or ".", f"folder not readable: {exc.strerror or exc}"))
+            self.skipped.append(Skipped(path=rel or ".", reason=f"folder not readable: {exc.strerror or exc}"))
             return
         for entry in entries:
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
-            if _is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
+            if is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
                 self._leave_out(child_rel, "hidden, system or excluded")
                 continue
             try:
@@ -136,17 +134,17 @@ class _Walker:
             rel.encode("utf-8")
         except UnicodeEncodeError:
             shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
-            self.skipped.append(Skipped(shown, "file name is not valid UTF-8"))
+            self.skipped.append(Skipped(path=shown, reason="file name is not valid UTF-8"))
             return
         if entry.is_symlink() and not os.path.exists(entry.path):
-            self.skipped.append(Skipped(rel, "broken symlink"))
+            self.skipped.append(Skipped(path=rel, reason="broken symlink"))
             return
         try:
             regular = entry.is_file(follow_symlinks=True)
         except OSError:
             regular = False
         if not regular:  # a FIFO or device named .jpg would block or stream forever
-            self.skipped.append(Skipped(rel, "not a regular file"))
+            self.skipped.append(Skipped(path=rel, reason="not a regular file"))
             return
         self.files.append(rel)
 
@@ -216,6 +214,18 @@ def load_image(source: str | os.PathLike[str] | bytes | io.IOBase, draft: int | 
         if "truncated" in text.lower():
             raise ImageError("truncated image (the file ends early)") from exc
         raise ImageError(f"corrupt image: {text}") from exc
+
+
+def load_query(query: str | os.PathLike[str] | bytes | io.IOBase, draft: int | None = None) -> Image.Image:
+    """A query picture (a path, bytes or an open file), for every way a query comes in (search, --copies, the API):
+    the one place a query's problems get their message. Raises QueryImageError, or CbirError for a missing path."""
+    if isinstance(query, (str, os.PathLike)) and not Path(query).is_file():
+        raise CbirError(f"query image not found: {query}" if not Path(query).exists() else
+                        f"the query is not an image file but a folder or device: {query}")
+    try:
+        return load_image(query.read() if isinstance(query, io.IOBase) else query, draft=draft)
+    except ImageError as exc:
+        raise QueryImageError(str(exc)) from exc
 
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the picture as shown (EXIF applied)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbir import local_features
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ImageError
 from cbir.files import sha256_bytes
-from cbir.images import ImageError, load_image
+from cbir.images import load_image
 from cbir.local_features import Features
 from cbir.preprocess import Preprocess
 from indexer.source import Source
@@ -56,19 +56,20 @@ def decode(source: Source, file: str, preprocess: Preprocess, features: bool = F
     try:
         data, size, mtime_ns = source.read(file)
         if not data:
-            return Decoded(file=file, reason="empty file (0 bytes)")
+            return Decoded(file=file, pixels=None, reason="empty file (0 bytes)")
         im = load_image(io.BytesIO(data), draft=preprocess.draft_size)
         kept = local_features.to_keep(im) if features else None
         return Decoded(file=file, pixels=preprocess.pixels(im), mtime_ns=mtime_ns, size=size, sha256=sha256_bytes(data),
                        features=kept)
     except ImageError as exc:
-        return Decoded(file=file, reason=str(exc))
+        reason = str(exc)
     except FileNotFoundError:
-        return Decoded(file=file, reason="file not found (deleted or moved)")
+        reason = "file not found (deleted or moved)"
     except OSError as exc:
-        return Decoded(file=file, reason=f"file not readable: {exc.strerror or exc}")
+        reason = f"file not readable: {exc.strerror or exc}"
     except Exception as exc:  # a decoder bug must cost one file, never the run
-        return Decoded(file=file, reason=f"cannot decode: {exc.__class__.__name__}: {exc}")
+        reason = f"cannot decode: {exc.__class__.__name__}: {exc}"
+    return Decoded(file=file, pixels=None, reason=reason)
 
 
 def die_with_parent(parent: int) -> None:
@@ -187,8 +188,9 @@ class Decoder:
     def _fill(self) -> None:
         while self._todo and len(self._ahead) * GROUP < (AHEAD if self._pool is not None else 1):
             group = [self._todo.popleft() for _ in range(min(GROUP, len(self._todo)))]
-            future = self._pool.submit(decode_group, self.source, group, self.preprocess, self.features) \
-                if self._pool is not None else None
+            pool = self._pool
+            future = pool.submit(decode_group, self.source, group, self.preprocess, self.features) \
+                if pool is not None else None
             self._ahead.append((group, future))
 
     def close(self) -> None:

@@ -66,7 +66,7 @@ class Source:
                 return discover(root, exclude)
             except (FileNotFoundError, NotADirectoryError) as exc:
                 raise CbirError(str(exc)) from exc
-        return Discovery(sorted(self.listing(exclude)), [])
+        return Discovery(files=sorted(self.listing(exclude)), skipped=[])
 
     def listing(self, exclude: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
         """Object store: relative path -> (size, mtime_ns) of every image object under the prefix."""
@@ -74,7 +74,7 @@ class Source:
 
         from pyarrow import fs
 
-        from cbir.images import _is_junk
+        from cbir.images import is_junk
 
         filesystem, base = self._fs()
         try:
@@ -87,7 +87,7 @@ class Source:
                 continue
             rel = info.path[len(base):].lstrip("/")
             # the local discovery's rules: hidden and junk names, --exclude against names and relative paths
-            if any(_is_junk(part, exclude) for part in rel.split("/")) or any(fnmatch.fnmatch(rel, g) for g in exclude):
+            if any(is_junk(part, exclude) for part in rel.split("/")) or any(fnmatch.fnmatch(rel, g) for g in exclude):
                 continue
             out[rel] = (int(info.size), int(info.mtime_ns or 0))
         return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cbir.files import writing
 from cbir.layout import WORK
+from cbir.local_features import bytes_per_picture
 from cbir.search.store import ROW_BYTES, bytes_needed
 
 FAISS_ROW_BYTES = 8  # an id per row beside the vector
@@ -28,13 +29,16 @@ class Needs:
     todo: int = 0  # pictures still to embed (saved as batches first)
     dim: int = 0
     itemsize: int = 4  # of a stored vector component (2: float16)
+    features: bool = False  # each row's local features are kept too
 
     def bytes(self) -> int | None:
         """The saved batches, the new vectors file and the search index beside it, about."""
         if not self.dim:
             return None
-        batches = self.todo * (self.dim * 4 + ROW_BYTES)
-        return batches + bytes_needed(self.rows, self.dim, self.itemsize) + self.rows * (self.dim * 4 + FAISS_ROW_BYTES)
+        kept = bytes_per_picture() if self.features else 0
+        batches = self.todo * (self.dim * 4 + ROW_BYTES + kept)
+        return batches + bytes_needed(self.rows, self.dim, self.itemsize) + self.rows * (
+            self.dim * 4 + FAISS_ROW_BYTES + kept)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ class Summary:
     changed: int = 0
     removed: int = 0
     unchanged: int = 0
+    renamed: int = 0  # new paths whose bytes were indexed already (renamed, moved): their vectors were kept
+    segments: int = 1
 
     @property
     def images_per_s(self) -> float:
@@ -36,7 +38,7 @@ class Summary:
                 f"({self.images_per_s:.1f} images/s) -> {self.out}")
         if self.mode == "update":
             text += (f"\nupdate: {self.added} added, {self.changed} changed, {self.removed} removed, "
-                     f"{self.unchanged} unchanged")
+                     f"{self.unchanged} unchanged, {self.renamed} renamed (vectors kept); {self.segments} segments")
         if self.resumed:
             text += (f"\nresumed: {self.resumed} images were already embedded by an interrupted run; "
                      f"{self.embedded} embedded now")

@@ -31,7 +31,6 @@ class Chunk:
     size: np.ndarray
     sha256: list[str]
     skipped: list[tuple[str, str]]
-    ids: np.ndarray | None = None  # --engine ray: the manifest's global id of each row
     features: Packed | None = None  # each row's local features (cbir/local_features.py), if the index keeps them
 
 
@@ -85,7 +84,6 @@ class WorkDir:
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
                      skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
-                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}),
                      **_feature_columns(chunk.features))
             fh.flush()
             os.fsync(fh.fileno())
@@ -97,8 +95,7 @@ class WorkDir:
                             size=z["size"],
                             sha256=[str(h) for h in z["sha256"]],
                             skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), ids=z["ids"] if "ids" in z.files else None,
-                            features=_features(z))
+                                     strict=True)), features=_features(z))
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""

@@ -82,9 +82,15 @@ def test_index_of_a_folder_without_images_fails_plainly(tmp_path: Path, capsys: 
     assert not (tmp_path / "idx").exists()
 
 
-def test_search_with_missing_query_and_bad_k(cli_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_with_missing_query_and_bad_k(cli_index: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["search", str(cli_index), "/no/such.jpg"]) == 2
     assert "query image not found" in capsys.readouterr().err
+    assert main(["search", str(cli_index), "/no/such.jpg", "--copies"]) == 2
+    assert "query image not found" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert main(["search", str(cli_index), str(tmp_path / "notes.txt"), "--copies"]) == 2
+    assert "cbir: error: cannot use the query image: not an image" in capsys.readouterr().err
     assert main(["search", str(cli_index), "/no/such.jpg", "-k", "0"]) == 2
     assert "-k must be at least 1" in capsys.readouterr().err
 

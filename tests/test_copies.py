@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -62,7 +63,7 @@ def test_every_copy_is_grouped_with_its_source_and_nothing_else(index: Index) ->
     groups = [{m["path"] for m in g} for g in found["near"]]
     for src in SOURCES:
         name = src.split("/")[1]
-        members = {p for p in index.store.paths if p.startswith(f"{name}/")}
+        members = {p for p in index.rows().paths if p.startswith(f"{name}/")}
         mine = [g for g in groups if f"{name}/{name}.jpg" in g]
         assert mine and mine[0] == members, (name, sorted(members - mine[0]) if mine else "no group")
     for g in found["near"]:  # the first is the hub; every other member was verified as a copy of it, and says so
@@ -99,16 +100,15 @@ def test_copies_of_a_query_come_first_with_their_evidence(index: Index, collecti
     assert mirrored[0][1].verified and mirrored[0][0].path.startswith("chelsea/")
 
 
-def _kept(index: Index):
-    """features_of for an in-memory table of the features the indexer keeps (its decoding, its extraction)."""
-    source, pre = Source.of(index.root), Preprocess.from_dict(index.encoder_config["preprocess"])
-    table = {int(i): decode(source, p, pre, features=True).features
-             for p, i in zip(index.store.paths, index.store.ids, strict=True)}
-    return lambda ids: [table[i] for i in ids]
-
-
 def test_kept_features_verify_copies_without_reading_a_file(index: Index, collection: Path) -> None:
-    how = Verification(features_of=_kept(index))
+    """The index keeps each picture's features in its segment: a query computes its own only."""
+    source, pre = Source.of(index.root), Preprocess.from_dict(index.encoder_config["preprocess"])
+    rows = index.rows()
+    kept = index.features_of(list(rows.ids[:3]))
+    assert all(k is not None and len(k) > 50 for k in kept)
+    for k, path in zip(kept, rows.paths[:3], strict=True):  # as the decoding workers extracted them
+        assert np.array_equal(k.descriptors, decode(source, path, pre, features=True).features.descriptors)
+    how = Verification()
     for kind in ("96-px thumbnail", "crop 70% + JPEG 30", "rotate 15 + greyscale", "mirror"):
         query = EDITS[kind](load_image(collection / "rocket" / "rocket.jpg"))
         ranked = rank_copies_first(index, query, k=5, how=how)
@@ -132,7 +132,7 @@ def test_checking_stops_after_the_copies_and_the_mirror_image_is_made_only_when_
     assert len(made) == 1  # the direct features only ...
     assert query.mirrored is query.mirrored and len(made) == 2  # ... the mirror image's when asked, once
 
-    how = Verification(features_of=_kept(index))
+    how = Verification()
     for edit, mirrored in ((EDITS["resize 50%"], False), (ImageOps.mirror, True)):
         made.clear()
         ranked = rank_copies_first(index, edit(original), k=20, how=how)

@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_K": 100,
     "TOKEN": None,  # set: every page, API call, image and thumbnail needs it (see auth.py)
     "WARM_UP": True,  # load every query model and search once before health says "ok" (see warm.py)
+    "WRITABLE": False,  # POST /api/images and DELETE /api/images/<id> (see writes.py)
 }
 
 
@@ -37,10 +38,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from webui.api import api
     from webui.pages import pages
     from webui.warm import Warmup
+    from webui.writes import writes
 
     auth.install(app)
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(writes)
     app.extensions["cbir_warm"] = warm = Warmup(app)
     if app.config["WARM_UP"]:
         warm.start()

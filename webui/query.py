@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import current_app, url_for
+from flask import current_app, request, url_for
 
-from cbir.errors import BoxError, CbirError, QueryImageError
+from cbir.errors import CbirError, QueryImageError
 from cbir.images import Box, parse_box
 from cbir.index import Index
 from webui.files import safe_file
@@ -50,6 +50,22 @@ def parse_region(raw: str | None) -> Box | None:
         return parse_box(raw)
     except ValueError as exc:
         raise QueryError(400, str(exc)) from None
+
+
+def uploaded_image() -> bytes:
+    """The image from a multipart field `image`, or from a raw body typed image/*."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise QueryError(400, "no file in the multipart field 'image'")
+        return upload.read()
+    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        return request.get_data(cache=False)
+    raise QueryError(
+        415 if request.content_length else 400,
+        "send the image as a multipart field 'image', or as the raw body with Content-Type image/jpeg, "
+        "image/png, image/webp ...",
+    )
 
 
 def indexes() -> IndexSet:
@@ -97,9 +113,7 @@ def _embed(index: Index, source, box: Box | None):
         raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
     except QueryImageError as exc:
         raise QueryError(400, f"not a usable image: {exc.reason}") from None
-    except BoxError as exc:
-        raise QueryError(400, str(exc)) from None
-    except CbirError as exc:
+    except CbirError as exc:  # a box outside the picture (BoxError) among them
         raise QueryError(400, str(exc)) from None
 
 

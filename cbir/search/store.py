@@ -1,24 +1,27 @@
-"""The vectors file (`vectors.h5`): embeddings and the metadata that belongs to each row, in one HDF5 file.
+"""One segment's rows (`seg-NNNNNN.h5`; `vectors.h5` in an index made before segments): embeddings and the
+metadata of each row, in one HDF5 file. Written once, never changed after it is named in a manifest (manifest.py).
 
 Layout (format 1):
-    vectors   float32 [N, D]   L2-normalised rows, as searched (optionally float16 on disk)
-    raw_vectors float32 [N, D] the encoder's own rows, when `vectors` hold their alpha-DBA (see expansion.py)
-    paths     utf-8    [N]     relative to the attribute `root`
-    ids       int64    [N]     stable ids; FAISS returns these
-    mtime_ns  int64    [N]
-    size      int64    [N]
-    sha256    utf-8    [N]     content hash (byte-identical duplicates, --update --verify)
-    skipped/path, skipped/reason   utf-8 [M]
-    attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete,
-           vector_dtype (float32|float16), search (JSON: the search plan and its measured recall),
-           expansion (JSON: alpha-QE and alpha-DBA settings; absent: none)
+    vectors     float32 [N, D]  L2-normalised rows, as searched (optionally float16 on disk)
+    raw_vectors float32 [N, D]  the encoder's own rows, when `vectors` hold their alpha-DBA (see expansion.py)
+    paths       utf-8    [N]    relative to the index's root
+    ids         int64    [N]    global, stable ids (never reused); FAISS answers row positions, mapped to these
+    mtime_ns    int64    [N]
+    size        int64    [N]
+    sha256      utf-8    [N]    content hash (byte-identical duplicates, renames, --update --verify)
+    skipped/path, skipped/reason   utf-8 [M]   (files an index made before segments left out; now in the manifest)
+    keypoints/offsets  int64 [N + 1], keypoints/sizes uint16 [N, 2], keypoints/xy float16 [K, 2],
+    keypoints/descriptors uint8 [K, 128]   each row's local features (cbir/local_features.py): rows offsets[i] to
+                                 offsets[i + 1] of the keypoint table, sizes (0, 0) for none; absent when none kept
+    attrs: format, dim, count, complete, contiguous, vector_dtype (float32|float16), created, cbir_version,
+           search (JSON: the segment's search plan and its measured recall), ids_are_rows;
+           in a `vectors.h5` made before segments also the index's own facts (encoder, encoder_config, root,
+           expansion, words, preset, seconds, skipped_count), read once into its manifest (manifest.from_legacy).
 
-Rows are appended batch by batch as they are embedded, so memory does not grow with the collection;
-`complete` is set only when the writer closes normally, and readers refuse a file without it.
-
-When the row count is known before writing (the commit stage knows it), the numeric columns are stored
-contiguously (attr `contiguous`), and `open_lazy` memory-maps them: an index of 10 million images opens without
-reading its vectors, ids or paths (rows are read when asked for; see cbir/search/ondisk.py).
+Rows are appended batch by batch, so memory does not grow with the collection; `complete` is set only when the
+writer closes normally, and readers refuse a file without it. When the row count is known before writing (it always
+is for a segment), the numeric columns are stored contiguously (attr `contiguous`), and `open_lazy` memory-maps
+them: a segment of 10 million images opens without reading its vectors, ids or paths.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,9 @@ import numpy as np
 
 from cbir.errors import CbirError
 from cbir.files import writing
+from cbir.local_features import DIM as KEYPOINT_DIM
+from cbir.local_features import Features, Packed, pack
+from cbir.search.plan import SearchPlan
 
 FORMAT = 1
 STR = h5py.string_dtype("utf-8")
@@ -97,7 +103,9 @@ class VectorWriter:
 
     @_translated
     def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
-               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None) -> None:
+               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None, *,
+               features: Packed | None = None) -> None:
+        """Rows at the end of the file; `features`: their local features (cbir/local_features.py), if kept."""
         n = len(paths)
         if n == 0:
             return
@@ -116,7 +124,36 @@ class VectorWriter:
             if ds.maxshape[0] is None:
                 ds.resize(stop, axis=0)
             ds[start:stop] = data
+        self._append_features(start, stop, features)
         self.count = stop
+
+    def _append_features(self, start: int, stop: int, features: Packed | None) -> None:
+        """The ragged keypoint table (group `keypoints`: xy, descriptors, offsets [N + 1], sizes [N, 2]), made when
+        the first rows with features come (rows before them have none)."""
+        if features is None and "keypoints" not in self.f:
+            return
+        if "keypoints" not in self.f:
+            g = self.f.create_group("keypoints")
+            g.create_dataset("offsets", (start + 1,), dtype="int64", maxshape=(None,), chunks=(4096,))
+            g.create_dataset("sizes", (start, 2), dtype="uint16", maxshape=(None, 2), chunks=(4096, 2))
+            g.create_dataset("xy", (0, 2), dtype="float16", maxshape=(None, 2), chunks=(16384, 2))
+            g.create_dataset("descriptors", (0, KEYPOINT_DIM), dtype="uint8", maxshape=(None, KEYPOINT_DIM),
+                             chunks=(2048, KEYPOINT_DIM))
+        g = self.f["keypoints"]
+        total = int(g["offsets"][start])
+        if features is None:
+            features = pack([None] * (stop - start))
+        if len(features) != stop - start:
+            raise ValueError(f"features for {len(features)} rows, {stop - start} rows appended")
+        g["offsets"].resize(stop + 1, axis=0)
+        g["offsets"][start + 1:stop + 1] = total + features.offsets[1:]
+        g["sizes"].resize(stop, axis=0)
+        g["sizes"][start:stop] = features.sizes
+        added = len(features.xy)
+        for name, data in (("xy", features.xy), ("descriptors", features.descriptors)):
+            g[name].resize(total + added, axis=0)
+            if added:
+                g[name][total:total + added] = data
 
     @_translated
     def add_skipped(self, path: str, reason: str) -> None:
@@ -145,37 +182,44 @@ class VectorWriter:
                 self.f.close()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Store:
-    """Everything in a vectors file, read into memory (the vectors themselves only when asked)."""
+    """Everything in a segment's file, read into memory (the vectors themselves only when asked)."""
 
     path: Path
     attrs: dict[str, Any]
-    paths: list[str]
+    paths: Sequence[str]
     ids: np.ndarray
     mtime_ns: np.ndarray
     size: np.ndarray
     skipped: list[tuple[str, str]]
-    sha256: list[str] | None = None  # content hash per file (absent in files from before it was recorded)
+    sha256: Sequence[str] | None = None  # content hash per file (absent in files from before it was recorded)
     vectors: np.ndarray | None = field(default=None, repr=False)
     raw_vectors: np.ndarray | None = field(default=None, repr=False)  # with DBA: the encoder's rows, if asked
     handle: h5py.File | None = field(default=None, repr=False)  # open_lazy: the file its columns read from
+    plan: SearchPlan | None = None  # the segment's search plan (attrs["search"], parsed once)
+    has_raw: bool = False  # the file keeps the encoder's own rows beside the searched ones (alpha-DBA)
+    by_path: dict[str, int] | None = field(default=None, repr=False)  # path -> row, made when first asked
+
+    def __post_init__(self) -> None:
+        if self.plan is None and "search" in self.attrs:
+            self.plan = SearchPlan.from_dict(json.loads(self.attrs["search"]))
 
     @property
     def lazy(self) -> bool:
         return self.handle is not None
 
     @property
-    def encoder_config(self) -> dict[str, Any]:
-        return json.loads(self.attrs["encoder_config"])
-
-    @property
     def dim(self) -> int:
         return int(self.attrs["dim"])
 
     @property
-    def root(self) -> Path:
-        return Path(self.attrs["root"])
+    def float16(self) -> bool:
+        return self.attrs.get("vector_dtype", "float32") == "float16"
+
+    def close(self) -> None:
+        if self.handle is not None and self.handle.id.valid:
+            self.handle.close()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -206,6 +250,7 @@ def read(path: Path, vectors: bool = True, raw: bool = False) -> Store:
                 size=f["size"][()],
                 skipped=list(zip(_strings(f["skipped/path"]), _strings(f["skipped/reason"]), strict=True)),
                 sha256=_strings(f["sha256"]) if "sha256" in f else None,
+                has_raw="raw_vectors" in f,
             )
             if vectors:
                 store.vectors = np.ascontiguousarray(f["vectors"][()], dtype=np.float32)
@@ -286,20 +331,107 @@ def open_lazy(path: Path) -> Store:
     skipped = list(zip(Strings(f["skipped/path"])[:], Strings(f["skipped/reason"])[:], strict=True))
     store = Store(path=path, attrs=attrs, paths=Strings(f["paths"]), ids=ids,  # type: ignore[arg-type]
                   mtime_ns=_mapped(path, f["mtime_ns"]), size=_mapped(path, f["size"]), skipped=skipped,
-                  sha256=Strings(f["sha256"]), vectors=_mapped(path, f["vectors"]))
+                  sha256=Strings(f["sha256"]), vectors=_mapped(path, f["vectors"]), has_raw="raw_vectors" in f)
     store.handle = f
     if not (len(ids) == len(store.size) == n == int(attrs.get("count", n))):
         raise CbirError(f"{path} is inconsistent: its columns have different lengths")
     return store
 
 
+def read_legacy_facts(path: Path) -> dict[str, Any]:
+    """The index's own facts from a vectors.h5 made before segments (its attributes, next free id, skipped files)."""
+    from cbir.search.expansion import Expansion
+    from cbir.words import Words
+
+    a = read_attrs(path)
+    if not a.get("complete", False):
+        raise CbirError(f"{path} is incomplete (its indexing run did not finish); re-run cbir index")
+    try:
+        with h5py.File(path, "r") as f:
+            count = int(f["paths"].shape[0])
+            next_id = count  # ids 0..N-1, or none
+            if count and not a.get("ids_are_rows", False):
+                next_id = int(np.max(f["ids"][()])) + 1
+            skipped = list(zip(_strings(f["skipped/path"]), _strings(f["skipped/reason"]), strict=True))
+    except OSError as exc:
+        raise CbirError(f"cannot read {path}: {exc}") from exc
+    return {"encoder": json.loads(a["encoder_config"]), "root": a["root"],
+            "plan": SearchPlan.from_dict(json.loads(a["search"]) if "search" in a else None),
+            "vector_dtype": a.get("vector_dtype", "float32"),
+            "expansion": Expansion.from_dict(json.loads(a["expansion"]) if "expansion" in a else None),
+            "words": Words.from_dict(json.loads(a["words"]) if "words" in a else None),
+            "preset": a.get("preset") or None, "count": count, "next_id": next_id, "skipped": skipped,
+            "created": a.get("created", ""), "cbir_version": a.get("cbir_version", ""),
+            "seconds": float(a.get("seconds", 0.0))}
+
+
 def replace_vectors(path: Path, searched: np.ndarray) -> None:
     """Keep the encoder's rows as `raw_vectors` and store `searched` (their DBA) as `vectors` (before the rename)."""
     with h5py.File(path, "a") as f:
-        old = f["vectors"]
-        dtype, chunks = old.dtype, old.chunks
+        dtype = f["vectors"].dtype
         f.move("vectors", "raw_vectors")
-        f.create_dataset("vectors", data=searched.astype(dtype), maxshape=(None, searched.shape[1]), chunks=chunks)
+        f.create_dataset("vectors", data=searched.astype(dtype))  # contiguous, like every segment's columns
+
+
+@contextlib.contextmanager
+def _opened(s: Store) -> Iterator[h5py.File]:
+    """The store's open file (an on-disk segment keeps one), or the file opened for this one read."""
+    if s.handle is not None and s.handle.id.valid:
+        yield s.handle
+        return
+    with h5py.File(s.path, "r") as f:
+        yield f
+
+
+def read_rows(s: Store, column: str, rows: np.ndarray) -> np.ndarray:
+    """Rows of a numeric column read from the file (not held in memory), in the order asked, float32."""
+    rows = np.asarray(rows, np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    with _opened(s) as f:
+        got = f[column][unique] if len(unique) else np.zeros((0, s.dim), np.float32)
+    return np.asarray(got, np.float32)[inverse]
+
+
+def keeps_features(s: Store) -> bool:
+    """The file has a keypoint table (written by a run that kept local features)."""
+    with _opened(s) as f:
+        return "keypoints" in f
+
+
+def read_features(s: Store, rows: np.ndarray) -> list[Features | None]:
+    """The local features of rows, in the order asked (None for a row without, or a file that keeps none): two
+    slices of the keypoint table per row, read from the file (a whole table is never held in memory)."""
+    rows = np.asarray(rows, np.int64)
+    with _opened(s) as f:
+        if "keypoints" not in f or not len(rows):
+            return [None] * len(rows)
+        g = f["keypoints"]
+        unique = np.unique(rows)
+        starts, ends = g["offsets"][unique], g["offsets"][unique + 1]
+        sizes = g["sizes"][unique]
+        found: dict[int, Features | None] = {}
+        for r, a, b, size in zip(unique.tolist(), starts, ends, sizes, strict=True):
+            found[r] = Features(xy=g["xy"][a:b].astype(np.float32), descriptors=g["descriptors"][a:b],
+                                size=(int(size[0]), int(size[1]))) if size.any() else None
+    return [found[int(r)] for r in rows]
+
+
+def read_ids(path: Path) -> np.ndarray | range:
+    """A segment's id column alone (8 bytes a row): enough to find rows to delete."""
+    attrs = read_attrs(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if attrs.get("ids_are_rows", False):
+                return range(int(f["ids"].shape[0]))
+            return f["ids"][()].astype(np.int64)
+    except OSError as exc:
+        raise CbirError(f"cannot read {path}: {exc}") from exc
+
+
+def read_plan(path: Path) -> SearchPlan | None:
+    """A segment's search plan, from its attributes only."""
+    attrs = read_attrs(path)
+    return SearchPlan.from_dict(json.loads(attrs["search"])) if "search" in attrs else None
 
 
 def set_attrs(path: Path, attrs: dict[str, Any]) -> None:
