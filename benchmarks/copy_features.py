@@ -91,7 +91,7 @@ def _timed(index: Index, query, vector: np.ndarray, how: Verification) -> tuple[
 
 def run(index: Index, data: Path, picks: np.ndarray, held_out: list[str], chosen: list[Variant]) -> None:
     tables = Tables(index)
-    hows = [Verification(features_of=tables.features_of(v), stop_early=v.stop_early) for v in chosen]
+    hows = [Verification(features_of=tables.features_of(v), stop_early=v.stop_early, kept_side=v.side) for v in chosen]
     paths, hashes = content_of(index)
     for n, i in enumerate(picks, 1):
         im = load_image(data / paths[i])

@@ -23,7 +23,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cbir.images import load_image
-from cbir.local_features import SIDE, Features, extract
+from cbir.local_features import KEEP_SIDE, SIDE, Features, extract
 
 if TYPE_CHECKING:
     from cbir.index import Index, Result
@@ -174,15 +173,18 @@ FeaturesOf = Callable[[list[int]], list[Features | None]]  # ids -> their kept f
 
 
 class _Query:
-    """A query picture's features, and its mirror image's, made once and only when first asked for."""
+    """A query picture's features at each scale it is matched at, and its mirror image's, each made once and only
+    when first asked for (features of one picture at two scales repeat poorly: a candidate's kept features, at
+    KEEP_SIDE, are matched with the query's at KEEP_SIDE; features made from its file, at SIDE, with those at SIDE)."""
 
     def __init__(self, image: Image.Image) -> None:
         self.image = image
-        self.direct = extract(image)
+        self._made: dict[tuple[int, bool], Features] = {}
 
-    @cached_property
-    def mirrored(self) -> Features:
-        return extract(ImageOps.mirror(self.image))
+    def features(self, side: int, mirrored: bool = False) -> Features:
+        if (side, mirrored) not in self._made:
+            self._made[side, mirrored] = extract(ImageOps.mirror(self.image) if mirrored else self.image, side=side)
+        return self._made[side, mirrored]
 
 
 @dataclass(kw_only=True)
@@ -194,6 +196,7 @@ class Verification:
     cache: FeatureCache = field(default_factory=FeatureCache)  # features computed from files
     stop_early: bool = True  # after a strong copy, stop at STOP_AFTER_MISSES candidates in a row that are not copies
     mirror_cosine: float = MIRROR_COSINE  # a mirror image is tried for candidates at least this close
+    kept_side: int = KEEP_SIDE  # the longer side the kept features were found at
 
 
 def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20, *,
@@ -223,15 +226,16 @@ def _verify(index: Index, query: _Query, found: list[Result], how: Verification)
         if how.stop_early and strong and misses >= STOP_AFTER_MISSES:
             checked.append((r, NOT_CHECKED))
             continue
+        side = how.kept_side if target is not None else SIDE
         try:
             target = target if target is not None else how.cache.get(index.file_of(r.id))
         except (OSError, ValueError):
             checked.append((r, NO_EVIDENCE))
             continue
         if r.score >= how.mirror_cosine:
-            evidence = either_way(query.direct, lambda: query.mirrored, target)
+            evidence = either_way(query.features(side), lambda at=side: query.features(at, mirrored=True), target)
         else:
-            evidence = match(query.direct, target)
+            evidence = match(query.features(side), target)
         checked.append((r, evidence))
         strong = strong or evidence.strong
         misses = 0 if evidence.verified else misses + 1

@@ -17,8 +17,6 @@ size, so a store reads one picture's features as two slices.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from dataclasses import dataclass
 
@@ -76,13 +74,6 @@ def extract(im: Image.Image, keypoints: int = QUERY_KEYPOINTS, side: int = SIDE)
     xy = np.float32([found[i].pt for i in order]).reshape(-1, 2)
     desc = np.zeros((0, DIM), np.uint8) if descriptors is None else descriptors[order].astype(np.uint8)
     return Features(xy=xy, descriptors=desc, size=(grey.shape[1], grey.shape[0]))
-
-
-def one_thread() -> None:
-    """Extract on one thread in this process (a decoding worker: there is one per core already)."""
-    os.environ["OPENCV_FOR_THREADS_NUM"] = "1"  # read when OpenCV is first imported ...
-    if "cv2" in sys.modules:  # ... or it was imported before the fork
-        sys.modules["cv2"].setNumThreads(1)
 
 
 def to_keep(im: Image.Image) -> Features:

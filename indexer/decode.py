@@ -94,7 +94,8 @@ def _worker_init(parent: int) -> None:
     die_with_parent(parent)
     with contextlib.suppress(OSError):
         os.nice(DECODE_NICE)
-    local_features.one_thread()  # a worker per core already: OpenCV's own threads would only contend
+    # OpenCV's thread count (local features) is left as it is: cv2.setNumThreads in a process forked after its
+    # parent ran OpenCV's threads hung for good (tests/test_local_features.py forks after the parent extracted)
 
 
 def default_workers(n_files: int, batch_size: int) -> int:

@@ -45,8 +45,9 @@ class RayEngine:
     """A connection to a Ray cluster (indexer/engine.py's interface); a local cluster started for the run ends with
     it (indexer/guardian.py)."""
 
-    def __init__(self, watcher: subprocess.Popen | None) -> None:
+    def __init__(self, watcher: subprocess.Popen | None, quiet: QuietRay | None = None) -> None:
         self.watcher = watcher
+        self.quiet = quiet
 
     def embed(self, source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions, *,
               planned: list[str], early: Any = None) -> None:
@@ -69,6 +70,8 @@ class RayEngine:
             ray.shutdown()
         if self.watcher is not None:
             guardian.stop(self.watcher)
+        if self.quiet is not None:
+            self.quiet.close()
 
 
 def connect(address: str | None) -> RayEngine:
@@ -86,24 +89,65 @@ def connect(address: str | None) -> RayEngine:
         raise CbirError('--engine ray needs Ray: pip install -e ".[ray]"') from None
     if address is not None:
         _check_reachable(address)
-    watcher = None
-    if not ray.is_initialized():
-        log.info(f"ray: joining the cluster at {address}" if address else "ray: starting a local cluster")
-        watcher = guardian.start() if address is None else None
-        try:
-            forwarded = _forwarded_env()  # a runtime environment only when needed: it costs fresh worker processes
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, runtime_env={"env_vars": forwarded} if forwarded else None)
-        except ConnectionError as exc:
-            from cbir.errors import CbirError
+    engine = RayEngine(None, None if _verbose() else QuietRay())
+    try:
+        if not ray.is_initialized():
+            log.info(f"ray: joining the cluster at {address}" if address else "ray: starting a local cluster")
+            engine.watcher = guardian.start() if address is None else None
+            _init(ray, address)
+        _quiet_ray_data()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
 
-            if watcher is not None:
-                guardian.stop(watcher)
-            raise CbirError(f"cannot join the Ray cluster at {address}: {exc}. A cluster started with `ray start` "
-                            "uses token authentication: set RAY_AUTH_MODE=token (the token is read from "
-                            "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
-    _quiet_ray_data()
-    return RayEngine(watcher)
+
+def _init(ray: Any, address: str | None) -> None:
+    try:
+        forwarded = _forwarded_env()  # a runtime environment only when needed: it costs fresh worker processes
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, runtime_env={"env_vars": forwarded} if forwarded else None)
+    except ConnectionError as exc:
+        from cbir.errors import CbirError
+
+        raise CbirError(f"cannot join the Ray cluster at {address}: {exc}. A cluster started with `ray start` "
+                        "uses token authentication: set RAY_AUTH_MODE=token (the token is read from "
+                        "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+
+
+def _verbose() -> bool:
+    """`cbir -v`: other libraries' messages are shown (the root logger lets DEBUG through)."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+class QuietRay:
+    """Ray's own lines only with --verbose: its Python warnings at start-up ("Token authentication is enabled for this
+    Ray cluster ...") and the log lines its C++ core writes straight to file descriptor 2 ("core_worker.cc: Actor
+    with class name ... has constructor arguments in the object store"; RAY_BACKEND_LOG_LEVEL would silence those but
+    announces itself in one more line). While Ray runs, fd 2 goes to /dev/null (the processes Ray starts inherit it)
+    and Python's stderr (cbir's messages, the progress bar) to a copy of the real one. Errors that stop the run still
+    reach the user as exceptions."""
+
+    def __init__(self) -> None:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # after `import ray`, which sets its loggers up
+        sys.stderr.flush()
+        self.stream = sys.stderr
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding="utf-8",  # noqa: SIM115 (closed in close)
+                          errors="backslashreplace")
+
+    def close(self) -> None:
+        if self.saved < 0:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.close()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.saved = -1
+        sys.stderr = self.stream
 
 
 def _check_reachable(address: str) -> None:
@@ -134,7 +178,7 @@ def _quiet_ray_data() -> None:
     from ray.data import DataContext
 
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
-    if not log.isEnabledFor(logging.DEBUG):
+    if not _verbose():
         logging.getLogger("ray").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own bar, with images/s
@@ -200,7 +244,7 @@ def _pipeline(source: Source, files: list[str], encoder: Encoder, batch_size: in
                         batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
                         num_cpus=actor_cpus, num_gpus=1 if gpus else 0)
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
-    if not log.isEnabledFor(logging.DEBUG):  # Ray Data sets its loggers up on first use: quiet them after
+    if not _verbose():  # Ray Data sets its loggers up on first use: quiet them after
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
     yield from batches

@@ -3,7 +3,8 @@
 Ray's local cluster (started by `cbir index --engine ray` when no cluster is given) spawns agents and workers that
 are not the run's children and can outlive it. Every process of the run inherits the environment variable
 CBIR_RUN=<tag>; this watcher, started first, polls its parent and, once the parent is gone, SIGKILLs every
-process that carries the tag. It is stopped normally at the end of the run.
+process that carries the tag and every process those started (for SWEEP_S seconds: some may still be starting).
+It is stopped normally at the end of the run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 VAR = "CBIR_RUN"
 POLL_S = 0.2
+SWEEP_S = 5.0  # after the run dies, tagged processes are killed for this long: Ray's raylet may still be starting
+# its agents (DashboardAgent, RuntimeEnvAgent), which otherwise lived on for about 90 s
 
 
 def start() -> subprocess.Popen:
@@ -48,11 +51,30 @@ def tagged(tag: str) -> list[int]:
     return found
 
 
+def doomed(tag: str) -> set[int]:
+    """The run's processes: the tagged ones and every process they started. Ray's raylet starts its agents
+    (DashboardAgent, RuntimeEnvAgent) with an environment of its own, without the tag: they are its children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = tagged(tag)
+    while todo:
+        pid = todo.pop()
+        if pid not in found and pid != os.getpid():
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
 def watch(tag: str, parent: int) -> None:
     while os.getppid() == parent and _alive(parent):
         time.sleep(POLL_S)
-    for _ in range(3):  # processes may still be starting
-        for pid in tagged(tag):
+    for _ in range(int(SWEEP_S / POLL_S)):  # processes may still be starting
+        for pid in doomed(tag):  # the whole tree at once, before a killed parent's children are re-parented
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(POLL_S)

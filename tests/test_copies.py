@@ -129,8 +129,9 @@ def test_checking_stops_after_the_copies_and_the_mirror_image_is_made_only_when_
     monkeypatch.setattr(cbir.copies, "extract", counted)
     original = load_image(collection / "coffee" / "coffee.jpg")
     query = cbir.copies._Query(original)
-    assert len(made) == 1  # the direct features only ...
-    assert query.mirrored is query.mirrored and len(made) == 2  # ... the mirror image's when asked, once
+    assert not made  # nothing before it is asked for ...
+    assert query.features(256) is query.features(256) and len(made) == 1  # ... then once per scale
+    assert query.features(256, mirrored=True) is query.features(256, mirrored=True) and len(made) == 2
 
     how = Verification()
     for edit, mirrored in ((EDITS["resize 50%"], False), (ImageOps.mirror, True)):

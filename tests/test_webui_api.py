@@ -73,6 +73,25 @@ def test_indexes_and_health(served: dict) -> None:
     assert health["status"] == "ok" and health["indexes"] == 2 and health["images"] > 36
 
 
+def test_an_uploads_verified_copies_come_first_and_are_marked(served: dict) -> None:
+    from cbir.edits import EDITS
+    from cbir.images import load_image
+
+    c = served["client"]
+    edited = io.BytesIO()
+    EDITS["crop 70% + JPEG 30"](load_image(served["root"] / "cat" / "chelsea.jpg")).save(edited, "JPEG")
+    body = c.post("/api/search?k=5&copies=1", data=edited.getvalue(), content_type="image/jpeg").get_json()
+    first = body["results"][0]
+    assert first["path"] == "cat/chelsea.jpg" and first["copy"]["verified"] and first["copy"]["inliers"] >= 25
+    assert all("copy" in r for r in body["results"])
+    plain = c.post("/api/search?k=5", data=edited.getvalue(), content_type="image/jpeg").get_json()
+    assert all("copy" not in r for r in plain["results"])
+    page = c.post("/", data={"image": (io.BytesIO(edited.getvalue()), "q.jpg"), "k": "5", "copies": "1"},
+                  content_type="multipart/form-data").get_data(as_text=True)
+    assert 'class="card near-duplicate copy"' in page or 'class="card similar copy"' in page
+    assert "copy of the query · " in page
+
+
 def test_an_index_that_cannot_be_read_is_shown_with_the_reason_and_the_others_served(served: dict,
                                                                                   tmp_path: Path) -> None:
     good = served["base"] / "idx" / "cats"

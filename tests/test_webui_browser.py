@@ -52,6 +52,8 @@ def test_upload_see_ten_click_one_see_its_results(server: str, browser, samples:
     cards = page.locator("#results li")
     assert cards.count() == 10
     assert "cat/chelsea.jpg" in cards.nth(0).locator(".path").inner_text()
+    assert "copy" in (cards.nth(0).get_attribute("class") or "")  # "copies first" is on: the photo itself verified
+    assert cards.nth(0).locator(".badge").inner_text().startswith("copy of the query")
     assert page.locator("#query").is_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "results.png"), full_page=True)

@@ -16,7 +16,8 @@ def _query_error(exc: query.QueryError):
 
 @api.route("/search", methods=["GET", "POST"])
 def search():
-    """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares."""
+    """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares;
+    `copies=1` (POST) puts the upload's verified copies first and marks them."""
     k = query.parse_k(request.args.get("k"))
     index = request.args.get("index") or None
     box = query.parse_region(request.args.get("box"))
@@ -30,7 +31,8 @@ def search():
             return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id),
                                          k))
         return jsonify(query.search(index, k, id_=query.parse_id(raw_id), box=box))
-    return jsonify(query.search(index, k, image=query.uploaded_image(), box=box))
+    return jsonify(query.search(index, k, image=query.uploaded_image(), box=box,
+                                copies=query.parse_copies(request.args.get("copies"))))
 
 
 @api.get("/indexes")

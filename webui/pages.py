@@ -24,6 +24,7 @@ def _render(status: int = 200, template: str = "page.html", **ctx):
     state = query.indexes()
     ctx.setdefault("k", 10)
     ctx.setdefault("index", state.default)
+    ctx.setdefault("copies", True)
     served = [(s.name, s.index.encoder_config["name"], len(s.index)) for s in state.all()]
     return render_template(template, indexes=served, unavailable=list(state.unavailable.values()),
                            max_k=current_app.config["MAX_K"],
@@ -39,9 +40,10 @@ def home():
         if request.method == "POST":
             upload = request.files.get("image")
             data = upload.read() if upload else b""
-            result = query.search(index, k, image=data, box=box)
+            copies = query.parse_copies(request.values.get("copies"))
+            result = query.search(index, k, image=data, box=box, copies=copies)
             preview = "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(data)).decode()
-            return _render(result=result, query_src=preview, k=k, index=result["index"])
+            return _render(result=result, query_src=preview, k=k, index=result["index"], copies=copies)
         if request.args.get("id") is not None:
             return _id_search(index, k, query.parse_id(request.args["id"]), box)
         return _collection(index, k)

@@ -8,7 +8,7 @@ from typing import Any
 from flask import current_app, request, url_for
 
 from cbir.errors import CbirError, QueryImageError
-from cbir.images import Box, parse_box
+from cbir.images import Box, crop, load_query, parse_box
 from cbir.index import Index
 from webui.files import safe_file
 from webui.state import Busy, IndexSet
@@ -80,17 +80,43 @@ def get_index(name: str | None) -> tuple[str, Index]:
         raise QueryError(404, f"no index named {name!r}; served: {', '.join(state.names)}") from None
 
 
+def parse_copies(raw: str | None) -> bool:
+    """`copies=1`: an upload's verified copies first, each result saying whether it is one and why."""
+    return raw in ("1", "true", "on", "yes")
+
+
 def search(index_name: str | None, k: int, image: bytes | None = None, id_: int | None = None,
-           box: Box | None = None) -> dict[str, Any]:
+           box: Box | None = None, *, copies: bool = False) -> dict[str, Any]:
     name, index = get_index(index_name)
     started = time.perf_counter()
+    evidence = None
     if id_ is not None:
         results = _by_id(index, name, id_, k, box)
+    elif not image:
+        raise QueryError(400, "the upload is empty: choose an image file")
+    elif copies:
+        results, evidence = _copies_first(index, image, k, box)
     else:
-        if not image:
-            raise QueryError(400, "the upload is empty: choose an image file")
         results = index.search_vector(_embed(index, image, box), k=k)
-    return describe(name, index, results, k, id_, box=box, took_ms=(time.perf_counter() - started) * 1000)
+    found = describe(name, index, results, k, id_, box=box, took_ms=(time.perf_counter() - started) * 1000)
+    for row, e in zip(found["results"], evidence or [], strict=False):
+        row["copy"] = e.to_dict()
+    return found
+
+
+def _copies_first(index: Index, image: bytes, k: int, box: Box | None) -> tuple[list, list]:
+    """The upload's verified copies first (cbir/copies.py: the index's kept local features against the query's)."""
+    from cbir.copies import rank_copies_first
+
+    try:
+        picture = load_query(image)
+        picture = crop(picture, box) if box is not None else picture
+    except QueryImageError as exc:
+        raise QueryError(400, f"not a usable image: {exc.reason}") from None
+    except ValueError as exc:  # a box outside the picture
+        raise QueryError(400, str(exc)) from None
+    ranked = rank_copies_first(index, picture, k=k, vector=_embed(index, picture, None))
+    return [r for r, _ in ranked], [e for _, e in ranked]
 
 
 def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None) -> list:

@@ -16,6 +16,7 @@
   const collection = document.getElementById("collection");
   const indexSel = document.getElementById("index");
   const kSel = document.getElementById("k");
+  const copiesBox = document.getElementById("copies");
   let lastFile = null;
 
   const say = (text, isError) => { status.textContent = text; status.className = isError ? "error" : ""; };
@@ -25,7 +26,8 @@
     grid.replaceChildren();
     for (const r of data.results) {
       const li = document.createElement("li");
-      li.className = `card ${r.similarity}`;
+      const copy = r.copy && r.copy.verified;
+      li.className = `card ${r.similarity}${copy ? " copy" : ""}`;
       li.dataset.id = r.id;
       li.innerHTML = `<a class="more" title="more like this"><img alt=""></a>
         <div class="caption"><span class="rank">#${r.rank}</span><span class="score"></span>
@@ -37,6 +39,13 @@
       li.querySelector(".path").textContent = r.path;
       li.querySelector(".path").title = r.path;
       li.querySelector(".open").href = r.image_url;
+      if (copy) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = `copy of the query · ${r.copy.inliers} points`;
+        badge.title = `${r.copy.inliers} matching points, ${Math.round(100 * r.copy.agreement)}% agree${r.copy.mirrored ? ", mirrored" : ""}`;
+        li.querySelector(".open").before(badge);
+      }
       grid.appendChild(li);
     }
     title.textContent = `Top ${data.results.length} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
@@ -68,7 +77,8 @@
     querySection.hidden = false;
     const body = new FormData();
     body.append("image", file, file.name || "pasted-image");
-    return call(`/api/search?${params(box ? { box: box.join(",") } : {})}`, { method: "POST", body });
+    const extra = { ...(box ? { box: box.join(",") } : {}), ...(copiesBox && copiesBox.checked ? { copies: "1" } : {}) };
+    return call(`/api/search?${params(extra)}`, { method: "POST", body });
   }
 
   // Region: drag on the query picture; the box is kept in the picture's own pixels.
