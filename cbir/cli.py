@@ -536,6 +536,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cbir: interrupted; any existing index was left as it was", file=sys.stderr)
         return 130
+    finally:
+        _release_logging()
+
+
+def _release_logging() -> None:
+    """The command's handler goes when the command ends: a program (or a test) that called `main` does not keep
+    printing what its other threads log later (a server's queue warnings, a warm-up finishing)."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
 
 
 def run() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,18 @@ def _isolated_torch_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("TORCH_HOME", None)
     else:
         os.environ["TORCH_HOME"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_stray_log_records():
+    """Records that server threads log after their test has ended (waitress's "Task queue depth is 2" while a
+    browser still loads thumbnails, a warm-up finishing) are dropped, not printed among the dots: a NullHandler keeps
+    logging's last-resort handler from printing them. During a test, pytest captures records as usual."""
+    root = logging.getLogger()
+    quiet = logging.NullHandler()
+    root.addHandler(quiet)
+    yield
+    root.removeHandler(quiet)
 
 
 @pytest.fixture(scope="session")
