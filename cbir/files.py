@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import re
+import resource
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -126,6 +127,43 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "", *, needed: Need
             os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+FALLOC_FL_KEEP_SIZE = 1
+
+
+def _fallocate(path: Path, mode: int, offset: int, length: int) -> int:
+    """Linux fallocate(2) on `path`; returns the errno (0: done)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
+            return 0
+        return ctypes.get_errno()
+    finally:
+        os.close(fd)
+
+
+def reserve(path: Path, size: int) -> None:
+    """Make sure `size` bytes can be written to `path` before a library writes any: the disk blocks are allocated
+    now (the file's size unchanged) and the process's file-size limit is checked, so a full disk or a quota fails
+    here, as an OSError. HDF5 hitting a failed write midway left its caches so that closing the file crashed the
+    process (SIGSEGV). Where the file system cannot allocate ahead, nothing is checked."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and size > soft:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    code = _fallocate(path, FALLOC_FL_KEEP_SIZE, 0, size)
+    if code not in (0, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(code, os.strerror(code), str(path))
+
+
+def release_reserved(path: Path) -> None:
+    """Give back the blocks `reserve` allocated past the file's end (the estimate was generous): a truncation to its
+    own size frees them (ext4 ignores a hole punched past the end)."""
+    with contextlib.suppress(OSError):
+        os.truncate(path, path.stat().st_size)
 
 
 def write_in_one_go(path: Path, save: Callable[[io.BytesIO], object]) -> None:

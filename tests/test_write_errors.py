@@ -106,15 +106,16 @@ def test_a_full_disk_and_a_read_only_one_for_real(grown: tuple[Path, Path], smal
     root, shared = grown
     old_bytes = sum(f.stat().st_size for f in shared.iterdir() if f.is_file())
     per_row = max(f.stat().st_size for f in shared.glob("seg-*.h5")) // 16
-    size = old_bytes + 20 * per_row + 10 * per_row  # the old index and the 20 new batched rows fit, their segment not
+    size = old_bytes + 20 * per_row + 10 * per_row  # the old index and the 20 new batched rows fit, the new segment
+    # (its rows, or its FAISS file after them) not
     fs = small_fs(size)
     out = fs / "idx"
     shutil.copytree(shared, out)
     full = _update(root, out)
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
     line = full.stderr.strip().splitlines()[-1]
-    assert re.match(rf"cbir: error: cannot write {re.escape(str(out))}/seg-\d{{6}}\.h5: no space left on the device "
-                    r"\(about [\d.]+ [KM]B needed, [\d.]+ KB free there\)\. Nothing was lost", line), line
+    assert re.match(rf"cbir: error: cannot write {re.escape(str(out))}/seg-\d{{6}}\.(h5|faiss): no space left on the "
+                    r"device \(about [\d.]+ [KM]B needed, [\d.]+ KB free there\)\. Nothing was lost", line), line
     assert len(Index.open(out)) == 16 and len(list((out / WORK).glob("chunk-*.npz"))) >= 2
 
     small_fs(size, "ro")

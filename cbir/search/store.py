@@ -39,19 +39,20 @@ import h5py
 import numpy as np
 
 from cbir.errors import CbirError
-from cbir.files import writing
+from cbir.files import release_reserved, reserve, writing
 from cbir.local_features import DIM as KEYPOINT_DIM
-from cbir.local_features import Features, Packed, pack
+from cbir.local_features import KEEP, KEEP_SIDE, Features, Packed, pack
 from cbir.search.plan import SearchPlan
 
 FORMAT = 1
 STR = h5py.string_dtype("utf-8")
-ROW_BYTES = 200  # a row's metadata: id, mtime, size, sha256 (hex), a path of ~100 bytes
+ROW_BYTES = 512  # a row's metadata at most, about: id, mtime, size, sha256 (hex), its path, HDF5's own records
 
 
-def bytes_needed(rows: int, dim: int, itemsize: int = 4) -> int:
-    """About how large a vectors file of `rows` rows is (what a write needs free)."""
-    return rows * (dim * itemsize + ROW_BYTES) + 64 * 1024
+def bytes_needed(rows: int, dim: int, itemsize: int = 4, features: bool = False) -> int:
+    """About how large (at most) a vectors file of `rows` rows is, with room for KEEP keypoints a row if `features`."""
+    kept = KEEP * (KEYPOINT_DIM + 4) + 12 if features else 0
+    return rows * (dim * itemsize + ROW_BYTES + kept) + 256 * 1024
 
 
 def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,12 +79,16 @@ class VectorWriter:
         self._create(attrs, chunk_rows, dtype)
 
     def bytes_needed(self) -> int | None:
-        return bytes_needed(self.rows, self.dim, self.itemsize) if self.rows is not None else None
+        if self.rows is None:
+            return None
+        return bytes_needed(self.rows, self.dim, self.itemsize, features="keypoints" in self.f)
 
     @_translated
     def _create(self, attrs: dict[str, Any], chunk_rows: int, dtype: str) -> None:
         dim, rows = self.dim, self.rows
         self.f = h5py.File(self.path, "w")
+        if rows is not None:  # a full disk fails here, before HDF5 has written anything it cannot finish
+            reserve(self.path, bytes_needed(rows, dim, self.itemsize))
         numeric = (("vectors", dtype, (dim,)), ("ids", "int64", ()), ("mtime_ns", "int64", ()), ("size", "int64", ()))
         for name, dt, tail in numeric:
             if rows is None:
@@ -133,27 +138,41 @@ class VectorWriter:
         if features is None and "keypoints" not in self.f:
             return
         if "keypoints" not in self.f:
-            g = self.f.create_group("keypoints")
-            g.create_dataset("offsets", (start + 1,), dtype="int64", maxshape=(None,), chunks=(4096,))
-            g.create_dataset("sizes", (start, 2), dtype="uint16", maxshape=(None, 2), chunks=(4096, 2))
-            g.create_dataset("xy", (0, 2), dtype="float16", maxshape=(None, 2), chunks=(16384, 2))
-            g.create_dataset("descriptors", (0, KEYPOINT_DIM), dtype="uint8", maxshape=(None, KEYPOINT_DIM),
-                             chunks=(2048, KEYPOINT_DIM))
+            self._keypoint_table(start)
         g = self.f["keypoints"]
         total = int(g["offsets"][start])
-        if features is None:
-            features = pack([None] * (stop - start))
+        features = pack([None] * (stop - start)) if features is None else _capped(features)
         if len(features) != stop - start:
             raise ValueError(f"features for {len(features)} rows, {stop - start} rows appended")
-        g["offsets"].resize(stop + 1, axis=0)
-        g["offsets"][start + 1:stop + 1] = total + features.offsets[1:]
-        g["sizes"].resize(stop, axis=0)
-        g["sizes"][start:stop] = features.sizes
         added = len(features.xy)
-        for name, data in (("xy", features.xy), ("descriptors", features.descriptors)):
-            g[name].resize(total + added, axis=0)
-            if added:
-                g[name][total:total + added] = data
+        for name in ("offsets", "sizes", "xy", "descriptors"):
+            if g[name].maxshape[0] is None:
+                g[name].resize({"offsets": stop + 1, "sizes": stop}.get(name, total + added), axis=0)
+        g["offsets"][start + 1:stop + 1] = total + features.offsets[1:]
+        g["sizes"][start:stop] = features.sizes
+        if added:
+            g["xy"][total:total + added] = features.xy
+            g["descriptors"][total:total + added] = features.descriptors
+
+    def _keypoint_table(self, start: int) -> None:
+        """With the row count known, the columns are contiguous and sized for KEEP keypoints a row: written straight to
+        the file, so a write that fails (a full disk) fails there and then, not later in HDF5's chunk cache (whose
+        failed flushes at close crashed the process). Otherwise chunked and grown as rows come."""
+        if self.rows is not None:
+            reserve(self.path, bytes_needed(self.rows, self.dim, self.itemsize, features=True))
+        g = self.f.create_group("keypoints")
+        g.attrs["side"], g.attrs["keep"] = KEEP_SIDE, KEEP
+        shapes = {"offsets": ((), "int64"), "sizes": ((2,), "uint16"), "xy": ((2,), "float16"),
+                  "descriptors": ((KEYPOINT_DIM,), "uint8")}
+        known = {"offsets": None if self.rows is None else self.rows + 1, "sizes": self.rows,
+                 "xy": None if self.rows is None else self.rows * KEEP}
+        known["descriptors"] = known["xy"]
+        for name, (tail, dtype) in shapes.items():
+            if known[name] is not None:
+                g.create_dataset(name, (known[name], *tail), dtype=dtype)
+            else:
+                first = {"offsets": start + 1, "sizes": start}.get(name, 0)
+                g.create_dataset(name, (first, *tail), dtype=dtype, maxshape=(None, *tail), chunks=(4096, *tail))
 
     @_translated
     def add_skipped(self, path: str, reason: str) -> None:
@@ -174,6 +193,7 @@ class VectorWriter:
         self.f.attrs["contiguous"] = self.rows is not None
         self.f.attrs["complete"] = True
         self.f.close()
+        release_reserved(self.path)
 
     def abort(self) -> None:
         """Let go of the file whatever state a failed write left it in (it is deleted next: no second error)."""
@@ -390,6 +410,14 @@ def read_rows(s: Store, column: str, rows: np.ndarray) -> np.ndarray:
     with _opened(s) as f:
         got = f[column][unique] if len(unique) else np.zeros((0, s.dim), np.float32)
     return np.asarray(got, np.float32)[inverse]
+
+
+def _capped(features: Packed) -> Packed:
+    """At most KEEP keypoints a row (what a segment has room for; features are extracted with no more)."""
+    counts = np.diff(features.offsets)
+    if not len(counts) or counts.max() <= KEEP:
+        return features
+    return pack([None if f is None else f.strongest(KEEP) for f in (features.get(i) for i in range(len(features)))])
 
 
 def keeps_features(s: Store) -> bool:
