@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -82,13 +83,13 @@ def test_an_uploads_verified_copies_come_first_and_are_marked(served: dict) -> N
     EDITS["crop 70% + JPEG 30"](load_image(served["root"] / "cat" / "chelsea.jpg")).save(edited, "JPEG")
     body = c.post("/api/search?k=5&copies=1", data=edited.getvalue(), content_type="image/jpeg").get_json()
     first = body["results"][0]
-    assert first["path"] == "cat/chelsea.jpg" and first["copy"]["verified"] and first["copy"]["inliers"] >= 25
+    assert first["path"].startswith("cat/chelsea") and first["copy"]["verified"] and first["copy"]["inliers"] >= 25
     assert all("copy" in r for r in body["results"])
     plain = c.post("/api/search?k=5", data=edited.getvalue(), content_type="image/jpeg").get_json()
     assert all("copy" not in r for r in plain["results"])
     page = c.post("/", data={"image": (io.BytesIO(edited.getvalue()), "q.jpg"), "k": "5", "copies": "1"},
                   content_type="multipart/form-data").get_data(as_text=True)
-    assert 'class="card near-duplicate copy"' in page or 'class="card similar copy"' in page
+    assert re.search(r'class="card [a-z-]+ copy"', page)
     assert "copy of the query · " in page
 
 
@@ -96,19 +97,20 @@ def test_an_index_that_cannot_be_read_is_shown_with_the_reason_and_the_others_se
                                                                                   tmp_path: Path) -> None:
     good = served["base"] / "idx" / "cats"
     broken = shutil.copytree(good, tmp_path / "broken")
-    (broken / "vectors.h5").write_bytes(b"this is not an HDF5 file")
+    (segment,) = broken.glob("seg-*.h5")
+    segment.write_bytes(b"this is not an HDF5 file")
     app = create_app({"INDEXES": [broken, good, tmp_path / "gone"], "DEVICE": "cpu", "WARM_UP": False,
                       "RELOAD_CHECK_SECONDS": 0.0})
     c = app.test_client()
     body = c.get("/api/indexes").get_json()
     assert [i["name"] for i in body["indexes"]] == ["cats"] and body["default"] == "cats"
     reasons = {u["name"]: u["reason"] for u in body["unavailable"]}
-    assert reasons["broken"].startswith(f"cannot read {broken / 'vectors.h5'}") and "no index at" in reasons["gone"]
+    assert reasons["broken"].startswith(f"cannot read {segment}") and "no index at" in reasons["gone"]
     page = c.get("/").get_data(as_text=True)
     assert "<strong>broken</strong> is not served: cannot read" in page and "<strong>gone</strong>" in page
     assert c.get("/api/health").get_json()["unavailable"] == 2
     assert c.post("/api/search?index=cats&k=1", data=chelsea(served), content_type="image/jpeg").status_code == 200
-    shutil.copy(good / "vectors.h5", broken / "vectors.h5")  # repaired: served from the next check on
+    shutil.copy(good / segment.name, segment)  # repaired: served from the next check on
     body = c.get("/api/indexes").get_json()
     assert [i["name"] for i in body["indexes"]] == ["cats", "broken"] and [u["name"] for u in body["unavailable"]] \
         == ["gone"]

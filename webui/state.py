@@ -18,7 +18,7 @@ from cbir.encoders import Encoder
 from cbir.errors import CbirError
 from cbir.images import Box
 from cbir.index import Index
-from cbir.layout import MANIFEST, VECTORS, resolve_index_dir
+from cbir.layout import resolve_index_dir
 
 log = logging.getLogger("cbir.webui")
 
@@ -41,22 +41,20 @@ class Unavailable:
     name: str
     directory: Path
     reason: str
-    signature: tuple[int, int, int] | None
+    signature: tuple | None
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "directory": str(self.directory), "reason": self.reason}
 
 
-def _signature_or_none(directory: Path) -> tuple[int, int, int] | None:
-    """The commit point's identity (manifest.json; vectors.h5 in an index made before segments): it changes when the
-    index is written again."""
-    for name in (MANIFEST, VECTORS):
-        try:
-            st = os.stat(directory / name)
-            return st.st_ino, st.st_mtime_ns, st.st_size
-        except OSError:
-            continue
-    return None
+def _signature_or_none(directory: Path) -> tuple | None:
+    """The index folder's files as they are (name, inode, mtime, size each): it changes when the index is written
+    again or a damaged file is put right."""
+    try:
+        return tuple(sorted((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
+                            for e in os.scandir(directory) if e.is_file() and not e.name.startswith(".")))
+    except OSError:
+        return None
 
 
 class IndexSet:
