@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from copy_recall import content_of, held_out_photos, same_picture  # benchmarks/ is on the path when run as a script
+from copy_recall import SamePicture, content_of, held_out_photos  # benchmarks/ is on the path when run as a script
 
 from cbir import Index
 from cbir.copies import Verification, rank_copies_first
@@ -93,13 +93,14 @@ def run(index: Index, data: Path, picks: np.ndarray, held_out: list[str], chosen
     tables = Tables(index)
     hows = [Verification(features_of=tables.features_of(v), stop_early=v.stop_early, kept_side=v.side) for v in chosen]
     paths, hashes = content_of(index)
+    same = SamePicture(index, hashes)
     for n, i in enumerate(picks, 1):
         im = load_image(data / paths[i])
         queries = [edit(im) for edit in EDITS.values()]
         for query, vector in zip(queries, index.encoder.embed(queries), strict=True):
             for v, how in zip(chosen, hows, strict=True):
                 ranked, ms = _timed(index, query, vector, how)
-                v.hits.append(same_picture(hashes, ranked[0][0].path, paths[i]))
+                v.hits.append(same(ranked[0][0].path, paths[i]))
                 v.ms.append(ms)
         print(f"{n}/{len(picks)} sources", flush=True)
     for rel in held_out:
