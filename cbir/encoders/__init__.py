@@ -19,7 +19,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from cbir.encoders._registry import EncoderEntry, get_entry, list_encoders, register
+from cbir.encoders._registry import (
+    EncoderEntry,
+    Family,
+    get_entry,
+    list_encoders,
+    list_families,
+    register,
+    register_family,
+)
 from cbir.errors import WeightsUnavailable
 from cbir.preprocess import Preprocess
 
@@ -28,8 +36,9 @@ if TYPE_CHECKING:
     from cbir.encoders._weights import Weights
     from cbir.encoders.base import POOLINGS, Encoder
 
-__all__ = ["Encoder", "EncoderEntry", "Preprocess", "WeightsUnavailable", "POOLINGS", "PRECISIONS", "register",
-           "create", "from_config", "list_encoders", "get_entry", "Weights"]
+__all__ = ["Encoder", "EncoderEntry", "Family", "Preprocess", "WeightsUnavailable", "POOLINGS", "PRECISIONS",
+           "register", "register_family", "create", "from_config", "list_encoders", "list_families", "get_entry",
+           "Weights"]
 
 _LAZY = {"Encoder": "cbir.encoders.base", "POOLINGS": "cbir.encoders.base", "create": "cbir.encoders._factory",
          "from_config": "cbir.encoders._factory", "PRECISIONS": "cbir.encoders._factory",

@@ -25,7 +25,7 @@ def _single(name: str, weights: str | None, pooling: str | None, device: str, op
     pooling = pooling or entry.default_pooling
     if pooling not in entry.dims:
         raise CbirError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(entry.dims)}")
-    parsed = Weights.parse(weights or entry.default_weights, encoder=name)
+    parsed = Weights.parse(weights or entry.default_weights, encoder=name, hub=entry.hub)
     enc = entry.factory(weights=parsed, pooling=pooling, device=resolve_device(device), **options)
     if entry.dims[pooling] is not None and enc.dim != entry.dims[pooling]:
         raise CbirError(f"encoder {name} declares dimension {entry.dims[pooling]} for pooling {pooling} but built "

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir.encoders._registry import family_of
 from cbir.encoders.base import Encoder
 from cbir.errors import CbirError
 from cbir.preprocess import Preprocess
@@ -39,9 +40,12 @@ class Part:
 
     @classmethod
     def parse(cls, text: str) -> Part:
-        """'name[:weights][*weight]'"""
+        """'name[:weights][*weight]'; a family's name has its own prefix: 'timm:convnext_tiny[:weights][*weight]'."""
         head, _, weight = text.strip().partition("*")
         name, _, weights = head.partition(":")
+        if family_of(head) is not None:
+            arch, _, weights = weights.partition(":")
+            name = f"{name}:{arch}"
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
