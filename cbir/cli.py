@@ -12,8 +12,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbir.errors import CbirError
+
+if TYPE_CHECKING:
+    from cbir.index import Index
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -28,7 +32,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
                            on_disk=True if args.on_disk else None, memory_budget=_bytes(args.memory_budget),
-                           engine=args.engine, ray_address=args.ray_address)
+                           engine=args.engine, ray_address=args.ray_address,
+                           model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"))
     print(build(args.dir, args.out, options).describe())
     return 0
 
@@ -41,6 +46,18 @@ def _describe_preset(name: str) -> str:
         return name
     default = ", the default" if name == DEFAULT_PRESET else ""
     return f"{name} ({settings['encoder']}, qe {settings['qe']}, dba {settings['dba']}{default})"
+
+
+def _json_object(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise CbirError(f"{flag} takes a JSON object, e.g. '{{\"img_size\": 224}}', not {text!r}")
+    return value
 
 
 def _bytes(text: str | None) -> int | None:
@@ -59,30 +76,20 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from cbir.encoders._onnx_query import QUERY_MODES
     from cbir.index import Index
 
+    if args.image is None and args.text is None:
+        raise CbirError("give a query: an image file, --text 'a red bicycle', or both")
     index = Index.open(args.index, device=args.device, weights=args.weights)
     started = time.perf_counter()
-    evidence: list = []
-    if args.copies:
-        from cbir.copies import rank_copies_first
-        from cbir.images import ImageError, load_image
-
-        if not Path(args.image).is_file():
-            raise CbirError(f"query image not found: {args.image}")
-        try:
-            ranked = rank_copies_first(index, load_image(args.image), k=args.k)
-        except ImageError as exc:
-            raise CbirError(f"cannot use the query image: {exc}") from exc
-        results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
-    else:
-        results = index.search(args.image, k=args.k)
+    results, evidence = _query(index, args)
     took = (time.perf_counter() - started) * 1000
-    if not args.no_prepare and index.encoder_config.get("precision", "fp32") in QUERY_MODES:
+    if args.image is not None and not args.no_prepare and \
+            index.encoder_config.get("precision", "fp32") in QUERY_MODES:
         index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
         rows = [{**r.to_dict(), **({"copy": e.to_dict()} if evidence else {})}
                 for r, e in zip(results, evidence or [None] * len(results), strict=True)]
         print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
-                          "took_ms": round(took, 2), "results": rows}, indent=2))
+                          "text": args.text, "took_ms": round(took, 2), "results": rows}, indent=2))
         return 0
     print(f"top {len(results)} of {len(index)} images in {index.name} ({index.encoder_config['name']}), "
           f"{took:.0f} ms")
@@ -92,6 +99,27 @@ def _cmd_search(args: argparse.Namespace) -> int:
         copy = f"  copy: {evidence[n].inliers} matching points" if evidence and evidence[n].verified else ""
         print(f"{r.rank:>4}  {r.score:6.3f}  {r.path:<{width}}  {r.id}{copy}")
     return 0
+
+
+def _query(index: Index, args: argparse.Namespace) -> tuple[list, list]:
+    """The results of `cbir search` (by image, text, or both; verified copies first with --copies), and the
+    copies' evidence."""
+    if args.text is not None:
+        if args.copies:
+            raise CbirError("--copies ranks copies of a picture; it does not combine with --text")
+        return index.search_text(args.text, k=args.k, image=args.image), []
+    if not args.copies:
+        return index.search(args.image, k=args.k), []
+    from cbir.copies import rank_copies_first
+    from cbir.images import ImageError, load_image
+
+    if not Path(args.image).is_file():
+        raise CbirError(f"query image not found: {args.image}")
+    try:
+        ranked = rank_copies_first(index, load_image(args.image), k=args.k)
+    except ImageError as exc:
+        raise CbirError(f"cannot use the query image: {exc}") from exc
+    return [r for r, _ in ranked], [e for _, e in ranked]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -138,10 +166,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
-    from cbir.encoders import list_encoders
+    from cbir.encoders import list_encoders, list_families
 
     rows = [(e.name, "/".join(f"{p}:{d or 'as trained'}" for p, d in e.dims.items()), e.default_pooling,
              e.weights_status(), e.description) for e in list_encoders()]
+    rows += [(f"{f.prefix}:NAME", "/".join(f"{p}:as the model" for p in f.poolings), f.default_pooling, f.status(None),
+              f"{f.description}; e.g. {', '.join(f.examples)}") for f in list_families()]
     if args.json:
         print(json.dumps([dict(zip(("name", "dims", "default_pooling", "weights", "description"), r, strict=True))
                           for r in rows], indent=2))
@@ -251,8 +281,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from webui import create_app
     from webui.server import make_server
 
+    if args.max_batch < 1:
+        raise CbirError("--max-batch is at least 1 (1: every query embedded alone)")
     app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
-                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
+                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024), "BATCH_MAX": args.max_batch})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     names = ", ".join(app.extensions["cbir"].names)
     print(f"serving {names} on http://{args.host}:{server.effective_port}/  (Ctrl+C stops)", flush=True)
@@ -277,12 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed every image in a folder and write an index")
     s.add_argument("dir", help="folder of images (searched recursively)")
     s.add_argument("--out", help="index folder to write (default: indexes/<folder name>)")
-    s.add_argument("--encoder", help="encoder name (default efficientnet_lite0; with --update: the index's own)")
-    s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file")
+    s.add_argument("--encoder", help="encoder name (default efficientnet_lite0; with --update: the index's own), or "
+                   "a model of a family: timm:NAME (any timm model), clip:ARCH (an OpenCLIP model: text search too)")
+    s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file; for timm:NAME and "
+                   "clip:ARCH also a pretrained tag found in the Hugging Face cache (cbir encoders)")
     s.add_argument("--pooling", help="gem, avg, max or fc (default: the encoder's own)")
+    s.add_argument("--model-kwargs", metavar="JSON", help="timm:NAME and clip:ARCH: arguments for the model's "
+                   "constructor, recorded in the index, e.g. '{\"img_size\": 224}' for a DINOv2 at 224 px")
     s.add_argument("--batch-size", type=int, help="images per batch (default: 16 on a CPU, 64 on a GPU)")
     s.add_argument("--workers", type=int, help="decoding processes (default: by collection size and cores)")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N (card N)")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching names/paths")
     s.add_argument("--rebuild", action="store_true", help="re-embed everything, replacing the index at --out "
                    "when the new one is complete")
@@ -317,9 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 
-    s = sub.add_parser("search", help="find the images most like IMAGE")
+    s = sub.add_parser("search", help="find the images most like IMAGE, or matching --text, or both")
     s.add_argument("index", help="index folder (or a name under indexes/)")
-    s.add_argument("image", help="query image file")
+    s.add_argument("image", nargs="?", help="query image file")
+    s.add_argument("--text", help="a text query, e.g. 'a red bicycle' (an index of a CLIP model); with IMAGE too, "
+                   "the pictures like IMAGE and the text together")
     s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--device", default="auto")
@@ -388,8 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (card N)")
     s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--max-batch", type=int, default=16, help="embed concurrent queries together, at most this many "
+                   "at once (default 16; 1 embeds each alone)")
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
     s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")

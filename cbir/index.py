@@ -65,6 +65,25 @@ def _agrees(search: VectorSearch, store: store_mod.Store) -> bool:
     return True
 
 
+MAX_TEXT = 1000  # characters of a text query; CLIP tokenizers keep the first 77 tokens anyway
+
+
+def check_text(text: str) -> str:
+    """A usable text query, or a plain error."""
+    if not isinstance(text, str) or not text.strip():
+        raise CbirError("the text query is empty: type what the pictures should show, e.g. 'a red bicycle'")
+    if len(text) > MAX_TEXT:
+        raise CbirError(f"the text query is {len(text)} characters long; at most {MAX_TEXT}")
+    return text.strip()
+
+
+def joint(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """A picture and a text as one query: the sum of the two unit vectors, normalised (the usual zero-shot way to
+    compose them in a CLIP space: each contributes its direction equally)."""
+    both = np.asarray(image, np.float32) + np.asarray(text, np.float32)
+    return both / max(float(np.linalg.norm(both)), 1e-12)
+
+
 class RowsById:
     """id -> row of the vectors file: arithmetic when ids are the row numbers (a `range`), else a sorted lookup."""
 
@@ -273,7 +292,11 @@ class Index:
             if v.shape[0] != self.store.dim:
                 raise CbirError(f"query vector has dimension {v.shape[0]}, index {self.name} has {self.store.dim}")
             return v / max(float(np.linalg.norm(v)), 1e-12)
-        enc = self.query_encoder
+        return self.query_encoder.embed([self.query_picture(query, box)])[0]
+
+    def query_picture(self, query: Query, box: Box | None = None) -> Image.Image:
+        """The decoded RGB picture (or its region `box`) that a query embeds: the server decodes it in the request's
+        own thread, then embeds many at once."""
         if isinstance(query, Image.Image):
             im = query.convert("RGB")
         else:
@@ -281,7 +304,7 @@ class Index:
                 raise CbirError(f"query image not found: {query}")
             try:
                 src = query if not isinstance(query, io.IOBase) else query.read()
-                im = load_image(src, draft=None if box else enc.preprocess.draft_size)
+                im = load_image(src, draft=None if box else self.query_encoder.preprocess.draft_size)
             except ImageError as exc:
                 raise QueryImageError(str(exc)) from exc
         if box is not None:
@@ -289,7 +312,31 @@ class Index:
                 im = crop(im, box)
             except ValueError as exc:
                 raise BoxError(str(exc)) from None
-        return enc.embed([im])[0]
+        return im
+
+    # -- text queries (an index of a CLIP model) --------------------------------------------------------
+    @property
+    def has_text(self) -> bool:
+        """Whether its encoder embeds text into the image vectors' space (read from the record: nothing is built)."""
+        return bool(self.encoder_config.get("text"))
+
+    def embed_text(self, text: str) -> np.ndarray:
+        """A text query ("a red bicycle") as one L2-normalised vector in the images' space."""
+        text = check_text(text)
+        if not self.has_text:
+            raise CbirError(f"index {self.name} was built with {self.encoder_config['name']}, which has no text "
+                            "tower: text search needs an index of a CLIP model, e.g. cbir index DIR --encoder "
+                            "clip:ViT-B-32 --weights laion2b_s34b_b79k")
+        return self.encoder.embed_text([text])[0]
+
+    def search_text(self, text: str, k: int = 10, image: Query | None = None,
+                    exclude_ids: tuple[int, ...] = ()) -> list[Result]:
+        """The k images best matching `text`; with `image` (any query), those like the picture and the text together
+        ("a picture plus 'at night'": see `joint`)."""
+        vector = self.embed_text(text)
+        if image is not None:
+            vector = joint(self.embed(image), vector)
+        return self.search_vector(vector, k, exclude_ids)
 
     def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
         """The k most similar indexed images, best first."""
@@ -341,7 +388,7 @@ class Index:
         """The few facts a list of indexes shows (the page, /api/indexes)."""
         cfg = self.encoder_config
         return {"images": len(self), "encoder": cfg["name"], "dim": cfg["dim"], "pooling": cfg["pooling"],
-                "created": self.store.attrs.get("created")}
+                "created": self.store.attrs.get("created"), "text": self.has_text}
 
     def info(self) -> dict[str, Any]:
         """Everything `cbir info` shows."""

@@ -158,15 +158,20 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
     files = settle_mode(source, files, encoder, work)  # on the driver: the actors rebuild the settled mode
     batch_size = options.batch_size or default_batch(encoder)
     embedded, started, first = 0, time.perf_counter(), None
+    devices: dict[str, int] = {}
     with _progress(len(files), options.progress) as bar:
         for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
             chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
             chunk.ids = batch["id"][batch["ok"]]
             work.write(chunk)
+            for where in batch["device"]:
+                devices[str(where)] = devices.get(str(where), 0) + 1
             if first is None:
                 first = (time.perf_counter(), len(batch["path"]))
             embedded += len(batch["path"])
             bar.update(len(batch["path"]))
+    if devices:  # which actor embedded what: each GPU actor its own card (Ray sets CUDA_VISIBLE_DEVICES per actor)
+        log.info("ray: embedded on " + "; ".join(f"{where} ({n} images)" for where, n in sorted(devices.items())))
     if first is not None and embedded > first[1]:
         running = (embedded - first[1]) / max(1e-9, time.perf_counter() - first[0])
         log.info(f"ray: first results after {first[0] - started:.1f} s (workers starting, models loading), then "
@@ -238,6 +243,7 @@ class EmbedBatch:
         torch.set_num_threads(os.cpu_count() or 1)  # the node's cores, as the local embed stage uses them
         self.encoder = from_config(config, device="cuda" if gpu else "cpu")
         self.encoder.restore_mode(config)
+        self.where = where_embedded(gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"]
@@ -246,7 +252,24 @@ class EmbedBatch:
             vectors[ok] = self.encoder.embed_pixels(batch["pixels"][ok])
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
+        out["device"] = np.array([self.where] * len(ok))
         return out
+
+
+def where_embedded(gpu: bool) -> str:
+    """'host: GPU 2 (NVIDIA ...)' for an actor on a card (Ray's id for it: the actor sees it as cuda:0), else
+    'host: cpu, N threads'."""
+    import socket
+
+    import torch
+
+    host = socket.gethostname()
+    if not gpu:
+        return f"{host}: cpu, {torch.get_num_threads()} threads"
+    import ray
+
+    cards = ",".join(str(g) for g in ray.get_gpu_ids()) or "?"
+    return f"{host}: GPU {cards} ({torch.cuda.get_device_name(0)})"
 
 
 def _progress(total: int, enabled: bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cbir.errors import CbirError
 
@@ -61,6 +62,7 @@ class BuildOptions:
     engine: str = "local"  # local (this machine's processes) or ray (a Ray cluster: indexer/distributed.py)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for the run
     progress: bool = False
+    model_kwargs: dict[str, Any] | None = None  # a family's model arguments (timm:, clip:), recorded in the index
 
     def validate(self) -> None:
         if self.mode not in MODES:

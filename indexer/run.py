@@ -143,8 +143,9 @@ def _make_encoder(opts: BuildOptions, out: Path) -> Encoder:
     if opts.mode == "update" and opts.encoder is None and (out / VECTORS).is_file():
         config = store_mod.read(out / VECTORS, vectors=False).encoder_config
         return from_config(config, device=opts.device, weights=opts.weights)
+    options = {"model_kwargs": opts.model_kwargs} if opts.model_kwargs else {}
     return create(opts.encoder or DEFAULT_ENCODER, weights=opts.weights, pooling=opts.pooling, device=opts.device,
-                  precision=opts.precision or "auto")
+                  precision=opts.precision or "auto", **options)
 
 
 def _check_same_encoder(old: Store, enc: Encoder, out: Path) -> None:

@@ -85,6 +85,9 @@ def test_two_node_cluster_gives_the_one_machine_index(cluster, folder, local_ind
     out = tmp_path / "ray"
     text = _finish(_index(str(folder), out, "--ray-address", cluster))
     assert f"indexed {N} images, skipped 1" in text
+    # each embedding actor says where it ran (a GPU actor: which card), and the counts cover every image
+    where = re.findall(r"(\S+: cpu, \d+ threads) \((\d+) images\)", text.split("ray: embedded on ", 1)[1])
+    assert where and sum(int(n) for _, n in where) == N + 1, text
     assert_same_index(out, local_index)
     assert not (out / ".work").exists()
 
@@ -158,6 +161,9 @@ def test_s3_source_gives_the_same_index(cluster, s3, local_index, tmp_path):
     out = tmp_path / "s3"
     text = _finish(_index("s3://photos/set1", out, "--ray-address", cluster, env={**ENV, **s3}))
     assert f"indexed {N} images, skipped 1" in text
+    # each embedding actor says where it ran (a GPU actor: which card), and the counts cover every image
+    where = re.findall(r"(\S+: cpu, \d+ threads) \((\d+) images\)", text.split("ray: embedded on ", 1)[1])
+    assert where and sum(int(n) for _, n in where) == N + 1, text
     assert_same_index(out, local_index)
     assert Index.open(out, device="cpu").store.attrs["root"] == "s3://photos/set1"
 

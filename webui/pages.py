@@ -25,7 +25,8 @@ def _render(status: int = 200, template: str = "page.html", **ctx):
     ctx.setdefault("k", 10)
     ctx.setdefault("index", state.default)
     served = [(s.name, s.index.encoder_config["name"], len(s.index)) for s in state.all()]
-    return render_template(template, indexes=served, max_k=current_app.config["MAX_K"],
+    text_indexes = [s.name for s in state.all() if s.index.has_text]  # the text box shows for these only
+    return render_template(template, indexes=served, text_indexes=text_indexes, max_k=current_app.config["MAX_K"],
                            max_mb=current_app.config["MAX_CONTENT_LENGTH"] // (1024 * 1024), **ctx), status
 
 
@@ -35,14 +36,18 @@ def home():
     try:
         k = query.parse_k(request.values.get("k"))
         box = query.parse_region(request.values.get("box"))
+        text = request.values.get("text", "").strip() or None
         if request.method == "POST":
             upload = request.files.get("image")
             data = upload.read() if upload else b""
-            result = query.search(index, k, image=data, box=box)
-            preview = "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(data)).decode()
-            return _render(result=result, query_src=preview, k=k, index=result["index"])
+            result = query.search(index, k, image=data, box=box, text=text)
+            preview = "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(data)).decode() if data else None
+            return _render(result=result, query_src=preview, k=k, index=result["index"], text=text)
         if request.args.get("id") is not None:
-            return _id_search(index, k, query.parse_id(request.args["id"]), box)
+            return _id_search(index, k, query.parse_id(request.args["id"]), box, text)
+        if text is not None:  # a text search has its own URL: /?text=a+red+bicycle
+            result = query.search(index, k, box=box, text=text)
+            return _render(result=result, k=k, index=result["index"], text=text)
         return _collection(index, k)
     except query.QueryError as exc:
         return _render(exc.status, error=exc.message, index=index)
@@ -50,13 +55,13 @@ def home():
         return _render(400, error=f"not a usable image: {exc}", index=index)
 
 
-def _id_search(index: str | None, k: int, id_: int, box):
-    result = query.search(index, k, id_=id_, box=box)
+def _id_search(index: str | None, k: int, id_: int, box, text: str | None = None):
+    result = query.search(index, k, id_=id_, box=box, text=text)
     name, idx = query.get_index(result["index"])
     path = safe_file(idx, id_)
     size = display_size(path) if path is not None else None
     return _render(result=result, query_src=f"/thumb/{name}/{id_}", query_size=size, query_id=id_, k=k, index=name,
-                   compare=len(query.indexes().names) > 1)
+                   compare=len(query.indexes().names) > 1, text=text)
 
 
 def _collection(index: str | None, k: int):

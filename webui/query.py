@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flask import current_app, url_for
 
 from cbir.errors import BoxError, CbirError, QueryImageError
 from cbir.images import Box, parse_box
-from cbir.index import Index
+from cbir.index import Index, joint
 from webui.files import safe_file
 from webui.state import Busy, IndexSet
 
@@ -65,32 +67,51 @@ def get_index(name: str | None) -> tuple[str, Index]:
 
 
 def search(index_name: str | None, k: int, image: bytes | None = None, id_: int | None = None,
-           box: Box | None = None) -> dict[str, Any]:
+           box: Box | None = None, *, text: str | None = None) -> dict[str, Any]:
+    """A search by upload, by indexed image (`id_`), by `text`, or by a picture and a text together."""
     name, index = get_index(index_name)
     started = time.perf_counter()
     if id_ is not None:
-        results = _by_id(index, name, id_, k, box)
+        results = _by_id(index, name, id_, k, box, text)
     else:
-        if not image:
-            raise QueryError(400, "the upload is empty: choose an image file")
-        results = index.search_vector(_embed(index, image, box), k=k)
-    return describe(name, index, results, k, id_, box=box, took_ms=(time.perf_counter() - started) * 1000)
+        if not image and text is None:
+            raise QueryError(400, "the upload is empty: choose an image file" +
+                             (" or type what the pictures should show" if index.has_text else ""))
+        if not image and box is not None:
+            raise QueryError(400, "box is a region of a picture: send the picture too")
+        results = index.search_vector(_query_vector(index, image or None, box, text), k=k)
+    return describe(name, index, results, k, id_, box=box, text=text, words=text is None,
+                    took_ms=(time.perf_counter() - started) * 1000)
 
 
-def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None) -> list:
+def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None, text: str | None) -> list:
     try:
         index.path_of(id_)
     except CbirError:
         raise QueryError(404, f"no image with id {id_} in index {name}") from None
-    if box is None:
+    if box is None and text is None:
         return index.search_id(id_, k=k)
-    path = safe_file(index, id_)
-    if path is None:
-        raise QueryError(404, f"the file of image {id_} is missing, so a region of it cannot be searched")
-    return index.search_vector(_embed(index, path, box), k=k, exclude_ids=(id_,))
+    if box is None:
+        vector = joint(index.vector_of(id_), _embed_text(index, text or ""))
+    else:
+        path = safe_file(index, id_)
+        if path is None:
+            raise QueryError(404, f"the file of image {id_} is missing, so a region of it cannot be searched")
+        vector = _query_vector(index, path, box, text)
+    return index.search_vector(vector, k=k, exclude_ids=(id_,))
 
 
-def _embed(index: Index, source, box: Box | None):
+def _query_vector(index: Index, source: bytes | Path | None, box: Box | None, text: str | None) -> np.ndarray:
+    """The query as one vector: a picture (or its region), a text, or both joined (cbir.index.joint)."""
+    vector = _embed(index, source, box) if source is not None else None
+    if text is None:
+        assert vector is not None
+        return vector
+    words = _embed_text(index, text)
+    return words if vector is None else joint(vector, words)
+
+
+def _embed(index: Index, source, box: Box | None) -> np.ndarray:
     try:
         return indexes().embed(index, source, box)
     except Busy:
@@ -103,8 +124,19 @@ def _embed(index: Index, source, box: Box | None):
         raise QueryError(400, str(exc)) from None
 
 
+def _embed_text(index: Index, text: str) -> np.ndarray:
+    try:
+        return indexes().embed_text(index, text)
+    except Busy:
+        raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
+    except CbirError as exc:
+        raise QueryError(400, str(exc)) from None
+
+
 def describe(name: str, index: Index, results: list, k: int, id_: int | None, *, box: Box | None = None,
-             took_ms: float = 0.0) -> dict[str, Any]:
+             text: str | None = None, words: bool = True, took_ms: float = 0.0) -> dict[str, Any]:
+    """The JSON of a search. `words`: say near-duplicate / similar ... (fitted on picture-to-picture cosines, so
+    not for a text query, whose cosines to pictures are of another scale: null there)."""
     return {
         "index": name,
         "encoder": index.encoder_config["name"],
@@ -112,11 +144,12 @@ def describe(name: str, index: Index, results: list, k: int, id_: int | None, *,
         "took_ms": round(took_ms, 2),
         "query_id": id_,
         "box": list(box) if box is not None else None,
+        "text": text,
         "results": [
             {
                 **r.to_dict(),
                 "score": round(r.score, 6),
-                "similarity": index.words.word(r.score),
+                "similarity": index.words.word(r.score) if words else None,
                 "thumbnail_url": url_for("pages.thumbnail", index=name, id_=r.id),
                 "image_url": url_for("pages.image", index=name, id_=r.id),
             }

@@ -61,6 +61,15 @@ def hub_location(arch: str, tag: str) -> tuple[str, tuple[str, ...]] | None:
     return repo, tuple(dict.fromkeys((safe, name)))
 
 
+def cached_models() -> list[str]:
+    """'clip:ARCH --weights TAG' for every pretrained CLIP model whose file the cache holds."""
+    import open_clip
+
+    repos = set(_hub.cached_repos(""))
+    return [f"clip:{arch} --weights {tag}" for arch, tag in open_clip.list_pretrained()
+            if (where := hub_location(arch, tag)) and where[0] in repos and _hub.cached(*where)]
+
+
 def cached_tags(arch: str) -> list[str]:
     """ARCH's pretrained tags whose file the Hugging Face cache holds."""
     return [tag for tag in tags_of(arch) if (where := hub_location(arch, tag)) and _hub.cached(*where)]
@@ -69,8 +78,10 @@ def cached_tags(arch: str) -> list[str]:
 def status(arch: str | None) -> str:
     """Where the weights of clip:`arch` (of any CLIP model, for None) are looked for, and which are there."""
     if arch is None:
+        here = cached_models()
+        listed = ", ".join(here[:4]) + (" ..." if len(here) > 4 else "")
         return (f"--weights FILE, or --weights TAG from the Hugging Face cache {_hub.cache_dir()} (the repository "
-                "open_clip names for ARCH and TAG)")
+                f"open_clip names for ARCH and TAG); cached here: {listed or 'none'}")
     try:
         check_arch(arch)
     except CbirError as exc:

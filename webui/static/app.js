@@ -16,7 +16,18 @@
   const collection = document.getElementById("collection");
   const indexSel = document.getElementById("index");
   const kSel = document.getElementById("k");
+  const textLabel = document.getElementById("text-label");
+  const textInput = document.getElementById("text");
+  const textIndexes = (form.dataset.textIndexes || "").split(",").filter(Boolean);
   let lastFile = null;
+
+  // The text box is for indexes of a model with a text tower (CLIP) only.
+  const textOn = () => textIndexes.includes(indexSel.value);
+  function showText() {
+    textLabel.hidden = !textOn();
+    textInput.disabled = !textOn();
+  }
+  const typed = () => (textOn() ? textInput.value.trim() : "");
 
   const say = (text, isError) => { status.textContent = text; status.className = isError ? "error" : ""; };
   const params = (extra) => new URLSearchParams({ k: kSel.value, index: indexSel.value, ...extra });
@@ -25,7 +36,7 @@
     grid.replaceChildren();
     for (const r of data.results) {
       const li = document.createElement("li");
-      li.className = `card ${r.similarity}`;
+      li.className = `card ${r.similarity || ""}`;
       li.dataset.id = r.id;
       li.innerHTML = `<a class="more" title="more like this"><img alt=""></a>
         <div class="caption"><span class="rank">#${r.rank}</span><span class="score"></span>
@@ -33,13 +44,14 @@
       li.querySelector("a.more").href = `/?${new URLSearchParams({ id: r.id, index: data.index, k: data.k })}`;
       li.querySelector("img").src = r.thumbnail_url;
       li.querySelector("img").alt = r.path;
-      li.querySelector(".score").textContent = `${r.score.toFixed(3)} · ${r.similarity}`;
+      li.querySelector(".score").textContent = r.similarity ? `${r.score.toFixed(3)} · ${r.similarity}` : r.score.toFixed(3);
       li.querySelector(".path").textContent = r.path;
       li.querySelector(".path").title = r.path;
       li.querySelector(".open").href = r.image_url;
       grid.appendChild(li);
     }
-    title.textContent = `Top ${data.results.length} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
+    const what = data.text ? ` for “${data.text}”` : "";
+    title.textContent = `Top ${data.results.length}${what} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
     section.hidden = false;
     if (collection) collection.hidden = true;
     say("");
@@ -68,7 +80,8 @@
     querySection.hidden = false;
     const body = new FormData();
     body.append("image", file, file.name || "pasted-image");
-    return call(`/api/search?${params(box ? { box: box.join(",") } : {})}`, { method: "POST", body });
+    const extra = { ...(box ? { box: box.join(",") } : {}), ...(typed() ? { text: typed() } : {}) };
+    return call(`/api/search?${params(extra)}`, { method: "POST", body });
   }
 
   // Region: drag on the query picture; the box is kept in the picture's own pixels.
@@ -107,7 +120,14 @@
     }
   });
 
-  form.addEventListener("submit", (ev) => { ev.preventDefault(); searchFile(fileInput.files[0]); });
+  // A text alone is a page of its own (/?text=...: a URL to share, the back button works); with a picture, both.
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const file = fileInput.files[0] || lastFile;
+    if (file) searchFile(file);
+    else if (typed()) location.href = `/?${params({ text: typed() })}`;
+    else say(textOn() ? "Choose an image or type what the pictures should show." : "Choose an image.", true);
+  });
   fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
   ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
@@ -116,6 +136,8 @@
     const item = [...(ev.clipboardData || {}).items || []].find((i) => i.type.startsWith("image/"));
     if (item) { ev.preventDefault(); searchFile(item.getAsFile()); }
   });
+  if (indexSel.tagName === "SELECT") indexSel.addEventListener("change", showText);
+  showText();
   if (collection && indexSel.tagName === "SELECT") {
     indexSel.addEventListener("change", () => { location.href = `/?${new URLSearchParams({ index: indexSel.value })}`; });
   }
