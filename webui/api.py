@@ -64,7 +64,8 @@ def indexes():
 @api.get("/health")
 def health():
     state = query.indexes()
-    return jsonify(status="ok", indexes=len(state.names), images=sum(len(s.index) for s in state.all()))
+    return jsonify(status="ok", indexes=len(state.names), images=sum(len(s.index) for s in state.all()),
+                   batching=state.batcher.stats())
 
 
 @api.post("/reload")

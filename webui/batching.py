@@ -47,8 +47,9 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._coming = 0  # requests decoding their query, about to submit
-        self.batches = 0
+        self.batches = 0  # counted for /api/health: jobs / batches is the mean batch size
         self.jobs = 0
+        self.waits = 0  # batches that waited for a decoding request to join
         self._worker = threading.Thread(target=self._loop, name="cbir-batcher", daemon=True)
         self._worker.start()
 
@@ -102,9 +103,12 @@ class Batcher:
                 self._cond.wait()
             first = self._queue[0]
             deadline = first.arrived + self.max_wait
+            waited = False
             while self._coming > 0 and self._count(first.key) < self.max_batch and \
                     (left := deadline - time.monotonic()) > 0:
+                waited = True
                 self._cond.wait(left)
+            self.waits += waited
             batch = [j for j in self._queue if j.key == first.key][: self.max_batch]
             for job in batch:
                 self._queue.remove(job)
@@ -112,6 +116,9 @@ class Batcher:
             self.batches += 1
             self.jobs += len(batch)
             return batch
+
+    def stats(self) -> dict[str, int]:
+        return {"max_batch": self.max_batch, "jobs": self.jobs, "batches": self.batches, "waits": self.waits}
 
     def _count(self, key: Hashable) -> int:
         return sum(1 for j in self._queue if j.key == key)

@@ -58,7 +58,7 @@ def in_parts(run: Callable[[Any], np.ndarray], batch: Any, owner: Any) -> np.nda
                             ) from None
     # outside the except block, so that the traceback (and the tensors its frames hold) is gone
     free_memory(getattr(owner, "device", None))
-    owner.max_batch = max(1, n // 2)
+    owner.max_batch = (n + 1) // 2
     log.warning(f"{owner.name}: out of GPU memory at a batch of {n}; going on with batches of {owner.max_batch} "
                 "(the same vectors)")
     return in_parts(run, batch, owner)
