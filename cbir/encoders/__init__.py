@@ -27,6 +27,7 @@ from cbir.encoders._registry import (
     list_families,
     register,
     register_family,
+    split_weights,
 )
 from cbir.errors import WeightsUnavailable
 from cbir.preprocess import Preprocess
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Encoder", "EncoderEntry", "Family", "Preprocess", "WeightsUnavailable", "POOLINGS", "PRECISIONS",
            "register", "register_family", "create", "from_config", "list_encoders", "list_families", "get_entry",
-           "Weights"]
+           "split_weights", "Weights"]
 
 _LAZY = {"Encoder": "cbir.encoders.base", "POOLINGS": "cbir.encoders.base", "create": "cbir.encoders._factory",
          "from_config": "cbir.encoders._factory", "PRECISIONS": "cbir.encoders._factory",

@@ -132,6 +132,15 @@ def family_of(name: str) -> tuple[Family, str] | None:
     return (_FAMILIES[prefix], rest) if prefix in _FAMILIES else None
 
 
+def split_weights(text: str) -> tuple[str, str | None]:
+    """'name[:weights]' -> (name, weights or None); a family's name keeps its prefix: 'timm:convnext_tiny[:FILE]'."""
+    name, _, weights = text.partition(SEP)
+    if family_of(text) is not None:
+        arch, _, weights = weights.partition(SEP)
+        name = f"{name}{SEP}{arch}"
+    return name, weights or None
+
+
 def get_entry(name: str) -> EncoderEntry:
     _load_plugins()
     if name in _REGISTRY:
