@@ -115,16 +115,17 @@ def rss_mb(pid: int) -> float:
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
-    """The collection (symlinks into --data) indexed with the default encoder; (collection, index, files)."""
+    """The collection (symlinks into --data) indexed with the default encoder; (collection, index, files). The
+    batching and drift modes reuse the index a previous run of theirs left (the update mode changes its files)."""
     data, work = Path(args.data), Path(args.work)
+    coll, index, files = work / "images", work / "index", sorted(data.rglob("*.jpg"))
+    if args.mode != "update" and (index / "vectors.h5").is_file():
+        return coll, index, files
     shutil.rmtree(work, ignore_errors=True)
-    coll = work / "images"
-    files = sorted(data.rglob("*.jpg"))
     for f in files:
         dst = coll / f.relative_to(data)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(f.resolve(), dst)
-    index = work / "index"
     subprocess.run([sys.executable, "-m", "cbir", "index", str(coll), "--out", str(index), "-q"], check=True)
     return coll, index, files
 

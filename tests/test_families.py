@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,14 @@ def test_an_index_of_a_timm_model_built_from_a_file_with_the_command(tiny: Tiny,
     assert main(["search", str(out), str(samples / "cat" / "chelsea.jpg"), "-k", "3", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["results"]
     assert found[0]["path"] == "cat/chelsea.jpg" and found[0]["score"] > 0.999
+    # that search prepared the verified ONNX query model: the next process searches without torch, same answer
+    command = ("import json, sys\nfrom cbir.cli import main\n"
+               f"main(['search', {str(out)!r}, {str(samples / 'cat' / 'chelsea.jpg')!r}, '-k', '3', '--json'])\n"
+               "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    proc = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=120, check=True)
+    *answer, torch_line = proc.stdout.strip().splitlines()
+    assert torch_line == "no torch", proc.stderr[-2000:]
+    assert [r["path"] for r in json.loads("\n".join(answer))["results"]] == [r["path"] for r in found]
     assert main(["search", str(out), "--text", "a cat"]) == 2
     assert "has no text tower: text search needs an index of a CLIP model" in capsys.readouterr().err
     assert main(["index", str(samples), "--out", str(tmp_path / "x"), "--encoder", f"timm:{VIT}",
