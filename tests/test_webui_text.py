@@ -10,11 +10,21 @@ import requests
 
 from cbir import Index
 from cbir.index import joint
+from tests.tiny_models import VIT, VIT_KWARGS, VIT_TAG
 
 
 @pytest.fixture(scope="module")
-def server(clip_index: Path, sample_index, start_server) -> str:
-    return start_server([clip_index, sample_index.directory])
+def timm_index(tiny, samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample photos indexed with the tiny ViT, its weights from a safetensors file."""
+    out = tmp_path_factory.mktemp("timm_index") / "vit"
+    Index.build(samples, out=out, encoder=f"timm:{VIT}", weights=str(tiny.vit_safetensors), device="cpu",
+                model_kwargs=VIT_KWARGS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(clip_index: Path, sample_index, timm_index: Path, start_server) -> str:
+    return start_server([clip_index, sample_index.directory, timm_index])
 
 
 def _paths(body: dict) -> list[str]:
@@ -39,11 +49,22 @@ def test_text_and_picture_plus_text_through_the_api(server: str, clip_index: Pat
     want = index.search_vector(joint(index.vector_of(12), index.embed_text("at night")), k=5, exclude_ids=(12,))
     assert r.status_code == 200 and _paths(r.json()) == [x.path for x in want]
     listed = {i["name"]: i["text"] for i in requests.get(f"{server}/api/indexes", timeout=10).json()["indexes"]}
-    assert listed == {"clip": True, "sample": False}
+    assert listed == {"clip": True, "sample": False, "vit": False}
+
+
+def test_an_index_of_a_timm_model_is_served(server: str, samples: Path) -> None:
+    picture = (samples / "rocket" / "rocket.jpg").read_bytes()
+    r = requests.post(f"{server}/api/search", params={"index": "vit", "k": 4}, data=picture,
+                      headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["encoder"] == f"timm:{VIT}.{VIT_TAG}" and body["results"][0]["path"] == "rocket/rocket.jpg"
+    assert body["results"][0]["similarity"] == "near-duplicate"
 
 
 @pytest.mark.parametrize(("params", "words"), [
     ({"text": "a cat", "index": "sample"}, "has no text tower: text search needs an index of a CLIP model"),
+    ({"text": "a cat", "index": "vit"}, "has no text tower"),
     ({"text": "   ", "index": "clip"}, "the text query is empty"),
     ({"text": "x" * 1001, "index": "clip"}, "at most 1000"),
     ({"text": "a cat", "index": "clip", "box": "0,0,10,10"}, "box is a region of a picture"),
