@@ -126,7 +126,9 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
         dst = coll / f.relative_to(data)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(f.resolve(), dst)
-    subprocess.run([sys.executable, "-m", "cbir", "index", str(coll), "--out", str(index), "-q"], check=True)
+    precision = ["--precision", args.precision] if args.precision else []
+    subprocess.run([sys.executable, "-m", "cbir", "index", str(coll), "--out", str(index), "-q", *precision],
+                   check=True)
     return coll, index, files
 
 
@@ -151,8 +153,9 @@ def batching(args: argparse.Namespace, index: Path, queries: list[bytes]) -> Non
     finally:
         for server, _ in servers.values():
             stop(server)
-    print(f"{len(queries)} query photos, efficientnet_lite0, {os.cpu_count()} cores, {args.repeats} alternating "
-          f"repeats x {args.seconds:.0f} s per mode and client count; medians of the repeats")
+    print(f"{len(queries)} query photos, efficientnet_lite0 ({args.precision or 'auto'}), {os.cpu_count()} cores, "
+          f"{args.repeats} alternating repeats x {args.seconds:.0f} s per mode and client count; medians of the "
+          "repeats")
     print("| clients | mode | requests | errors | requests/s | p50 ms | p95 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     med = {}
@@ -194,10 +197,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="batching: alternating repeats per mode")
     ap.add_argument("--minutes", type=float, default=10, help="drift: how long")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], help="the index's (and so the queries') numeric mode; "
+                    "default: what --precision auto chooses on this machine")
     ap.add_argument("--work", default=str(ROOT / "indexes" / ".bench-load"))
     args = ap.parse_args()
-    if args.mode != "update":
-        args.work += f"-{args.mode}"  # a drift run in the background keeps its own folder
+    if args.mode != "update":  # a drift run in the background keeps its own folder
+        args.work += f"-{args.mode}" + (f"-{args.precision}" if args.precision else "")
     coll, index, files = prepare(args)
     queries = [p.read_bytes() for p in files[::23][:64]]
     if args.mode == "batching":
