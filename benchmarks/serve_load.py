@@ -9,8 +9,9 @@ update (default): 8 concurrent clients for 60 s, then again while `cbir index --
 whether the server picked up the updated index without a restart.
 
 batching: two servers of the same index, batched query embeddings (`--max-batch 16`) and one at a time
-(`--max-batch 1`); 8 clients, then 1 client, against each in turn, repeated with the order alternated so that a
-busy moment of a shared machine hits both; medians of the repeats, and their ratios.
+(`--max-batch 1`); 8 clients against each in turn, repeated with the order alternated so that a busy moment of a
+shared machine hits both (medians of the repeats, and their ratios); then one client alternating single requests
+between the two (each server's percentiles, and the median of the per-pair latency ratios).
 
 drift: one batched server under 8 clients for --minutes, a row per minute with its p95 and the server's resident
 memory (VmRSS), to see whether either creeps up.
@@ -80,10 +81,7 @@ def load(url: str, queries: list[bytes], clients: int, seconds: float) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    lat.sort()
-    return {"requests": len(lat), "errors": errors, "rps": len(lat) / wall, "p50": statistics.median(lat),
-            "p95": lat[int(0.95 * (len(lat) - 1))], "p99": lat[int(0.99 * (len(lat) - 1))]}
+    return summary(lat, time.perf_counter() - t0, errors)
 
 
 def start_server(index: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -137,36 +135,65 @@ def health(base: str) -> dict:
         return json.loads(r.read())
 
 
+def summary(lat: list[float], wall: float, errors: int) -> dict:
+    lat = sorted(lat)
+    return {"requests": len(lat), "errors": errors, "rps": len(lat) / wall, "p50": statistics.median(lat),
+            "p95": lat[int(0.95 * (len(lat) - 1))], "p99": lat[int(0.99 * (len(lat) - 1))]}
+
+
+def one_client_paired(urls: dict[str, str], queries: list[bytes], seconds: float) -> tuple[dict, float]:
+    """One client alternating single requests between the servers (the order flipped every pair), so a busy moment
+    of a shared machine hits both alike; per server its summary, and the median of the per-pair latency ratios."""
+    lat: dict[str, list[float]] = {m: [] for m in urls}
+    errors = dict.fromkeys(urls, 0)
+    ratios, stop, i = [], time.monotonic() + seconds, 0
+    modes = list(urls)
+    while time.monotonic() < stop:
+        pair = {}
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            status, ms = post(urls[mode], queries[i % len(queries)])
+            pair[mode] = ms
+            lat[mode].append(ms)
+            errors[mode] += status != 200
+        ratios.append(pair[modes[0]] / pair[modes[1]])
+        i += 1
+    return ({m: summary(lat[m], sum(lat[m]) / 1000, errors[m]) for m in urls}, statistics.median(ratios))
+
+
 def batching(args: argparse.Namespace, index: Path, queries: list[bytes]) -> None:
     servers = {"batched": start_server(index, "--max-batch", "16"), "one by one": start_server(index, "--max-batch",
                                                                                                  "1")}
-    runs: dict[tuple[str, int], list[dict]] = {}
+    urls = {mode: base + "/api/search?k=10" for mode, (_, base) in servers.items()}
+    runs: dict[str, list[dict]] = {m: [] for m in servers}
     try:
-        for _, base in servers.values():  # warm up: the first batches of each size choose their kernels
-            load(base + "/api/search?k=10", queries, args.clients, 5)
+        for url in urls.values():  # warm up: the first batches of each size choose their kernels
+            load(url, queries, args.clients, 5)
         for r in range(args.repeats):
-            for clients in (args.clients, 1):
-                for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                    url = servers[mode][1] + "/api/search?k=10"
-                    runs.setdefault((mode, clients), []).append(load(url, queries, clients, args.seconds))
+            for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                runs[mode].append(load(urls[mode], queries, args.clients, args.seconds))
+        single, ratio = one_client_paired(urls, queries, args.seconds * args.repeats)
         stats = health(servers["batched"][1])["batching"]
     finally:
         for server, _ in servers.values():
             stop(server)
-    print(f"{len(queries)} query photos, efficientnet_lite0 ({args.precision or 'auto'}), {os.cpu_count()} cores, "
-          f"{args.repeats} alternating repeats x {args.seconds:.0f} s per mode and client count; medians of the "
-          "repeats")
-    print("| clients | mode | requests | errors | requests/s | p50 ms | p95 ms | p99 ms |")
+    print(f"{len(queries)} query photos, efficientnet_lite0 ({args.precision or 'auto'}), {os.cpu_count()} cores; "
+          f"{args.clients} clients: {args.repeats} alternating runs of {args.seconds:.0f} s per server, medians of "
+          f"the runs; 1 client: {args.seconds * args.repeats:.0f} s of single requests alternating between them")
+    print("| clients | server | requests | errors | requests/s | p50 ms | p95 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
-    med = {}
-    for (mode, clients), rs in sorted(runs.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
-        med[(mode, clients)] = m = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p95", "p99")}
-        print(f"| {clients} | {mode} | {sum(r['requests'] for r in rs)} | {sum(r['errors'] for r in rs)} | "
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p95", "p99")} for m, rs in runs.items()}
+    for mode, rs in runs.items():
+        m = med[mode]
+        print(f"| {args.clients} | {mode} | {sum(r['requests'] for r in rs)} | {sum(r['errors'] for r in rs)} | "
               f"{m['rps']:.1f} | {m['p50']:.1f} | {m['p95']:.1f} | {m['p99']:.1f} |")
-    for clients in (args.clients, 1):
-        on, off = med[("batched", clients)], med[("one by one", clients)]
-        print(f"{clients} clients, batched / one by one: requests/s x{on['rps'] / off['rps']:.2f}, p50 "
-              f"x{on['p50'] / off['p50']:.2f}, p95 x{on['p95'] / off['p95']:.2f}")
+    for mode, m in single.items():
+        print(f"| 1 | {mode} | {m['requests']} | {m['errors']} | {m['rps']:.1f} | {m['p50']:.1f} | {m['p95']:.1f} | "
+              f"{m['p99']:.1f} |")
+    on, off = med["batched"], med["one by one"]
+    print(f"{args.clients} clients, batched / one by one: requests/s x{on['rps'] / off['rps']:.2f}, p50 "
+          f"x{on['p50'] / off['p50']:.2f}, p95 x{on['p95'] / off['p95']:.2f}")
+    print(f"1 client, batched / one by one: p50 x{single['batched']['p50'] / single['one by one']['p50']:.3f}, "
+          f"median of the paired ratios x{ratio:.3f}")
     print(f"batched server: {stats['jobs']} embeddings in {stats['batches']} batches "
           f"(mean {stats['jobs'] / max(1, stats['batches']):.2f}), {stats['waits']} waited for a decoding request")
 
