@@ -5,13 +5,15 @@
     same = cbir.encoders.from_config(enc.config)
 
 Adding an encoder is one new module in this package (every public module here is imported on first lookup) or a
-third-party module named by an entry point in the group ``cbir.encoders``.
+third-party module named by an entry point in the group ``cbir.encoders``. A family (`register_family`) answers a
+name prefix for any model its library knows: `timm:NAME` (timm_family.py), `clip:ARCH` (clip_family.py, which also
+embeds text), their weights from a file or the local Hugging Face cache (`_hub`).
 
 Inside, as timm splits it: `_registry` (names -> entries), `_builder` (an entry -> its network), `_factory`
 (`create`, `from_config`: the prepared cache and the numeric mode); the runtime beside them: `_device`, `_weights`,
-`_prepared` (the cache), `_numeric` (fp32 / bf16 / int8 by measurement), `_onnx_*` (ONNX Runtime), `_trainable`
-(the networks `cbir train` trains). This module re-exports; what needs torch loads on first use, so that the
-query path (`_onnx_query`) and `cbir encoders` never import torch.
+`_prepared` (the cache), `_numeric` (fp32 / bf16 / int8 by measurement), `_onnx_*` (ONNX Runtime), `_memory`
+(out of GPU memory: halve the batch), `_trainable` (the networks `cbir train` trains). This module re-exports;
+what needs torch loads on first use, so that the query path (`_onnx_query`) never imports torch.
 """
 
 from __future__ import annotations
