@@ -80,3 +80,21 @@ def test_serving_batches_and_text_halve_too_and_one_image_too_many_is_a_plain_er
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         other.embed_pixels(pixels[:2])
     assert other.max_batch is None
+
+
+def test_a_card_that_is_not_there_is_a_plain_error() -> None:
+    from cbir.encoders._device import resolve_device
+
+    cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(CbirError, match=f"--device cuda:{cards + 1}"):  # no GPU, or not that many
+        resolve_device(f"cuda:{cards + 1}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this project's CI machines)")
+def test_on_a_real_gpu_the_halved_batches_give_the_cpus_vectors() -> None:
+    cpu = _encoder(None)
+    gpu = create("random_cnn", device="cuda:0")
+    gpu.model = SmallCard(gpu.model, fits=3)
+    pixels = np.stack([cpu.preprocess.pixels(photo(seed=s)) for s in range(8)])
+    np.testing.assert_allclose(gpu.embed_pixels(pixels), cpu.embed_pixels(pixels), atol=1e-4)
+    assert gpu.max_batch == 2 and torch.cuda.memory_allocated() < 2**30
