@@ -215,27 +215,82 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
-    from cbir.duplicates import DEFAULT_THRESHOLD, find_duplicates
+    from cbir import review
+    from cbir.duplicates import DEFAULT_THRESHOLD, TIERS, find_duplicates
     from cbir.index import Index
 
+    if args.undo:
+        return _undo_moves(args)
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLD
     if not 0.0 < args.threshold <= 1.0:
         raise CbirError("--threshold is a cosine similarity between 0 and 1")
-    found = find_duplicates(Index.open(args.index, device="cpu"), args.threshold)
-    if args.json:
+    if args.apply and not args.move_to:
+        raise CbirError("--apply carries out --move-to DIR: give the folder to move the other pictures of groups to")
+    index = Index.open(args.index, device="cpu")
+    if args.not_duplicates:
+        added = review.Decisions.load(index.directory).mark_not_duplicates(args.not_duplicates)
+        print(f"remembered: {', '.join(args.not_duplicates)} are not duplicates ({added} new pairs); they will not "
+              "be shown together again")
+    found = find_duplicates(index, args.threshold)
+    tiers = [t for t in (args.tiers or "identical,near").split(",") if t]
+    if unknown := set(tiers) - set(TIERS):
+        raise CbirError(f"--tiers: unknown tier {sorted(unknown)[0]!r}; choose from {', '.join(TIERS)}")
+    if args.keep:
+        review.set_keep(found, args.keep)
+    if args.json and not args.move_to:
         print(json.dumps(found, indent=2))
         return 0
+    if not args.move_to:
+        _print_duplicates(found, args.threshold)
+        return 0
+    return _move_duplicates(index, found, tiers, args)
+
+
+def _print_duplicates(found: dict, threshold: float) -> None:
     print(f"{len(found['identical'])} groups of byte-identical files, {len(found['near'])} groups of copies "
-          f"({found['candidates']} pairs at cosine >= {args.threshold} checked, {found['verified_pairs']} verified "
-          "by matching local features)")
-    for g in found["identical"]:
-        print("identical: " + "  ".join(x["path"] for x in g))
-    for g in found["near"]:
-        print(f"copies of {g[0]['path']}:")
-        for member in g[1:]:
-            print(f"    {member['path']}: {member['evidence'][0]['why']}")
+          f"({found['candidates']} pairs at cosine >= {threshold} checked, {found['verified_pairs']} verified "
+          f"by matching local features), {len(found['same_scene'])} groups of the same scene (burst shots: "
+          "not copies)")
+    for title, key in (("identical", "identical"), ("copies of", "near"), ("same scene as", "same_scene")):
+        for g in found[key]:
+            print(f"{title} {g[0]['path']}:" if key != "identical" else "identical:")
+            for m in g:
+                facts = f"{m['width']}x{m['height']}, {m['bytes']:,} bytes, {m['taken'] or 'no date'}"
+                why = m.get("why") or (m["evidence"][0]["why"] if m.get("evidence") else "")
+                print(f"  {'keep' if m['keep'] else '    '}  {m['path']} ({facts}){': ' + why if why else ''}")
+
+
+def _move_duplicates(index, found: dict, tiers: list[str], args: argparse.Namespace) -> int:
+    from cbir import review
+
+    moves = review.plan_moves(index.root, [g for t in tiers for g in found[t]], Path(args.move_to))
+    if not args.apply:
+        for m in moves:
+            print(f"would move {m.describe()}")
+        print(f"dry run: {len(moves)} files would move (the one marked keep in each group stays); add --apply to "
+              "move them; cbir duplicates INDEX --undo puts them back")
+        return 0
+    done = review.move_duplicates(index, moves)
+    for m in done:
+        print(f"moved {m.describe()}")
+    print(f"moved {len(done)} files to {args.move_to} and removed them from the index (log: "
+          f"{index.directory / 'moves.jsonl'}); cbir duplicates {args.index} --undo puts them back")
     return 0
+
+
+def _undo_moves(args: argparse.Namespace) -> int:
+    from cbir import review
+    from cbir.index import Index
+
+    undone = review.undo_duplicate_moves(Index.open(args.index, device="cpu"))
+    for m in undone.restored:
+        print(f"restored {m.source}")
+    for m, why in undone.refused:
+        print(f"not restored {m.source}: {why}")
+    print(f"{len(undone.restored)} files put back and indexed again" +
+          (f"; {len(undone.refused)} could not be (still in the log)" if undone.refused else ""))
+    return 0 if not undone.refused else 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -376,11 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("duplicates", help="list byte-identical and near-duplicate images in an index")
+    s = sub.add_parser("duplicates", help="byte-identical files, verified copies and burst shots of an index; "
+                       "move all but one of each group out of the collection (and back)")
     s.add_argument("index")
     s.add_argument("--threshold", type=float, default=None, help="cosine similarity from which pairs are checked "
                    "(default 0.7); a pair is reported only when its local features verify it")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--not-duplicates", nargs="+", metavar="PATH", help="remember that these pictures (paths as "
+                   "listed) are not duplicates: they are never shown together again")
+    s.add_argument("--keep", action="append", metavar="PATH", help="keep this picture of its group instead of the "
+                   "default (the largest, then the oldest)")
+    s.add_argument("--move-to", metavar="DIR", help="move every picture of each group but the one to keep into DIR "
+                   "(same relative paths; never overwrites). A dry run unless --apply")
+    s.add_argument("--apply", action="store_true", help="with --move-to: really move (logged in the index folder)")
+    s.add_argument("--tiers", metavar="LIST", help="with --move-to: which groups, from identical, near (verified "
+                   "copies) and same_scene (burst shots); default identical,near")
+    s.add_argument("--undo", action="store_true", help="put back every file moved by --move-to --apply, and into "
+                   "the index")
     s.set_defaults(func=_cmd_duplicates)
 
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")

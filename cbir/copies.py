@@ -98,11 +98,17 @@ def _sift():
 
 def match(a: Features, b: Features) -> Evidence:
     """Ratio-test matches of a's descriptors in b, and how many one similarity transform explains."""
+    return matched_points(a, b)[0]
+
+
+def matched_points(a: Features, b: Features) -> tuple[Evidence, np.ndarray, np.ndarray]:
+    """`match`, with the points that agree: positions in a and in b ([M, 2] each, at SIDE px), for drawing."""
     import cv2
 
+    none = np.zeros((0, 2), np.float32)
     (pa, da, size_a), (pb, db, size_b) = a, b
     if da is None or db is None or len(da) < 2 or len(db) < 2:
-        return Evidence(0, 0)
+        return Evidence(0, 0), none, none
     keypoints = min(len(pa), len(pb))
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(da, db, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO_TEST * p[1].distance]
@@ -112,7 +118,7 @@ def match(a: Features, b: Features) -> Evidence:
             best[m.trainIdx] = m
     good = list(best.values())
     if len(good) < 4:
-        return Evidence(0, len(good), keypoints=keypoints)
+        return Evidence(0, len(good), keypoints=keypoints), none, none
     src = pa[[m.queryIdx for m in good]]
     dst = pb[[m.trainIdx for m in good]]
     cv2.setRNGSeed(0)  # the same pair gets the same answer every time
@@ -120,8 +126,8 @@ def match(a: Features, b: Features) -> Evidence:
                                                   maxIters=5000, confidence=0.999)
     inliers = mask.ravel().astype(bool) if mask is not None else np.zeros(len(good), bool)
     if transform is None or not _plausible(transform, src[inliers], dst[inliers], size_a, size_b):
-        return Evidence(0, len(good), keypoints=keypoints)
-    return Evidence(int(inliers.sum()), len(good), keypoints=keypoints)
+        return Evidence(0, len(good), keypoints=keypoints), none, none
+    return Evidence(int(inliers.sum()), len(good), keypoints=keypoints), src[inliers], dst[inliers]
 
 
 def _plausible(transform: np.ndarray, src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int],
@@ -176,6 +182,38 @@ class FeatureCache:
         if not mirror:
             return match(self.get(a), self.get(b))
         return either_way(self.get(a), lambda: self.get(a, mirrored=True), self.get(b))
+
+
+LINE_COLOURS = ((46, 204, 113), (52, 152, 219), (241, 196, 15), (231, 76, 60), (155, 89, 182))
+
+
+def evidence_picture(a: Path, b: Path, max_lines: int = 60) -> tuple[Image.Image, Evidence]:
+    """The two pictures side by side (at SIDE px, as they were compared) with their matching points joined by lines:
+    what "verified: 87 matching points" means, to look at. A mirrored copy is matched through its mirror image and
+    its points drawn where they are in the picture as it is."""
+    from PIL import ImageDraw
+
+    ia, ib = load_image(a, draft=SIDE), load_image(b, draft=SIDE)
+    fa, fb = features(ia), features(ib)
+    evidence, src, dst = matched_points(fa, fb)
+    if not evidence.verified:
+        flipped, fsrc, fdst = matched_points(features(ImageOps.mirror(ia)), fb)
+        if (flipped.verified, flipped.inliers) > (evidence.verified, evidence.inliers):
+            evidence, src, dst = replace(flipped, mirrored=True), fsrc.copy(), fdst
+            src[:, 0] = fa[2][0] - 1 - src[:, 0]
+    (wa, ha), (wb, hb) = fa[2], fb[2]
+    gap = 12
+    canvas = Image.new("RGB", (wa + gap + wb, max(ha, hb)), (255, 255, 255))
+    canvas.paste(ia.resize((wa, ha), Image.BICUBIC), (0, 0))
+    canvas.paste(ib.resize((wb, hb), Image.BICUBIC), (wa + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    step = max(1, len(src) // max_lines)
+    for n, ((x0, y0), (x1, y1)) in enumerate(zip(src[::step], dst[::step], strict=True)):
+        colour = LINE_COLOURS[n % len(LINE_COLOURS)]
+        draw.line([(x0, y0), (x1 + wa + gap, y1)], fill=colour, width=1)
+        for x, y in ((x0, y0), (x1 + wa + gap, y1)):
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+    return canvas, evidence
 
 
 def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20, *,

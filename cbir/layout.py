@@ -4,6 +4,8 @@
     IDX/faiss.index    the search index over them (cbir.search.searcher)
     IDX/.work/         saved batches of an unfinished indexing run (indexer.work)
     IDX/.lock          held by the run that is writing IDX (indexer.lock)
+    IDX/review.json    duplicate review: the groups a person said are not duplicates (cbir.review)
+    IDX/moves.jsonl    duplicate review: files moved out of the collection, for --undo (cbir.review)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ VECTORS = "vectors.h5"
 FAISS = "faiss.index"
 WORK = ".work"
 LOCK = ".lock"
+REVIEW = "review.json"
+MOVES = "moves.jsonl"
 DEFAULT_DIR = Path("indexes")
 
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbir import metadata
 from cbir.errors import CbirError
 from cbir.files import sha256_bytes
-from cbir.images import ImageError, load_image
+from cbir.images import ImageError, decode_image
 from cbir.preprocess import Preprocess
 from indexer.source import Source
 
@@ -42,6 +43,7 @@ class Decoded:
     mtime_ns: int = 0
     size: int = 0
     sha256: str = ""
+    meta: metadata.Meta | None = None  # read here, where the file is open anyway
 
     @property
     def ok(self) -> bool:
@@ -53,8 +55,9 @@ def decode(source: Source, file: str, preprocess: Preprocess) -> Decoded:
         data, size, mtime_ns = source.read(file)
         if not data:
             return Decoded(file, None, "empty file (0 bytes)")
-        im = load_image(io.BytesIO(data), draft=preprocess.draft_size)
-        return Decoded(file, preprocess.pixels(im), "", mtime_ns, size, sha256_bytes(data))
+        picture = decode_image(io.BytesIO(data), draft=preprocess.draft_size, name=file)
+        meta = metadata.read(picture.exif, picture.xmp, picture.size, mtime_ns, source.sidecar(file))
+        return Decoded(file, preprocess.pixels(picture.image), "", mtime_ns, size, sha256_bytes(data), meta=meta)
     except ImageError as exc:
         return Decoded(file, None, str(exc))
     except FileNotFoundError:

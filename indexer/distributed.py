@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cbir import metadata
 from cbir.files import atomic_path
 from indexer import guardian
 from indexer.decode import DECODE_NICE, Decoded, decode
 from indexer.options import BuildOptions
 from indexer.source import Source
-from indexer.work import WorkDir
+from indexer.work import META, WorkDir
 
 if TYPE_CHECKING:  # the driver's side; Ray's decoding workers import this module without torch
     from cbir.encoders import Encoder
@@ -202,9 +203,12 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
 def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
     """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
     marker = np.zeros(0, np.uint8)
-    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h))
-            for p, ok, r, m, s, h in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
-                                         batch["size"], batch["sha256"], strict=True)]
+    meta = {name.removeprefix(META): column for name, column in batch.items() if name.startswith(META)}
+    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h),
+                    meta=metadata.from_columns(meta, j) if ok else None)
+            for j, (p, ok, r, m, s, h) in enumerate(zip(batch["path"], batch["ok"], batch["reason"],
+                                                        batch["mtime_ns"], batch["size"], batch["sha256"],
+                                                        strict=True))]
 
 
 def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocess: Any) -> dict[str, np.ndarray]:
@@ -224,7 +228,9 @@ def _decoded_columns(batch: dict[str, np.ndarray], items: list[Decoded], size: i
             "ok": np.array([it.ok for it in items], bool), "reason": np.array([it.reason for it in items]),
             "mtime_ns": np.array([it.mtime_ns for it in items], np.int64),
             "size": np.array([it.size for it in items], np.int64),
-            "sha256": np.array([it.sha256 for it in items])}
+            "sha256": np.array([it.sha256 for it in items]),
+            **{f"{META}{name}": column for name, column in metadata.to_columns(
+                [it.meta or metadata.Meta(taken_ns=0) for it in items]).items()}}
 
 
 class EmbedBatch:

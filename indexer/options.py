@@ -60,6 +60,7 @@ class BuildOptions:
     memory_budget: int | None = None  # bytes the vectors may take in RAM before auto goes on disk (None: half the RAM)
     engine: str = "local"  # local (this machine's processes) or ray (a Ray cluster: indexer/distributed.py)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for the run
+    tags: str | None = None  # a CSV of path,tag: tags given to pictures (paths relative to the folder)
     progress: bool = False
 
     def validate(self) -> None:

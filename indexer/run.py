@@ -106,7 +106,7 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
         work.remove()
     return Summary(out=out, encoder=enc, mode=opts.mode, indexed=done.indexed, skipped=done.skipped,
                    seconds=time.perf_counter() - started, embedded=len(todo), resumed=plan.resumed, added=done.added,
-                   changed=plan.changed, removed=plan.removed, unchanged=plan.unchanged)
+                   changed=plan.changed, removed=plan.removed, unchanged=plan.unchanged, left_out=found.left_out)
 
 
 def _embed(root: Source, planned: list[str], todo: list[str], enc: Encoder, work: WorkDir, opts: BuildOptions, *,

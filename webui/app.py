@@ -14,6 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "BUSY_TIMEOUT_SECONDS": 15.0,  # wait for the encoder at most this long, then 503
     "MAX_K": 100,
     "TOKEN": None,  # set: every page, API call, image and thumbnail needs it (see auth.py)
+    "MOVE_TO": None,  # the duplicate review page moves files here (cbir serve --move-to); None: it moves nothing
 }
 
 
@@ -35,8 +36,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from webui import auth
     from webui.api import api
     from webui.pages import pages
+    from webui.review import duplicates
 
     auth.install(app)
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(duplicates)
     return app
