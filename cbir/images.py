@@ -236,11 +236,12 @@ def _picture(im: Image.Image, draft: int | None, orientation: int | None = None)
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)  # animated GIF/WebP/TIFF: the first frame stands for the file
     exif, size, xmp = _facts(im, orientation)
-    if draft and im.format == "JPEG":
+    drafted = bool(draft) and im.format == "JPEG"
+    if drafted:
         im.draft("RGB", (draft, draft))
     im.load()
     im = ImageOps.exif_transpose(im) or im
-    return Picture(image=_to_rgb(im), size=size, exif=exif, xmp=xmp)
+    return Picture(image=_to_rgb(im), size=size if drafted else im.size, exif=exif, xmp=xmp)
 
 
 def _facts(im: Image.Image, orientation: int | None = None) -> tuple[Image.Exif, tuple[int, int], bytes]:
@@ -248,7 +249,9 @@ def _facts(im: Image.Image, orientation: int | None = None) -> tuple[Image.Exif,
     exif = im.getexif()
     if orientation is not None and exif.get(0x0112, 1) == 1:
         exif[0x0112] = orientation  # a camera RAW's preview turned as the RAW says
-    turned = exif.get(0x0112, 1) in (5, 6, 7, 8)
+    # Pillow's TIFF reader reports (and loads) a TIFF already turned by its orientation tag; other formats are turned
+    # by exif_transpose after decoding
+    turned = exif.get(0x0112, 1) in (5, 6, 7, 8) and im.format != "TIFF"
     size = (im.size[1], im.size[0]) if turned else im.size
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or getattr(im, "tag_v2", {}).get(700, b"")
     return exif, size, xmp.encode("utf-8", "replace") if isinstance(xmp, str) else bytes(xmp or b"")
@@ -277,11 +280,24 @@ def _decode_raw(fp: io.IOBase | str | os.PathLike[str], draft: int | None) -> Pi
     else:
         data = fp.read()
     preview, developed, orientation, size = formats.raw_preview(data)
+    exif = _tiff_exif(data)
     if preview is not None:
         with Image.open(io.BytesIO(preview)) as im:
             found = _picture(im, draft, orientation)
-        return Picture(image=found.image, size=size, exif=found.exif, xmp=found.xmp)
-    return Picture(image=_to_rgb(Image.fromarray(developed)), size=size)
+        return Picture(image=found.image, size=size, exif=exif or found.exif, xmp=found.xmp)
+    return Picture(image=_to_rgb(Image.fromarray(developed)), size=size, exif=exif)
+
+
+def _tiff_exif(data: bytes) -> Image.Exif | None:
+    """The EXIF of a TIFF-structured camera RAW (CR2, NEF, ARW, DNG ...): its first IFD is an EXIF block."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    exif = Image.Exif()
+    try:
+        exif.load(data)
+    except Exception:  # a maker's own layout: the picture still counts, without its camera facts
+        return None
+    return exif if len(exif) else None
 
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the picture as shown (EXIF applied)
