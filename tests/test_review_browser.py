@@ -1,0 +1,58 @@
+"""The duplicate review page in a real Chromium: three tiers, evidence drawn, "not duplicates" survives a restart."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cbir import Index
+from tests.test_review import make_collection
+from tests.test_webui_browser import ARTIFACTS, browser  # noqa: F401  (the Chromium fixture)
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Path:
+    root = make_collection(tmp_path_factory.mktemp("review_page") / "collection", samples)
+    out = tmp_path_factory.mktemp("review_page_idx") / "idx"
+    Index.build(root, out=out, device="cpu")
+    return out
+
+
+def _open_review(browser, server: str):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server + "/duplicates")
+    page.wait_for_selector("#tier-same_scene", timeout=120_000)  # the page reloads itself until the search is done
+    return page
+
+
+def test_review_page_tiers_evidence_and_not_duplicates(browser, index_dir: Path, start_server,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    directory = tmp_path / "idx"
+    shutil.copytree(index_dir, directory)
+    page = _open_review(browser, start_server([directory]))
+    for tier, paths in (("identical", {"backup/coffee.jpg", "photos/coffee.jpg"}),
+                        ("near", {"photos/astronaut.jpg", "photos/astronaut_small.jpg"}),
+                        ("same_scene", {"burst/shot1.jpg", "burst/shot2.jpg"})):
+        groups = page.locator(f"#tier-{tier} form.group")
+        assert groups.count() == 1, tier
+        shown = set(groups.first.locator("li.card").evaluate_all("cards => cards.map(c => c.dataset.path)"))
+        assert shown == paths, tier
+    kept = page.locator("#tier-near li.card.keep").get_attribute("data-path")
+    assert kept == "photos/astronaut.jpg"
+    assert page.locator("#tier-near li.card.keep input[type=radio]").is_checked()
+    evidence = page.locator("#tier-near .evidence img")
+    evidence.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=evidence.element_handle())
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "duplicates.png"), full_page=True)
+
+    page.locator("#tier-same_scene button[value=not-duplicates]").click()
+    page.wait_for_selector("#status:has-text('not duplicates')")
+    assert page.locator("#tier-same_scene form.group").count() == 0
+    assert page.locator("#tier-near form.group").count() == 1
+
+    again = _open_review(browser, start_server([directory]))  # a new server: a restart
+    assert again.locator("#tier-same_scene form.group").count() == 0
+    assert again.locator("#tier-identical form.group").count() == 1
