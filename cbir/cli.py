@@ -28,7 +28,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
                            on_disk=True if args.on_disk else None, memory_budget=_bytes(args.memory_budget),
-                           engine=args.engine, ray_address=args.ray_address)
+                           engine=args.engine, ray_address=args.ray_address, tags=args.tags)
     print(build(args.dir, args.out, options).describe())
     return 0
 
@@ -307,7 +307,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from webui.server import make_server
 
     app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
-                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
+                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024), "MOVE_TO": args.move_to})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     names = ", ".join(app.extensions["cbir"].names)
     print(f"serving {names} on http://{args.host}:{server.effective_port}/  (Ctrl+C stops)", flush=True)
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes; ray: decode and embed on a Ray cluster (README: More than one machine)")
     s.add_argument("--ray-address", help="with --engine ray: the cluster to join (default: RAY_ADDRESS if set, else "
                    "a local cluster started for this run)")
+    s.add_argument("--tags", metavar="FILE.csv", help="tags for pictures: a CSV with the header path,tag, then one "
+                   "line per path (relative to DIR) and tag; added to the tags their XMP carries")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 
@@ -460,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
     s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
+    s.add_argument("--move-to", metavar="DIR", help="let the duplicate review page (/duplicates) move the other "
+                   "pictures of a group into DIR (never deletes; cbir duplicates INDEX --undo puts them back)")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="describe an index")
