@@ -10,6 +10,7 @@ from flask import current_app, url_for
 from cbir.errors import BoxError, CbirError, QueryImageError
 from cbir.images import Box, parse_box
 from cbir.index import Index
+from cbir.search.filters import FilterError, Where
 from webui.files import safe_file
 from webui.state import Busy, IndexSet
 
@@ -49,6 +50,18 @@ def parse_region(raw: str | None) -> Box | None:
     try:
         return parse_box(raw)
     except ValueError as exc:
+        raise QueryError(400, str(exc)) from None
+
+
+FILTERS = ("folder", "after", "before", "camera", "tag")  # query parameters; several combine with AND
+
+
+def parse_where(values) -> Where:
+    """The filters of a request (`folder`, `after`, `before`, `camera`, `tag`, repeatable), checked."""
+    try:
+        return Where.parse(folder=values.get("folder"), after=values.get("after"), before=values.get("before"),
+                           camera=values.get("camera"), tags=values.getlist("tag"))
+    except FilterError as exc:
         raise QueryError(400, str(exc)) from None
 
 
