@@ -21,9 +21,9 @@ from statistics import median
 
 import torch
 
+from cbir import metadata
 from cbir.encoders import create
 from cbir.files import sha256_bytes
-from cbir import metadata
 from cbir.images import decode_image, load_image
 from indexer.decode import decode
 from indexer.source import Source

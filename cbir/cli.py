@@ -100,7 +100,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     index = Index.open(args.index, device="cpu")
     info = index.info()
     if args.json:
-        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.store.skipped]
+        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.skipped]
         print(json.dumps(info, indent=2))
         return 0
     enc = info["encoder"]
@@ -118,10 +118,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why += f" (on {cal.get('measured_at', 'an earlier run')}, reused from {cal['reused']})"
     print(f"precision {enc.get('precision', 'fp32')}  {why}".rstrip())
     print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
-    from cbir.search.plan import SearchPlan
-
-    plan = SearchPlan.from_dict({k: v for k, v in info["search"].items() if k not in ("gpu", "ntotal")})
-    print(f"search    {plan.describe()}  gpu={info['search']['gpu']}")
+    _print_segments(info)
     from cbir.search.expansion import Expansion
 
     print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
@@ -130,10 +127,60 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
           f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
-    for p, r in index.store.skipped[: args.show_skipped]:
+    for p, r in index.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
-    if len(index.store.skipped) > args.show_skipped:
-        print(f"  ... {len(index.store.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    if len(index.skipped) > args.show_skipped:
+        print(f"  ... {len(index.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    return 0
+
+
+def _print_segments(info: dict) -> None:
+    """The search index of each segment (one line each, the first few), and what the generation holds."""
+    from cbir.search.plan import SearchPlan
+
+    segments = info["segments"]
+    print(f"segments  {len(segments)} (generation {info['generation']}; {info['deleted']} deleted rows awaiting "
+          f"compaction){'' if len(segments) < 2 else '   cbir compact merges them'}")
+    for seg in segments[:5]:
+        plan = SearchPlan.from_dict({k: v for k, v in seg["search"].items() if k not in ("gpu", "ntotal")})
+        print(f"search    {seg['name']}: {seg['rows'] - seg['deleted']} rows  {plan.describe()}  "
+              f"gpu={seg['search']['gpu']}")
+    if len(segments) > 5:
+        print(f"          ... {len(segments) - 5} more segments (cbir info --json lists all)")
+    if info["removed_files"]:
+        print(f"removed   {len(info['removed_files'])} files removed from the index by hand (left out until they "
+              "change; cbir info --json lists them)")
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from cbir.watch import Watcher
+    from indexer import BuildOptions
+
+    out = Path(args.out) if args.out else Path("indexes") / Path(args.dir).resolve().name
+    watcher = Watcher(Path(args.dir), out, BuildOptions(encoder=args.encoder, weights=args.weights, device=args.device,
+                                                        exclude=tuple(args.exclude), progress=not args.quiet),
+                      poll=args.poll)
+    print(watcher.catch_up(), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop.set())
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        watcher.stop.set()
+    print(f"stopped watching {args.dir}: {watcher.batches} batches committed; {out} is up to date", flush=True)
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from cbir.index import Index
+
+    index = Index.open(args.index, device="cpu")
+    before = len(index.manifest.segments), index.manifest.deleted
+    started = time.perf_counter()
+    index.compact()
+    print(f"compacted {index.name}: {before[0]} segments ({before[1]} deleted rows) -> "
+          f"{len(index.manifest.segments)} segment of {len(index)} rows in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -303,10 +350,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CbirError(f"--host {args.host} makes every image of the collection reachable from the network; set a "
                         "token (CBIR_TOKEN=... or --token ...) that visitors must give, or pass --public to share "
                         "it with anyone who can reach this machine")
+    if args.writable and not is_loopback(args.host) and not token:
+        raise CbirError(f"--writable on --host {args.host} would let anyone on the network add and remove images; "
+                        "set a token (CBIR_TOKEN=...) that writers must give (--public does not cover writes)")
     from webui import create_app
     from webui.server import make_server
 
-    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
+    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token, "WRITABLE": args.writable,
                       "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024), "MOVE_TO": args.move_to})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     names = ", ".join(app.extensions["cbir"].names)
@@ -462,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
     s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
+    s.add_argument("--writable", action="store_true", help="accept POST /api/images (add an image) and DELETE "
+                   "/api/images/ID (remove one); needs a token on a network address")
     s.add_argument("--move-to", metavar="DIR", help="let the duplicate review page (/duplicates) move the other "
                    "pictures of a group into DIR (never deletes; cbir duplicates INDEX --undo puts them back)")
     s.set_defaults(func=_cmd_serve)
@@ -471,6 +523,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--show-skipped", type=int, default=10, metavar="N")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("watch", help="keep an index in step with a folder: new, changed, moved and deleted files are "
+                       "committed within seconds (catches up first)")
+    s.add_argument("dir", help="folder of images to watch (searched recursively)")
+    s.add_argument("--out", help="index folder (default: indexes/<folder name>); built first if absent")
+    s.add_argument("--encoder", help="for a new index (default efficientnet_lite0)")
+    s.add_argument("--weights")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--poll", action="store_true", help="poll the folder instead of inotify (network file systems)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while catching up")
+    s.set_defaults(func=_cmd_watch)
+
+    s = sub.add_parser("compact", help="merge an index's segments into one (deleted rows dropped, search index "
+                       "tuned again); no image is embedded again")
+    s.add_argument("index")
+    s.set_defaults(func=_cmd_compact)
 
     s = sub.add_parser("encoders", help="list encoders, their dimensions and whether their weights are here")
     s.add_argument("--json", action="store_true")

@@ -30,7 +30,6 @@ from cbir.errors import CbirError
 from cbir.index import Index
 from cbir.metadata import Meta, show_date
 from cbir.review import Decisions, choose_keep
-from cbir.search import store
 
 # Candidates: pairs at this cosine or above are verified. Chosen by `cbir bench --task copies` on animals4 with
 # efficientnet_lite0 (benchmarks/RESULTS.md): every edited copy scored above it against its source.
@@ -89,7 +88,7 @@ class _Verifier:
         self.evidence: dict[tuple[int, int], Evidence] = {}
 
     def file(self, row: int):
-        return self.index.root / self.index.store.paths[row]
+        return self.index.root / self.index.rows().paths[row]
 
     def check(self, i: int, j: int) -> Evidence:
         key = (min(i, j), max(i, j))
@@ -114,7 +113,7 @@ class _Verifier:
         e = self.check(i, j)
         cos = self.cosines.get((min(i, j), max(i, j)))
         why = f"verified: {e.inliers} matching points ({e.agreement:.0%} agree){', mirrored' if e.mirrored else ''}"
-        return {"of_id": int(self.index.store.ids[j]), "of_path": self.index.store.paths[j], "why": why,
+        return {"of_id": int(self.index.rows().ids[j]), "of_path": self.index.rows().paths[j], "why": why,
                 **e.to_dict(), **({"cosine": round(cos, 4)} if cos is not None else {})}
 
 
@@ -185,7 +184,7 @@ class _Facts:
     def meta(self, row: int) -> Meta:
         if row not in self._meta:
             try:
-                self._meta[row] = metadata.read_file(self.index.root / self.index.store.paths[row])
+                self._meta[row] = metadata.read_file(self.index.root / self.index.rows().paths[row])
             except OSError:
                 self._meta[row] = Meta(taken_ns=0)
         return self._meta[row]
@@ -197,7 +196,7 @@ class _Facts:
         return a.taken_exif and b.taken_exif and a.taken_ns != b.taken_ns
 
     def member(self, row: int) -> dict[str, Any]:
-        s, m = self.index.store, self.meta(row)
+        s, m = self.index.rows(), self.meta(row)
         return {"id": int(s.ids[row]), "path": s.paths[row], "width": m.width, "height": m.height,
                 "pixels": m.width * m.height, "bytes": int(s.size[row]), "mtime_ns": int(s.mtime_ns[row]),
                 "taken_ns": m.taken_ns, "taken": show_date(m.taken_ns) if m.taken_ns else "",
@@ -208,7 +207,7 @@ def _member(verifier: _Verifier, facts: _Facts, hub: int, i: int) -> dict[str, A
     if i == hub:
         return {**facts.member(i), "best_score": 1.0, "hub": True, "evidence": []}
     cos = verifier.cosines.get((min(i, hub), max(i, hub)), 0.0)
-    return {**facts.member(i), "best_score": round(cos, 4), "hub": False, "copy_of": facts.index.store.paths[hub],
+    return {**facts.member(i), "best_score": round(cos, 4), "hub": False, "copy_of": facts.index.rows().paths[hub],
             "evidence": [verifier.describe(i, hub)]}
 
 
@@ -230,7 +229,7 @@ def _with_keep(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _identical(index: Index, apart: Callable[[int, int], bool]) -> list[list[int]]:
     """Groups of byte-identical files (same sha256), split where a person said two are not duplicates."""
-    s = index.store
+    s = index.rows()
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(s.sha256 or []):
         if h:
@@ -247,10 +246,10 @@ def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD,
     """Three tiers, kept apart: byte-identical files, verified copies (with the evidence for each pair), and the
     same scene (burst shots: very close vectors, but two shots). Pairs a person said are not duplicates (the index
     folder's review.json, or `decisions`) are left out. Each member says whether it is the one to keep by default."""
-    s = index.store
-    if s.lazy:
+    if index.generation.lazy:
         raise CbirError(f"cbir duplicates compares every picture with its neighbours in memory; index {index.name} "
                         "is an on-disk index larger than that (run it on a subset, indexed without --on-disk)")
+    s = index.rows()
     decisions = decisions if decisions is not None else Decisions.load(index.directory)
 
     def apart(i: int, j: int) -> bool:
@@ -260,7 +259,7 @@ def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD,
     byte_group = {i: n for n, g in enumerate(same_bytes) for i in g}
     # the encoder's own rows: database-side augmentation pulls look-alikes together, which is right for
     # search and wrong for deciding what is a copy
-    own = store.read(s.path, vectors=False, raw=True).raw_vectors if index.expansion.dba_k else s.vectors
+    own = s.raw_vectors() if index.expansion.dba_k else s.vectors
     assert own is not None
     candidates = [(i, j, c) for i, j, c in candidate_pairs(own, threshold)
                   if not (i in byte_group and byte_group.get(j) == byte_group[i]) and not apart(i, j)]
@@ -301,4 +300,4 @@ def _scenes(candidates: list[tuple[int, int, float]], copies: list[list[int]], v
         partners[i].add(j)
         partners[j].add(i)
     found = _hubs(partners, lambda i, free: (sum(verifier.cosine(i, j) for j in free),))
-    return sorted(found, key=lambda g: verifier.index.store.paths[g[0]])
+    return sorted(found, key=lambda g: verifier.index.rows().paths[g[0]])

@@ -53,7 +53,7 @@ def describe_left_out(left_out: dict[tuple[str, str], int]) -> list[str]:
     return [f"{n} {ext or '(no extension)'} ({reason})" for (reason, ext), n in order]
 
 
-def _is_junk(name: str, exclude: Iterable[str]) -> bool:
+def is_junk(name: str, exclude: Iterable[str]) -> bool:
     if name.startswith(".") or name in JUNK_NAMES:
         return True
     return any(fnmatch.fnmatch(name, pat) for pat in exclude)
@@ -98,7 +98,7 @@ class _Walker:
             return
         for entry in entries:
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
-            if _is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
+            if is_junk(entry.name, self.exclude) or any(fnmatch.fnmatch(child_rel, p) for p in self.exclude):
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)

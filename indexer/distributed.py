@@ -41,11 +41,19 @@ MANIFEST = "files.tsv"
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every address 127.0.0.1
 
 
-class Engine:
-    """A connection to a Ray cluster; a local cluster started for the run ends with it (indexer/guardian.py)."""
+class RayEngine:
+    """A connection to a Ray cluster (indexer/engine.py's interface); a local cluster started for the run ends with
+    it (indexer/guardian.py)."""
 
     def __init__(self, watcher: subprocess.Popen | None) -> None:
         self.watcher = watcher
+
+    def embed(self, source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions, *,
+              planned: list[str], early: Any = None) -> None:
+        """Decode and embed on the cluster (a decoder started early on this machine is not used)."""
+        if early is not None:
+            early.close()
+        embed_files(self, source, files, encoder, work, options, planned=planned)
 
     def map(self, fn: Callable[..., int], *iterables: Iterable[Any]) -> list[int]:
         """`fn` over the argument lists as Ray tasks (the on-disk index's shards); results in order."""
@@ -63,7 +71,7 @@ class Engine:
             guardian.stop(self.watcher)
 
 
-def connect(address: str | None) -> Engine:
+def connect(address: str | None) -> RayEngine:
     """Join `address`, else the cluster in RAY_ADDRESS, else start a local one for this run."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
@@ -95,7 +103,7 @@ def connect(address: str | None) -> Engine:
                             "uses token authentication: set RAY_AUTH_MODE=token (the token is read from "
                             "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     _quiet_ray_data()
-    return Engine(watcher)
+    return RayEngine(watcher)
 
 
 def _check_reachable(address: str) -> None:
@@ -148,7 +156,7 @@ def write_manifest(work: WorkDir, source: Source, files: list[str]) -> dict[str,
     return {f: i for i, f in enumerate(sorted(files))}
 
 
-def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
+def embed_files(engine: RayEngine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
                 options: BuildOptions, *, planned: list[str]) -> int:
     """Embed `files` (those of `planned` that no chunk holds yet) on the cluster; returns how many were embedded."""
     from indexer.embed import default_batch, settle_mode, to_chunk

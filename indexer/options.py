@@ -23,6 +23,13 @@ PRESETS: dict[str, dict[str, object]] = {
 DEFAULT_PRESET = "fast"
 
 
+def mode_of(*, update: bool = False, rebuild: bool = False) -> str:
+    """--update / --rebuild (or update=True / rebuild=True) as a mode; both at once is an error."""
+    if update and rebuild:
+        raise CbirError("--update and --rebuild exclude each other")
+    return "update" if update else "rebuild" if rebuild else "create"
+
+
 def preset_matching(encoder: str, qe: int, dba: int) -> str | None:
     """The preset an index is, whether it was named or not (recorded, so that `cbir info` can say)."""
     for name, settings in PRESETS.items():

@@ -79,7 +79,7 @@ class Source:
 
         from pyarrow import fs
 
-        from cbir.images import _is_junk
+        from cbir.images import is_junk
 
         filesystem, base = self._fs()
         try:
@@ -92,7 +92,7 @@ class Source:
                 continue
             rel = info.path[len(base):].lstrip("/")
             # the local discovery's rules: hidden and junk names, --exclude against names and relative paths
-            if any(_is_junk(part, exclude) for part in rel.split("/")) or any(fnmatch.fnmatch(rel, g) for g in exclude):
+            if any(is_junk(part, exclude) for part in rel.split("/")) or any(fnmatch.fnmatch(rel, g) for g in exclude):
                 continue
             reason = formats.left_out_by_name(rel)
             if reason is not None:

@@ -27,6 +27,8 @@ class Summary:
     removed: int = 0
     unchanged: int = 0
     left_out: dict[tuple[str, str], int] = field(default_factory=dict)  # files that are not pictures, counted
+    renamed: int = 0  # new paths whose bytes were indexed already (renamed, moved): their vectors were kept
+    segments: int = 1
 
     @property
     def images_per_s(self) -> float:
@@ -37,7 +39,7 @@ class Summary:
                 f"({self.images_per_s:.1f} images/s) -> {self.out}")
         if self.mode == "update":
             text += (f"\nupdate: {self.added} added, {self.changed} changed, {self.removed} removed, "
-                     f"{self.unchanged} unchanged")
+                     f"{self.unchanged} unchanged, {self.renamed} renamed (vectors kept); {self.segments} segments")
         if self.resumed:
             text += (f"\nresumed: {self.resumed} images were already embedded by an interrupted run; "
                      f"{self.embedded} embedded now")

@@ -112,7 +112,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("cbir.encoders",)),  # encoders and their runtime
     ("training", ("cbir.training",)),
     ("pipeline", ("indexer",)),
-    ("api", ("cbir", "cbir.index", "cbir.copies", "cbir.review", "cbir.duplicates", "cbir.bench")),
+    ("api", ("cbir", "cbir.index", "cbir.copies", "cbir.review", "cbir.duplicates", "cbir.bench", "cbir.watch")),
     ("app", ("webui",)),
     ("command", ("cbir.cli", "cbir.__main__", "cbir.samples")),
 ]

@@ -72,10 +72,10 @@ def _finish(proc: subprocess.Popen) -> str:
 def assert_same_index(got: Path, want: Path) -> None:
     """Per path the same vector (cosine >= 0.9999) and the same top-10; the same skipped files and reasons."""
     a, b = Index.open(want, device="cpu"), Index.open(got, device="cpu")
-    assert sorted(a.store.paths) == sorted(b.store.paths)
-    assert a.store.skipped == b.store.skipped
-    assert [s[0] for s in b.store.skipped] == ["broken.jpg"] and "not an image" in b.store.skipped[0][1]
-    for path in a.store.paths:
+    assert sorted(a.rows().paths) == sorted(b.rows().paths)
+    assert a.skipped == b.skipped
+    assert [s[0] for s in b.skipped] == ["broken.jpg"] and "not an image" in b.skipped[0][1]
+    for path in a.rows().paths:
         ia, ib = a.id_of(path), b.id_of(path)
         assert float(a.vector_of(ia) @ b.vector_of(ib)) >= 0.9999
         assert [r.path for r in a.search_id(ia, k=10)] == [r.path for r in b.search_id(ib, k=10)]
@@ -159,7 +159,7 @@ def test_s3_source_gives_the_same_index(cluster, s3, local_index, tmp_path):
     text = _finish(_index("s3://photos/set1", out, "--ray-address", cluster, env={**ENV, **s3}))
     assert f"indexed {N} images, skipped 1" in text
     assert_same_index(out, local_index)
-    assert Index.open(out, device="cpu").store.attrs["root"] == "s3://photos/set1"
+    assert Index.open(out, device="cpu").manifest.settings.root == "s3://photos/set1"
 
 
 def test_a_missing_s3_prefix_is_a_clear_error(s3, tmp_path):
@@ -171,7 +171,7 @@ def test_a_missing_s3_prefix_is_a_clear_error(s3, tmp_path):
 def test_vectors_are_l2_normalised_float32(cluster, folder, tmp_path):
     out = tmp_path / "ray"
     _finish(_index(str(folder), out, "--ray-address", cluster))
-    v = Index.open(out, device="cpu").store.vectors
+    v = Index.open(out, device="cpu").rows().vectors
     assert v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
 

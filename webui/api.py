@@ -14,22 +14,6 @@ def _query_error(exc: query.QueryError):
     return jsonify(error=exc.message, status=exc.status), exc.status
 
 
-def _uploaded_image() -> bytes:
-    """The image from a multipart field `image`, or from a raw body typed image/*."""
-    if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
-        if upload is None:
-            raise query.QueryError(400, "no file in the multipart field 'image'")
-        return upload.read()
-    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
-        return request.get_data(cache=False)
-    raise query.QueryError(
-        415 if request.content_length else 400,
-        "send the image as a multipart field 'image', or as the raw body with Content-Type image/jpeg, "
-        "image/png, image/webp ...",
-    )
-
-
 @api.route("/search", methods=["GET", "POST"])
 def search():
     """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares."""
@@ -46,7 +30,7 @@ def search():
             return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id),
                                          k))
         return jsonify(query.search(index, k, id_=query.parse_id(raw_id), box=box))
-    return jsonify(query.search(index, k, image=_uploaded_image(), box=box))
+    return jsonify(query.search(index, k, image=query.uploaded_image(), box=box))
 
 
 @api.get("/indexes")

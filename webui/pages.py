@@ -62,7 +62,7 @@ def _id_search(index: str | None, k: int, id_: int, box):
 def _collection(index: str | None, k: int):
     """The landing page: the index as a paged grid of thumbnails (in id order, or shuffled with a seed)."""
     name, idx = query.get_index(index)
-    ids = idx.store.ids  # an array, or a range for an on-disk index (never materialised)
+    ids = idx.ids()  # an array, or a range for an on-disk index (never materialised)
     seed = request.args.get("shuffle", "")
     pages_total = max(1, -(-len(ids) // PAGE_SIZE))
     try:
@@ -72,7 +72,8 @@ def _collection(index: str | None, k: int):
     rows = np.arange((page - 1) * PAGE_SIZE, min(page * PAGE_SIZE, len(ids)))
     if seed.isdigit():
         rows = shuffled(rows, len(ids), int(seed))
-    tiles = [(int(ids[r]), idx.path_of(int(ids[r]))) for r in rows]
+    page_ids = [int(ids[r]) for r in rows]
+    tiles = list(zip(page_ids, idx.paths_of(page_ids), strict=True))
     return _render(tiles=tiles, page=page, pages_total=pages_total, shuffle=seed if seed.isdigit() else "",
                    k=k, index=name, new_seed=int(np.random.default_rng().integers(1, 10**6)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import current_app, url_for
+from flask import current_app, request, url_for
 
 from cbir.errors import BoxError, CbirError, QueryImageError
 from cbir.images import Box, parse_box
@@ -63,6 +63,22 @@ def parse_where(values) -> Where:
                            camera=values.get("camera"), tags=values.getlist("tag"))
     except FilterError as exc:
         raise QueryError(400, str(exc)) from None
+
+
+def uploaded_image() -> bytes:
+    """The image from a multipart field `image`, or from a raw body typed image/*."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise QueryError(400, "no file in the multipart field 'image'")
+        return upload.read()
+    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        return request.get_data(cache=False)
+    raise QueryError(
+        415 if request.content_length else 400,
+        "send the image as a multipart field 'image', or as the raw body with Content-Type image/jpeg, "
+        "image/png, image/webp ...",
+    )
 
 
 def indexes() -> IndexSet:

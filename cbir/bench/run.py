@@ -22,7 +22,6 @@ import numpy as np
 from cbir import metrics
 from cbir.encoders import get_entry
 from cbir.errors import CbirError, WeightsUnavailable
-from cbir.search import store
 from cbir.training.data import load_collection, stratified_split, write_split
 
 BASELINES = ("colour_histogram", "random_cnn")
@@ -206,7 +205,7 @@ def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tu
 
 def _evaluate(index, label_of: dict[str, str], split_of: dict[str, str], queries: str, ks: list[int],
               topk_path: Path) -> dict[str, Any]:
-    s: store.Store = index.store
+    s = index.rows()
     paths = s.paths
     g_labels = np.array([label_of.get(p, "") for p in paths])
     q_pos = np.array([i for i, p in enumerate(paths) if queries == "all" or split_of.get(p) == "test"])
