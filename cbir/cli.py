@@ -60,6 +60,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from cbir.index import Index
 
     index = Index.open(args.index, device=args.device, weights=args.weights)
+    where = _where(args)
     started = time.perf_counter()
     evidence: list = []
     if args.copies:
@@ -69,22 +70,25 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if not Path(args.image).is_file():
             raise CbirError(f"query image not found: {args.image}")
         try:
-            ranked = rank_copies_first(index, load_image(args.image), k=args.k)
+            ranked = rank_copies_first(index, load_image(args.image), k=args.k, where=where)
         except ImageError as exc:
             raise CbirError(f"cannot use the query image: {exc}") from exc
         results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
     else:
-        results = index.search(args.image, k=args.k)
+        results = index.search(args.image, k=args.k, where=where)
     took = (time.perf_counter() - started) * 1000
+    matched = len(index.matching(where)) if where else len(index)
     if not args.no_prepare and index.encoder_config.get("precision", "fp32") in QUERY_MODES:
         index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
         rows = [{**r.to_dict(), **({"copy": e.to_dict()} if evidence else {})}
                 for r, e in zip(results, evidence or [None] * len(results), strict=True)]
         print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
-                          "took_ms": round(took, 2), "results": rows}, indent=2))
+                          "took_ms": round(took, 2), "matched": matched,
+                          "filters": where.to_query() if where else {}, "results": rows}, indent=2))
         return 0
-    print(f"top {len(results)} of {len(index)} images in {index.name} ({index.encoder_config['name']}), "
+    within = f" matching {where.describe()}" if where else ""
+    print(f"top {len(results)} of {matched} images{within} in {index.name} ({index.encoder_config['name']}), "
           f"{took:.0f} ms")
     width = max((len(r.path) for r in results), default=4)
     print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  id")
@@ -92,6 +96,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
         copy = f"  copy: {evidence[n].inliers} matching points" if evidence and evidence[n].verified else ""
         print(f"{r.rank:>4}  {r.score:6.3f}  {r.path:<{width}}  {r.id}{copy}")
     return 0
+
+
+def _where(args: argparse.Namespace):
+    """The search's filters from --folder, --after, --before, --camera and --tag (several: all of them)."""
+    from cbir.search.filters import Where
+
+    return Where.parse(folder=args.folder, after=args.after, before=args.before, camera=args.camera,
+                       tags=args.tag or ())
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -127,11 +139,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
           f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
+    _print_metadata(info)
     for p, r in index.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
     if len(index.skipped) > args.show_skipped:
         print(f"  ... {len(index.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
     return 0
+
+
+def _print_metadata(info: dict) -> None:
+    """What was left out of the folder, and what the pictures' metadata holds (dates, cameras, tags, folders)."""
+    from cbir.images import describe_left_out
+
+    if info["left_out"]:
+        counts = {(x["reason"], x["extension"]): x["files"] for x in info["left_out"]}
+        print("left out  " + ", ".join(describe_left_out(counts)))
+    meta = info["metadata"]
+    d = meta["dates"]
+    if d:
+        print(f"dates     {d['first']} .. {d['last']} ({d['from_camera']} from the camera, {d['from_file']} from "
+              "file times)")
+    for name in ("cameras", "tags"):
+        counts = meta[name]
+        shown = ", ".join(f"{k} ({v})" for k, v in list(counts.items())[:8])
+        more = f" and {len(counts) - 8} more" if len(counts) > 8 else ""
+        print(f"{name:<9} {shown + more if counts else 'none recorded'}")
+    folders = meta["folders"]
+    print(f"folders   {len(folders)}{': ' + ', '.join(folders[:8]) if folders else ''}"
+          f"{' ...' if len(folders) > 8 else ''}")
 
 
 def _print_segments(info: dict) -> None:
@@ -435,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "mirrored versions, checked with local features) first, and say so")
     s.add_argument("--no-prepare", action="store_true", help="do not export the ONNX query model that makes later "
                    "searches of an fp32 index start faster")
+    s.add_argument("--folder", help="only images in this folder (relative to the indexed folder) or below it")
+    s.add_argument("--after", metavar="DATE", help="only images taken on or after DATE (YYYY-MM-DD; the camera's "
+                   "date, else the file's)")
+    s.add_argument("--before", metavar="DATE", help="only images taken before DATE")
+    s.add_argument("--camera", help="only images from this camera (make, model or both, as cbir info lists them)")
+    s.add_argument("--tag", action="append", help="only images with this tag (XMP keywords, --tags FILE.csv); "
+                   "repeat for several: all of them")
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")

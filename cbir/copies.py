@@ -28,6 +28,7 @@ from cbir.images import load_image
 
 if TYPE_CHECKING:
     from cbir.index import Index, Result
+    from cbir.search.filters import WhereLike
 
 SIDE = 400  # pictures are matched at this longer side ...
 MAX_UPSCALE = 2.0  # ... small ones upscaled at most this much (more adds keypoints of blur, not of the picture)
@@ -217,8 +218,8 @@ def evidence_picture(a: Path, b: Path, max_lines: int = 60) -> tuple[Image.Image
 
 
 def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20, *,
-                      cache: FeatureCache | None = None,
-                      vector: np.ndarray | None = None) -> list[tuple[Result, Evidence]]:
+                      cache: FeatureCache | None = None, vector: np.ndarray | None = None,
+                      where: WhereLike = None) -> list[tuple[Result, Evidence]]:
     """The top `k` for a query picture with its verified copies first (strongest first), then the rest in order.
 
     Candidates are the global top `candidates`; each is checked against the query (and its mirror image).
@@ -226,7 +227,7 @@ def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates:
     """
     cache = cache or FeatureCache()
     query = index.embed(image) if vector is None else vector
-    found = index.search_vector(query, k=max(k, candidates))
+    found = index.search_vector(query, k=max(k, candidates), where=where)
     direct, flipped = features(image), features(ImageOps.mirror(image))
     checked: list[tuple[Result, Evidence]] = []
     for r in found:

@@ -175,7 +175,7 @@ def _hubs(partners: dict[int, set[int]], rank: Callable[[int, set[int]], tuple])
 
 
 class _Facts:
-    """Each picture's size, date and bytes, read from its file's header once (for the pick and for burst shots)."""
+    """Each picture's size, date and bytes, as the index recorded them (for the pick and for burst shots)."""
 
     def __init__(self, index: Index) -> None:
         self.index = index
@@ -183,10 +183,8 @@ class _Facts:
 
     def meta(self, row: int) -> Meta:
         if row not in self._meta:
-            try:
-                self._meta[row] = metadata.read_file(self.index.root / self.index.rows().paths[row])
-            except OSError:
-                self._meta[row] = Meta(taken_ns=0)
+            columns = self.index.generation.meta_of([int(self.index.rows().ids[row])])
+            self._meta[row] = metadata.from_columns(columns, 0)
         return self._meta[row]
 
     def shot_apart(self, i: int, j: int) -> bool:

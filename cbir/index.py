@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +27,10 @@ from PIL import Image
 from cbir.errors import BoxError, CbirError, QueryImageError
 from cbir.images import Box, ImageError, crop, load_image
 from cbir.layout import MANIFEST, VECTORS, resolve_index_dir
+from cbir.metadata import show_date
+from cbir.search import filters
 from cbir.search.expansion import Expansion, expand_queries
+from cbir.search.filters import Where, WhereLike, as_where
 from cbir.search.manifest import Manifest
 from cbir.search.searcher import use_gpu
 from cbir.search.segments import Generation, RowFilter
@@ -125,6 +129,7 @@ class Index:
         self._lock = threading.Lock()
         self._signature = _signature(directory)
         self._columns: tuple[Generation, Columns] | None = None
+        self._facets: tuple[Generation, dict[str, Any]] | None = None
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
@@ -319,29 +324,92 @@ class Index:
         return enc.embed([im])[0]
 
     def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = (),
-               row_filter: RowFilter | None = None) -> list[Result]:
-        """The k most similar indexed images, best first."""
-        return self.search_vector(self.embed(query), k, exclude_ids, row_filter=row_filter)
+               row_filter: RowFilter | None = None, *, where: WhereLike = None) -> list[Result]:
+        """The k most similar indexed images, best first; `where` keeps to the images it allows (a `Where`, or its
+        words: {"folder": "Holidays", "after": "2023-01-01", "before": "2024-01-01", "camera": "Pixel 7",
+        "tags": ["product"]}), the true top-k among them."""
+        return self.search_vector(self.embed(query), k, exclude_ids, row_filter=row_filter, where=where)
 
     def search_id(self, id_: int, k: int = 10, include_self: bool = False, box: Box | None = None,
-                  row_filter: RowFilter | None = None) -> list[Result]:
+                  row_filter: RowFilter | None = None, *, where: WhereLike = None) -> list[Result]:
         """"More like this" for an indexed image (its stored vector; with `box`, that region of its file)."""
         vector = self.vector_of(id_) if box is None else self.embed(self.file_of(id_), box=box)
-        return self.search_vector(vector, k, () if include_self else (int(id_),), row_filter=row_filter)
+        return self.search_vector(vector, k, () if include_self else (int(id_),), row_filter=row_filter,
+                                  where=where)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = (), *,
-                      row_filter: RowFilter | None = None) -> list[Result]:
+                      row_filter: RowFilter | None = None, where: WhereLike = None) -> list[Result]:
         """The k nearest to `vector` (after the index's query expansion, if it has one), best first; `row_filter`
-        narrows the rows that may be answered (the true top-k among them)."""
+        and `where` narrow the rows that may be answered (the true top-k among them)."""
         if not isinstance(k, int) or k < 1:
             raise CbirError(f"k must be a positive whole number, not {k!r}")
         gen = self._gen
+        row_filter = self._narrowed(row_filter, as_where(where), gen)
         query = self.expand(vector[None, :], [exclude_ids], generation=gen)
         scores, ids = gen.search(query, k + len(exclude_ids), row_filter)
         kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
                 if i >= 0 and int(i) not in exclude_ids][:k]
         paths = gen.paths_of([i for _, i in kept])
         return [Result(n + 1, i, p, s) for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+
+    @staticmethod
+    def _narrowed(row_filter: RowFilter | None, where: Where | None, gen: Generation) -> RowFilter | None:
+        """`row_filter` and `where` together (a folder, camera or tag the index does not have is an error)."""
+        if not where:
+            return row_filter
+        filters.check_known(where, [s.columns() for s in gen.segments])
+        by_where = filters.row_filter(where)
+        if row_filter is None:
+            return by_where
+
+        def both(segment):
+            other = row_filter(segment)
+            return by_where(segment) if other is None else by_where(segment) & other
+
+        return both
+
+    def matching(self, where: WhereLike) -> np.ndarray:
+        """The ids of every live image `where` allows, ascending (the collection grid of a filtered page)."""
+        where = as_where(where)
+        gen = self._gen
+        if not where:
+            return np.asarray(gen.ids())
+        filters.check_known(where, [s.columns() for s in gen.segments])
+        parts = []
+        for s in gen.segments:
+            allowed = s.allowed(filters.row_filter(where))
+            rows = allowed.rows() if allowed is not None else np.arange(len(s.store))
+            parts.append(np.asarray(s.store.ids)[rows])
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def facets(self) -> dict[str, Any]:
+        """What the live images' metadata holds: folders, cameras and tags (with counts), the dates taken (worked
+        out once per generation: the page shows them with every request)."""
+        gen = self._gen
+        if self._facets is None or self._facets[0] is not gen:
+            self._facets = (gen, self._facets_of(gen))
+        return self._facets[1]
+
+    @staticmethod
+    def _facets_of(gen: Generation) -> dict[str, Any]:
+        folders: set[str] = set()
+        cameras: Counter[str] = Counter()
+        tags: Counter[str] = Counter()
+        first, last, exif, files = None, None, 0, 0
+        for s in gen.segments:
+            live, columns = (s.live.mask if s.live is not None else None), s.columns()
+            folders.update(columns.folders(live))
+            cameras.update(columns.cameras(live))
+            tags.update(columns.tags(live))
+            d = columns.dates(live)
+            if d:
+                first = d["first"] if first is None else min(first, d["first"])
+                last = d["last"] if last is None else max(last, d["last"])
+                exif, files = exif + d["from_camera"], files + d["from_file"]
+        dates = {"first": show_date(first), "last": show_date(last), "from_camera": exif, "from_file": files} \
+            if first is not None and last is not None else {}
+        return {"folders": sorted(folders), "cameras": dict(cameras.most_common()),
+                "tags": dict(sorted(tags.items(), key=lambda t: (-t[1], t[0]))), "dates": dates}
 
     def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None, *,
                generation: Generation | None = None) -> np.ndarray:
@@ -413,6 +481,8 @@ class Index:
             "preset": m.settings.preset,
             "seconds": m.seconds,
             "removed_files": sorted(m.removed),
+            "left_out": [{"reason": reason, "extension": ext, "files": n} for reason, ext, n in m.left_out],
+            "metadata": self.facets(),
         }
 
 

@@ -9,6 +9,7 @@
     IDX/uploads/         images added through the web API (`cbir serve --writable`), named by content hash
     IDX/review.json      duplicate review: the groups a person said are not duplicates (cbir.review)
     IDX/moves.jsonl      duplicate review: files moved out of the collection, for --undo (cbir.review)
+    IDX/moved-rows/      duplicate review: the index rows of moved files, put back by --undo (cbir.review)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ WORK = ".work"
 LOCK = ".lock"
 REVIEW = "review.json"
 MOVES = "moves.jsonl"
+MOVED_ROWS = "moved-rows"
 UPLOADS = "uploads"
 DEFAULT_DIR = Path("indexes")
 

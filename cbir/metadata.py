@@ -150,19 +150,6 @@ def read(exif: Image.Exif | None, xmp: bytes, size: tuple[int, int], mtime_ns: i
                 height=int(size[1]), own_tags=tuple(own), tags=tuple(own))
 
 
-def read_file(path: Path) -> Meta:
-    """The metadata of one picture file from its header (what `cbir duplicates` compares: which is larger, which
-    older, which shots were taken apart); a file whose header cannot be read gets its file time only."""
-    from cbir.images import ImageError, read_facts
-
-    mtime_ns = path.stat().st_mtime_ns
-    try:
-        exif, size, xmp = read_facts(path)
-    except ImageError:
-        return Meta(taken_ns=file_time_ns(mtime_ns))
-    return read(exif, xmp, size, mtime_ns)
-
-
 def to_columns(metas: Sequence[Meta]) -> dict[str, np.ndarray]:
     """Rows of metadata -> the typed columns of COLUMNS."""
     out: dict[str, np.ndarray] = {}
@@ -185,13 +172,23 @@ def from_columns(columns: dict[str, np.ndarray], row: int) -> Meta:
     return Meta(**{"taken_ns": 0, **values})
 
 
-def empty_columns(n: int) -> dict[str, np.ndarray]:
-    """Columns for `n` rows of which nothing is known (rows of an index from before metadata was kept)."""
-    return to_columns([Meta(taken_ns=0)] * n)
+def unknown_columns(mtime_ns: Sequence[int]) -> dict[str, np.ndarray]:
+    """Columns for rows of which only the file time is known (rows of an index from before metadata was kept): their
+    date is the file's, as for a picture without an EXIF date."""
+    return to_columns([Meta(taken_ns=file_time_ns(int(m))) for m in mtime_ns])
 
 
 def split_tags(joined: str) -> list[str]:
     return [t for t in joined.split(TAG_SEPARATOR) if t]
+
+
+def with_tags(meta: Meta, given: Iterable[str] | None, before: Meta | None = None) -> Meta:
+    """`meta` with its tags: the file's own and `given` (a --tags file's); with none given, the tags the picture's
+    previous row had beyond its file's own (a changed or renamed file keeps the tags a person gave it)."""
+    if given is None:
+        given = [t for t in before.tags if t not in before.own_tags] if before is not None else []
+    meta.tags = tuple(dict.fromkeys([*meta.own_tags, *given]))
+    return meta
 
 
 @dataclass(kw_only=True)

@@ -19,11 +19,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from cbir.errors import CbirError
 from cbir.files import atomic_path, sha256_file
-from cbir.layout import MOVES, REVIEW
+from cbir.layout import MOVED_ROWS, MOVES, REVIEW
+
+if TYPE_CHECKING:
+    from cbir.index import Index
+    from cbir.search.writer import RowBlock
 
 _lock = threading.Lock()  # one writer of review.json at a time in this process (the web server's threads)
 
@@ -146,11 +152,73 @@ def _free_name(target: Path, taken: set[str]) -> Path:
     return candidate
 
 
-def apply_moves(directory: Path, moves: list[Move]) -> list[Move]:
+def move_duplicates(index: Index, moves: list[Move]) -> list[Move]:
+    """Move the files and take their rows out of the index (search never returns a moved file). Their rows (ids,
+    vectors, metadata) are kept in the index folder first, so that `undo_duplicate_moves` puts the index back as it
+    was, not re-embedded."""
+    if not moves:
+        return []
+    batch = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    _keep_rows(index, [m.id for m in moves], batch)
+    done = apply_moves(index.directory, moves, batch)
+    if done:
+        index.remove([m.id for m in done])
+    return done
+
+
+def undo_duplicate_moves(index: Index) -> Undone:
+    """Every moved file back where it was (byte for byte: the same file), and its row back into the index."""
+    undone = undo_moves(index.directory)
+    from indexer.live import restore
+
+    for batch in sorted({m.batch for m in undone.restored}, reverse=True):
+        path = index.directory / MOVED_ROWS / f"{batch}.npz"
+        if not path.is_file():
+            continue  # moved by an older cbir: --update indexes the files again
+        wanted = {m.id for m in undone.restored if m.batch == batch}
+        block = _read_rows(path)
+        keep = np.array([int(i) in wanted for i in block.ids], bool)
+        restore(index, block.take(np.flatnonzero(keep)))
+        if not any(m.batch == batch for m, _ in undone.refused):
+            path.unlink()
+    return undone
+
+
+def _keep_rows(index: Index, ids: list[int], batch: str) -> None:
+    """The rows of `ids` as they are stored, in moved-rows/<batch>.npz (written whole, synced)."""
+    from cbir.search.writer import raw_vectors_of
+
+    gen = index.generation
+    ids_a = np.asarray(ids, np.int64)
+    columns = {"ids": ids_a, "paths": np.array(gen.paths_of(ids_a), dtype=str),
+               "vectors": raw_vectors_of(gen, ids_a), "searched": gen.vectors_of(ids_a),
+               "mtime_ns": np.array(gen.column("mtime_ns", ids_a), np.int64),
+               "size": np.array(gen.column("size", ids_a), np.int64),
+               "sha256": np.array(gen.column("sha256", ids_a), dtype=str),
+               **{f"meta_{k}": v.astype(str) if v.dtype == object else v for k, v in gen.meta_of(ids_a).items()}}
+    folder = index.directory / MOVED_ROWS
+    folder.mkdir(exist_ok=True)
+    with atomic_path(folder / f"{batch}.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **columns)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_rows(path: Path) -> RowBlock:
+    from cbir.search.writer import RowBlock
+
+    with np.load(path) as z:
+        meta = {k.removeprefix("meta_"): z[k] for k in z.files if k.startswith("meta_")}
+        return RowBlock(ids=z["ids"], paths=[str(p) for p in z["paths"]], vectors=z["vectors"],
+                        mtime_ns=z["mtime_ns"], size=z["size"], sha256=[str(h) for h in z["sha256"]],
+                        searched=z["searched"], meta=meta)
+
+
+def apply_moves(directory: Path, moves: list[Move], batch: str = "") -> list[Move]:
     """Move each file, its log line written and synced first; returns the moves made. A file that is gone, or whose
     target appeared meanwhile, is left where it is and not logged as moved."""
     done: list[Move] = []
-    batch = time.strftime("%Y-%m-%dT%H:%M:%S")
+    batch = batch or time.strftime("%Y%m%dT%H%M%S")
     with open(Path(directory) / MOVES, "a", encoding="utf-8") as log:
         for move in moves:
             source, target = Path(move.source), Path(move.target)

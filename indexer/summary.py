@@ -29,6 +29,7 @@ class Summary:
     left_out: dict[tuple[str, str], int] = field(default_factory=dict)  # files that are not pictures, counted
     renamed: int = 0  # new paths whose bytes were indexed already (renamed, moved): their vectors were kept
     segments: int = 1
+    retagged: int = 0  # unchanged pictures whose tags --tags changed
 
     @property
     def images_per_s(self) -> float:
@@ -40,6 +41,7 @@ class Summary:
         if self.mode == "update":
             text += (f"\nupdate: {self.added} added, {self.changed} changed, {self.removed} removed, "
                      f"{self.unchanged} unchanged, {self.renamed} renamed (vectors kept); {self.segments} segments")
+            text += f"; {self.retagged} re-tagged" if self.retagged else ""
         if self.resumed:
             text += (f"\nresumed: {self.resumed} images were already embedded by an interrupted run; "
                      f"{self.embedded} embedded now")

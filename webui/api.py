@@ -16,10 +16,12 @@ def _query_error(exc: query.QueryError):
 
 @api.route("/search", methods=["GET", "POST"])
 def search():
-    """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares."""
+    """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares;
+    `folder`, `after`, `before`, `camera`, `tag` (repeatable) search within the images they allow."""
     k = query.parse_k(request.args.get("k"))
     index = request.args.get("index") or None
     box = query.parse_region(request.args.get("box"))
+    where = query.parse_where(request.values)
     if request.method == "GET":
         raw_id = request.args.get("id")
         if raw_id is None:
@@ -28,9 +30,9 @@ def search():
             if box is not None:
                 raise query.QueryError(400, "box works with one index at a time")
             return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id),
-                                         k))
-        return jsonify(query.search(index, k, id_=query.parse_id(raw_id), box=box))
-    return jsonify(query.search(index, k, image=query.uploaded_image(), box=box))
+                                         k, where=where))
+        return jsonify(query.search(index, k, id_=query.parse_id(raw_id), box=box, where=where))
+    return jsonify(query.search(index, k, image=query.uploaded_image(), box=box, where=where))
 
 
 @api.get("/indexes")

@@ -94,29 +94,33 @@ def get_index(name: str | None) -> tuple[str, Index]:
 
 
 def search(index_name: str | None, k: int, image: bytes | None = None, id_: int | None = None,
-           box: Box | None = None) -> dict[str, Any]:
+           box: Box | None = None, *, where: Where | None = None) -> dict[str, Any]:
     name, index = get_index(index_name)
     started = time.perf_counter()
-    if id_ is not None:
-        results = _by_id(index, name, id_, k, box)
-    else:
-        if not image:
-            raise QueryError(400, "the upload is empty: choose an image file")
-        results = index.search_vector(_embed(index, image, box), k=k)
-    return describe(name, index, results, k, id_, box=box, took_ms=(time.perf_counter() - started) * 1000)
+    try:
+        if id_ is not None:
+            results = _by_id(index, name, id_, k, box, where)
+        else:
+            if not image:
+                raise QueryError(400, "the upload is empty: choose an image file")
+            results = index.search_vector(_embed(index, image, box), k=k, where=where)
+    except FilterError as exc:  # a folder, camera or tag this index does not have
+        raise QueryError(400, str(exc)) from None
+    return describe(name, index, results, k, id_, box=box, took_ms=(time.perf_counter() - started) * 1000,
+                    where=where)
 
 
-def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None) -> list:
+def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None, where: Where | None) -> list:
     try:
         index.path_of(id_)
     except CbirError:
         raise QueryError(404, f"no image with id {id_} in index {name}") from None
     if box is None:
-        return index.search_id(id_, k=k)
+        return index.search_id(id_, k=k, where=where)
     path = safe_file(index, id_)
     if path is None:
         raise QueryError(404, f"the file of image {id_} is missing, so a region of it cannot be searched")
-    return index.search_vector(_embed(index, path, box), k=k, exclude_ids=(id_,))
+    return index.search_vector(_embed(index, path, box), k=k, exclude_ids=(id_,), where=where)
 
 
 def _embed(index: Index, source, box: Box | None):
@@ -133,7 +137,8 @@ def _embed(index: Index, source, box: Box | None):
 
 
 def describe(name: str, index: Index, results: list, k: int, id_: int | None, *, box: Box | None = None,
-             took_ms: float = 0.0) -> dict[str, Any]:
+             took_ms: float = 0.0, where: Where | None = None) -> dict[str, Any]:
+    matched = len(index.matching(where)) if where else len(index)
     return {
         "index": name,
         "encoder": index.encoder_config["name"],
@@ -141,6 +146,9 @@ def describe(name: str, index: Index, results: list, k: int, id_: int | None, *,
         "took_ms": round(took_ms, 2),
         "query_id": id_,
         "box": list(box) if box is not None else None,
+        "filters": where.to_query() if where else {},
+        "matched": matched,
+        **({"message": f"no image in {name} matches {where.describe()}"} if where and not matched else {}),
         "results": [
             {
                 **r.to_dict(),
@@ -154,7 +162,7 @@ def describe(name: str, index: Index, results: list, k: int, id_: int | None, *,
     }
 
 
-def compare(names: list[str], id_: int, k: int) -> dict[str, Any]:
+def compare(names: list[str], id_: int, k: int, *, where: Where | None = None) -> dict[str, Any]:
     """The same indexed image as the query of several indexes (over the same images), side by side.
 
     The query is image `id_` of the first index; in the others it is the image with the same path (its stored
@@ -168,19 +176,27 @@ def compare(names: list[str], id_: int, k: int) -> dict[str, Any]:
     columns = []
     for name in names:
         name, index = get_index(name)
-        other = index.id_of(path)
         started = time.perf_counter()
-        if other is not None:
-            results = index.search_id(other, k=k)
-        else:
-            file = safe_file(first, id_)
-            if file is None:
-                raise QueryError(404, f"the file of image {id_} is missing")
-            results = index.search_vector(_embed(index, file, None), k=k)
-        columns.append(describe(name, index, results, k, other, took_ms=(time.perf_counter() - started) * 1000))
+        other, results = _compared(index, first, id_, path, k, where)
+        columns.append(describe(name, index, results, k, other, took_ms=(time.perf_counter() - started) * 1000,
+                                where=where))
     shared = set.intersection(*[{r["path"] for r in c["results"]} for c in columns]) if columns else set()
     for c in columns:
         for r in c["results"]:
             r["in_every_column"] = r["path"] in shared
     return {"query": {"index": first_name, "id": id_, "path": path}, "k": k, "columns": columns,
             "overlap": len(shared)}
+
+
+def _compared(index: Index, first: Index, id_: int, path: str, k: int, where: Where | None) -> tuple[int | None, list]:
+    """One column of a comparison: the image with the same path here (its stored vector), else the file embedded."""
+    other = index.id_of(path)
+    try:
+        if other is not None:
+            return other, index.search_id(other, k=k, where=where)
+        file = safe_file(first, id_)
+        if file is None:
+            raise QueryError(404, f"the file of image {id_} is missing")
+        return None, index.search_vector(_embed(index, file, None), k=k, where=where)
+    except FilterError as exc:
+        raise QueryError(400, str(exc)) from None

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,21 @@ class Where:
         if self.tags:
             out["tag"] = list(self.tags)
         return out
+
+
+WhereLike = Where | Mapping[str, Any] | None
+
+
+def as_where(value: WhereLike) -> Where | None:
+    """A `Where`, or its words as a mapping (folder, after, before, camera, tags or tag), parsed."""
+    if value is None or isinstance(value, Where):
+        return value
+    words = dict(value)
+    tags = words.pop("tags", None) or words.pop("tag", None) or ()
+    unknown = set(words) - {"folder", "after", "before", "camera"}
+    if unknown:
+        raise FilterError(f"unknown filter {sorted(unknown)[0]!r}: use folder, after, before, camera and tags")
+    return Where.parse(**words, tags=[tags] if isinstance(tags, str) else list(tags))
 
 
 def parse_date(text: str | None, name: str) -> int | None:
@@ -140,20 +156,22 @@ class Columns:
                 self._masks.popitem(last=False)
         return allowed
 
-    # -- what is there (for messages, `cbir info` and the page's choices) ---------------------------------------
-    def folders(self) -> list[str]:
-        """Every folder holding a picture, and every folder above one ('' is the root)."""
-        names, _ = self._folder_codes()
+    # -- what is there (for messages, `cbir info` and the page's choices); `live`: the rows that count ----------
+    def folders(self, live: np.ndarray | None = None) -> list[str]:
+        """Every folder holding a picture, and every folder above one (the root itself is no folder)."""
+        names, codes = self._folder_codes()
+        present = np.bincount(codes[live] if live is not None else codes, minlength=len(names)) > 0
         out = set()
-        for name in names:
+        for name in (n for n, here in zip(names, present, strict=True) if here):
             parts = name.split("/") if name else []
             out.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
         return sorted(out)
 
-    def cameras(self) -> dict[str, int]:
+    def cameras(self, live: np.ndarray | None = None) -> dict[str, int]:
+        """Camera name -> pictures."""
         names, codes, _ = self._camera_codes()
-        counts = np.bincount(codes, minlength=len(names)) if len(codes) else np.zeros(len(names), np.int64)
-        return {n: int(c) for n, c in zip(names, counts, strict=True) if n}
+        counts = np.bincount(codes[live] if live is not None else codes, minlength=len(names))
+        return {n: int(c) for n, c in zip(names, counts, strict=True) if n and c}
 
     def camera_words(self) -> dict[str, str]:
         """Every way a camera here may be named (make, model, both; any case) -> its name."""
@@ -165,14 +183,20 @@ class Columns:
                     out[word.casefold()] = name
         return out
 
-    def tags(self) -> dict[str, int]:
-        return {t: len(rows) for t, rows in sorted(self._tag_rows().items())}
+    def tags(self, live: np.ndarray | None = None) -> dict[str, int]:
+        """Tag -> pictures."""
+        out = {t: int(live[rows].sum()) if live is not None else len(rows) for t, rows in self._tag_rows().items()}
+        return {t: n for t, n in sorted(out.items()) if n}
 
-    def taken_range(self) -> tuple[int, int] | None:
-        taken = self.meta.get("taken_ns")
-        if taken is None or not len(taken):
-            return None
-        return int(np.min(taken)), int(np.max(taken))
+    def dates(self, live: np.ndarray | None = None) -> dict[str, int]:
+        """The first and last date taken (wall-clock ns), and how many dates came from the camera (EXIF)."""
+        taken, exif = self.meta["taken_ns"], self.meta["taken_exif"]
+        if live is not None:
+            taken, exif = taken[live], exif[live]
+        if not len(taken):
+            return {}
+        return {"first": int(np.min(taken)), "last": int(np.max(taken)), "from_camera": int(np.sum(exif)),
+                "from_file": int(len(exif) - np.sum(exif))}
 
     # -- codes ---------------------------------------------------------------------------------------------------
     def _folder_codes(self) -> tuple[list[str], np.ndarray]:
@@ -220,6 +244,11 @@ class Columns:
             if name.casefold() == want:
                 out[rows] = True
         return out
+
+
+def row_filter(where: Where) -> Callable[[Any], np.ndarray]:
+    """A segment -> its rows `where` allows (for cbir.search.segments' masked search; a segment gives its Columns)."""
+    return lambda segment: segment.columns().mask(where)
 
 
 def check_known(where: Where, segments: Sequence[Columns]) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir import metadata
 from cbir.errors import CbirError
+from cbir.search import filters, ondisk, store, tuning
 from cbir.search import manifest as manifest_mod
-from cbir.search import ondisk, store, tuning
 from cbir.search.manifest import Manifest, SegmentEntry
 from cbir.search.plan import ONDISK
 from cbir.search.searcher import Allowed, VectorSearch
@@ -97,6 +98,18 @@ class Segment:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         scores, rows = self.search.search(queries, k, allowed)
         return scores, np.where(rows >= 0, np.asarray(self.store.ids)[np.clip(rows, 0, None)], -1)
+
+    def meta(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The metadata columns (cbir.metadata.COLUMNS) of rows."""
+        return {name: column[np.asarray(rows, np.int64)] for name, column in self.store.meta().items()}
+
+    def columns(self) -> filters.Columns:
+        """This segment's rows as filters see them (made once per segment file, shared by its generations)."""
+        if self.store.filter_columns is None:
+            paths = self.store.paths
+            self.store.filter_columns = filters.Columns(paths[:] if isinstance(paths, store.Strings) else paths,
+                                                        self.store.meta())
+        return self.store.filter_columns
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Searched vectors of rows, float32."""
@@ -284,6 +297,13 @@ class Generation:
     def paths_of(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         """The paths of `ids` (one read per segment of an on-disk index's path column)."""
         return self.gather(np.asarray(ids, np.int64), _paths)
+
+    def meta_of(self, ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The metadata columns of `ids`, in their order."""
+        ids = np.asarray(ids, np.int64)
+        rows = self.gather(ids, lambda s, r: [{k: v[j] for k, v in s.meta(r).items()} for j in range(len(r))])
+        return {name: np.array([row[name] for row in rows], dtype=object if dt == "U" else dt)
+                for name, dt in metadata.COLUMNS.items()}
 
     def column(self, name: str, ids: Sequence[int] | np.ndarray) -> list:
         """Any per-row column (size, mtime_ns, sha256, ...) of `ids`."""

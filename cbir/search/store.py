@@ -9,6 +9,9 @@ Layout (format 1):
     mtime_ns    int64    [N]
     size        int64    [N]
     sha256      utf-8    [N]    content hash (byte-identical duplicates, renames, --update --verify)
+    meta/<column>        [N]    what is known of each picture (cbir.metadata.COLUMNS: taken_ns int64, taken_exif
+                                bool, make, model utf-8, lat, lon float64 (NaN: none), width, height int32, own_tags,
+                                tags utf-8 joined by line breaks); absent in segments made before it was kept
     skipped/path, skipped/reason   utf-8 [M]   (files an index made before segments left out; now in the manifest)
     attrs: format, dim, count, complete, contiguous, vector_dtype (float32|float16), created, cbir_version,
            search (JSON: the segment's search plan and its measured recall), ids_are_rows;
@@ -33,11 +36,13 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cbir import metadata
 from cbir.errors import CbirError
 from cbir.search.plan import SearchPlan
 
 FORMAT = 1
 STR = h5py.string_dtype("utf-8")
+META = "meta"  # the group of the metadata columns
 
 
 class VectorWriter:
@@ -59,6 +64,14 @@ class VectorWriter:
                 self.f.create_dataset(name, (rows, *tail), dtype=dt)
         for name in ("paths", "sha256"):
             self.f.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
+        meta = self.f.create_group(META)
+        for name, dt in metadata.COLUMNS.items():
+            if dt == "U":
+                meta.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
+            elif rows is None:
+                meta.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(chunk_rows,))
+            else:
+                meta.create_dataset(name, (rows,), dtype=dt)
         g = self.f.create_group("skipped")
         for name in ("path", "reason"):
             g.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(256,))
@@ -69,7 +82,9 @@ class VectorWriter:
         self.f.attrs["complete"] = False
 
     def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
-               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None) -> None:
+               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None, *,
+               meta: dict[str, np.ndarray] | None = None) -> None:
+        """Rows at the end; `meta`: their metadata columns (None: only their file times are known)."""
         n = len(paths)
         if n == 0:
             return
@@ -83,6 +98,9 @@ class VectorWriter:
                    "sha256": list(sha256) if sha256 is not None else [""] * n}
         if self.rows is not None and stop > self.rows:
             raise ValueError(f"more rows than the {self.rows} announced")
+        meta = meta if meta is not None else metadata.unknown_columns(mtime_ns)
+        columns.update({f"{META}/{name}": meta[name].tolist() if dt == "U" else np.asarray(meta[name], dt)
+                        for name, dt in metadata.COLUMNS.items()})
         for name, data in columns.items():
             ds = self.f[name]
             if ds.maxshape[0] is None:
@@ -130,6 +148,8 @@ class Store:
     handle: h5py.File | None = field(default=None, repr=False)  # open_lazy: the file its columns read from
     plan: SearchPlan | None = None  # the segment's search plan (attrs["search"], parsed once)
     has_raw: bool = False  # the file keeps the encoder's own rows beside the searched ones (alpha-DBA)
+    _meta: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+    filter_columns: Any = field(default=None, init=False, repr=False)  # cbir.search.filters.Columns, made once
 
     def __post_init__(self) -> None:
         if self.plan is None and "search" in self.attrs:
@@ -150,6 +170,24 @@ class Store:
     def close(self) -> None:
         if self.handle is not None and self.handle.id.valid:
             self.handle.close()
+
+    def meta(self) -> dict[str, np.ndarray]:
+        """The metadata columns (cbir.metadata.COLUMNS), read on first use (a search without filters never reads
+        them); a segment made before they were kept: file times only."""
+        if self._meta is None:
+            f = self.handle if self.handle is not None and self.handle.id.valid else h5py.File(self.path, "r")
+            try:
+                if META not in f:
+                    self._meta = metadata.unknown_columns(np.asarray(self.mtime_ns))
+                else:
+                    self._meta = {name: np.array(_strings(f[META][name]), dtype=object) if dt == "U" else
+                                  np.asarray(f[META][name][()], dt) for name, dt in metadata.COLUMNS.items()}
+            except OSError as exc:
+                raise CbirError(f"cannot read the metadata of {self.path}: {exc}") from exc
+            finally:
+                if f is not self.handle:
+                    f.close()
+        return self._meta
 
     def __len__(self) -> int:
         return len(self.paths)
