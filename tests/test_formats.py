@@ -112,3 +112,26 @@ def test_raw_without_rawpy_is_left_out_with_the_way_to_fix_it(tmp_path, monkeypa
     monkeypatch.setattr(formats, "has_rawpy", lambda: False)
     found = discover(tmp_path)
     assert found.files == ["b.jpg"] and found.left_out == {(formats.NO_RAWPY, ".nef"): 1}
+
+
+def test_the_mixed_folder_is_indexed_and_every_other_file_counted(tmp_path, capsys) -> None:
+    """The issue's folder, indexed: every picture in the index, each other file counted by reason (the run's summary
+    and cbir info), the .txt named .jpg skipped with its reason."""
+    from cbir import Index
+    from cbir.cli import main
+
+    folder = write_mixed(tmp_path / "mixed")
+    out = tmp_path / "idx"
+    assert main(["index", str(folder), "--out", str(out), "--device", "cpu", "-q"]) == 0
+    summary = capsys.readouterr().out
+    assert "indexed 6 images, skipped 1" in summary
+    assert "left out: 2 .mov (not an image), 1 .xmp (XMP sidecar (its tags are read with its picture)), 1 .mp4 (not " \
+           "an image), 1 .txt (not an image)" in summary
+    assert "skipped text.jpg: not an image" in summary
+    index = Index.open(out, device="cpu")
+    assert sorted(index.rows().paths) == ["grey.pgm", "no_extension", "phone.heic", "scan.ppm", "web.avif",
+                                          "wrong.png"]
+    assert index.search(folder / "phone.heic", k=1)[0].path == "phone.heic"
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "left out  2 .mov (not an image), 1 .xmp (XMP sidecar" in info and "skipped text.jpg" in info

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
@@ -95,3 +96,54 @@ def test_not_duplicates_is_remembered_by_later_runs(review_index: Index, capsys:
     assert Decisions.load(directory).separated("burst/shot2.jpg", "burst/shot1.jpg")
     again = find_duplicates(Index.open(directory, device="cpu"))  # a new process's view: read from review.json
     assert again["same_scene"] == [] and _groups(again, "identical") == _groups(found, "identical")
+
+
+def _files(root: Path) -> dict[str, tuple[str, int]]:
+    from cbir.files import sha256_file
+
+    return {p.relative_to(root).as_posix(): (sha256_file(p), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_move_then_undo_restores_every_file_and_the_index(tmp_path: Path, samples: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_collection(tmp_path / "collection", samples)
+    index = Index.build(root, out=tmp_path / "idx", device="cpu")
+    before_files = _files(root)
+    before_ids = sorted(int(i) for i in index.ids())
+    moved = {"photos/coffee.jpg", "photos/astronaut_small.jpg"}  # the copies of the kept pictures
+    gone_ids = {index.id_of(p): p for p in moved}
+    vectors = {p: index.vector_of(index.id_of(p)) for p in moved}
+    meta = index.generation.meta_of(sorted(gone_ids))
+    dest = tmp_path / "dupes"
+
+    assert main(["duplicates", str(index.directory), "--move-to", str(dest)]) == 0  # a dry run
+    assert "dry run: 2 files would move" in capsys.readouterr().out
+    assert _files(root) == before_files and not dest.exists()
+
+    assert main(["duplicates", str(index.directory), "--move-to", str(dest), "--apply"]) == 0
+    assert "moved 2 files" in capsys.readouterr().out
+    assert {p for p in _files(dest)} == moved and not any((root / p).exists() for p in moved)
+    after = Index.open(index.directory, device="cpu")
+    assert sorted(int(i) for i in after.ids()) == sorted(set(before_ids) - set(gone_ids))
+    astronaut = after.id_of("photos/astronaut.jpg")
+    assert "photos/astronaut_small.jpg" not in [r.path for r in after.search_id(astronaut, k=20)]
+
+    assert main(["duplicates", str(index.directory), "--undo"]) == 0
+    assert "2 files put back and indexed again" in capsys.readouterr().out
+    assert _files(root) == before_files  # every file back, byte for byte, with its time
+    back = Index.open(index.directory, device="cpu")
+    assert sorted(int(i) for i in back.ids()) == before_ids  # the same ids
+    for id_, path in gone_ids.items():
+        assert back.path_of(id_) == path and np.allclose(back.vector_of(id_), vectors[path])
+    again = back.generation.meta_of(sorted(gone_ids))
+    assert all(np.array_equal(again[k], meta[k]) for k in ("taken_ns", "width", "height", "tags"))
+    assert "photos/astronaut_small.jpg" in [r.path for r in back.search_id(astronaut, k=20)]
+    assert main(["duplicates", str(index.directory), "--undo"]) == 0
+    assert "0 files put back" in capsys.readouterr().out
+
+
+def test_move_to_inside_the_collection_is_refused(review_index: Index, capsys: pytest.CaptureFixture[str]) -> None:
+    inside = review_index.root / "dupes"
+    assert main(["duplicates", str(review_index.directory), "--move-to", str(inside), "--apply"]) == 2
+    assert "is inside the indexed folder" in capsys.readouterr().err and not inside.exists()

@@ -174,14 +174,9 @@ class Columns:
         return {n: int(c) for n, c in zip(names, counts, strict=True) if n and c}
 
     def camera_words(self) -> dict[str, str]:
-        """Every way a camera here may be named (make, model, both; any case) -> its name."""
+        """Every way a camera here may be named -> its name (see _camera_words)."""
         names, _, split = self._camera_codes()
-        out = {}
-        for name, (a, b) in zip(names, split, strict=True):
-            for word in (name, a, b, f"{a} {b}"):
-                if name and word.strip():
-                    out[word.casefold()] = name
-        return out
+        return {word: name for name, (a, b) in zip(names, split, strict=True) for word in _camera_words(name, a, b)}
 
     def tags(self, live: np.ndarray | None = None) -> dict[str, int]:
         """Tag -> pictures."""
@@ -233,8 +228,7 @@ class Columns:
     def _camera_mask(self, camera: str) -> np.ndarray:
         names, codes, split = self._camera_codes()
         want = camera.casefold()
-        chosen = np.array([bool(n) and want in {w.casefold() for w in (n, a, b, f"{a} {b}")}
-                           for n, (a, b) in zip(names, split, strict=True)], bool)
+        chosen = np.array([want in _camera_words(n, a, b) for n, (a, b) in zip(names, split, strict=True)], bool)
         return chosen[codes] if len(codes) else np.zeros(0, bool)
 
     def _tag_mask(self, tag: str) -> np.ndarray:
@@ -244,6 +238,15 @@ class Columns:
             if name.casefold() == want:
                 out[rows] = True
         return out
+
+
+def _camera_words(name: str, make: str, model: str) -> set[str]:
+    """The ways a person may name a camera, any case: its name, make, model, make and model, and the model without
+    the make it repeats ('EOS R5' for Canon's 'Canon EOS R5')."""
+    if not name:
+        return set()
+    bare = model[len(make):].strip() if make and model.lower().startswith(make.lower()) else model
+    return {w.casefold() for w in (name, make, model, f"{make} {model}", bare) if w.strip()}
 
 
 def row_filter(where: Where) -> Callable[[Any], np.ndarray]:
