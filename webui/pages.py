@@ -62,7 +62,10 @@ def _within(index: str, where: Where | None) -> dict:
     except query.QueryError:
         return {"where": Where(), "where_words": {}, "facets": {}, "matched": 0, "total": 0}
     where = where or Where()
-    matched = len(idx.matching(where)) if where else len(idx)
+    try:
+        matched = len(idx.matching(where)) if where else len(idx)
+    except FilterError:  # shown with its message; the controls keep the words to correct
+        matched = 0
     return {"where": where, "where_words": where.to_query(), "facets": idx.facets(), "matched": matched,
             "total": len(idx)}
 
