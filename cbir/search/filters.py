@@ -129,6 +129,7 @@ class Columns:
         self._cameras: tuple[list[str], np.ndarray, list[tuple[str, str]]] | None = None
         self._tags: dict[str, np.ndarray] | None = None
         self._masks: OrderedDict[Where, np.ndarray] = OrderedDict()
+        self._known: dict[str, Any] = {}  # folders, camera words, tags of all rows: checked with every query
 
     def mask(self, where: Where) -> np.ndarray:
         """True for each row `where` allows (a read-only array: shared between requests)."""
@@ -172,6 +173,17 @@ class Columns:
         names, codes, _ = self._camera_codes()
         counts = np.bincount(codes[live] if live is not None else codes, minlength=len(names))
         return {n: int(c) for n, c in zip(names, counts, strict=True) if n and c}
+
+    def known(self, kind: str) -> Any:
+        """What a filter may name, worked out once: "folders" (a set), "cameras" and "tags" (any case -> name)."""
+        with self._lock:
+            found = self._known.get(kind)
+        if found is None:
+            found = {"folders": lambda: set(self.folders()), "cameras": self.camera_words,
+                     "tags": lambda: {t.casefold(): t for t in self._tag_rows()}}[kind]()
+            with self._lock:
+                self._known[kind] = found
+        return found
 
     def camera_words(self) -> dict[str, str]:
         """Every way a camera here may be named -> its name (see _camera_words)."""
@@ -257,19 +269,16 @@ def row_filter(where: Where) -> Callable[[Any], np.ndarray]:
 def check_known(where: Where, segments: Sequence[Columns]) -> None:
     """Raise FilterError when `where` names a folder, camera or tag that no segment has (a typo, most likely),
     naming the ones there are. A filter of known values that together match nothing is not an error."""
-    if where.folder:
-        known = sorted({f for c in segments for f in c.folders()})
-        if where.folder not in known:
-            raise FilterError(f"no folder {where.folder!r} in this index; folders: {_some(known)}")
-    if where.camera:
-        known_cameras = {word: name for c in segments for word, name in c.camera_words().items()}
-        if where.camera.casefold() not in known_cameras:
-            names = sorted(set(known_cameras.values()))
-            raise FilterError(f"no camera {where.camera!r} in this index; cameras: {_some(names) or 'none recorded'}")
+    if where.folder and not any(where.folder in c.known("folders") for c in segments):
+        known = sorted({f for c in segments for f in c.known("folders")})
+        raise FilterError(f"no folder {where.folder!r} in this index; folders: {_some(known)}")
+    if where.camera and not any(where.camera.casefold() in c.known("cameras") for c in segments):
+        names = sorted({name for c in segments for name in c.known("cameras").values()})
+        raise FilterError(f"no camera {where.camera!r} in this index; cameras: {_some(names) or 'none recorded'}")
     for tag in where.tags:
-        known_tags = sorted({t for c in segments for t in c.tags()}, key=str.casefold)
-        if tag.casefold() not in {t.casefold() for t in known_tags}:
-            raise FilterError(f"no tag {tag!r} in this index; tags: {_some(known_tags) or 'none recorded'}")
+        if not any(tag.casefold() in c.known("tags") for c in segments):
+            names = sorted({t for c in segments for t in c.known("tags").values()}, key=str.casefold)
+            raise FilterError(f"no tag {tag!r} in this index; tags: {_some(names) or 'none recorded'}")
 
 
 def _some(values: list[str]) -> str:

@@ -64,6 +64,7 @@ class Segment:
             at = self.lookup.rows(deleted)
             mask[at[at >= 0]] = False
             self.live = Allowed(mask)
+        self._last: tuple[np.ndarray, Allowed] | None = None  # the latest filter's mask and what was made of it
 
     @property
     def name(self) -> str:
@@ -89,7 +90,13 @@ class Segment:
         mask = row_filter(self)
         if mask is None:
             return self.live
-        return Allowed(mask) & self.live if self.live is not None else Allowed(mask)
+        last = self._last
+        if last is not None and last[0] is mask:  # the same filter again (kept by cbir.search.filters): its row
+            return last[1]  # list and selector bitmap are made already
+        allowed = Allowed(mask) & self.live if self.live is not None else Allowed(mask)
+        if not mask.flags.writeable:  # a shared, unchanging mask: safe to know again by identity
+            self._last = (mask, allowed)
+        return allowed
 
     def find(self, queries: np.ndarray, k: int, row_filter: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each [B, k], of this segment's allowed rows."""
