@@ -33,6 +33,7 @@ from cbir.search.plan import ONDISK, SearchPlan, apply_params, search_params
 NUMPY_MAX_BATCH = 32  # exact CPU search: numpy up to this many queries at once, faiss above
 FEW_QUERIES = 4  # an on-disk index searches up to this many queries on one thread
 SCAN_AT_MOST = 20_000  # at most this many allowed rows: scan them exactly instead of searching the index
+KEEP_SCANNED = 16 << 20  # a filter's scanned rows are kept (with its latest mask) up to this many bytes
 GPU_OVERFETCH = 1024  # the GPU leaves out at most this many rows by fetching more; beyond, the CPU index answers
 DEFAULT_THREADS = faiss.omp_get_max_threads()
 
@@ -66,6 +67,7 @@ class Allowed:
     count: int = -1
     _bits: np.ndarray | None = field(default=None, repr=False)
     _rows: np.ndarray | None = field(default=None, repr=False)
+    _vectors: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.mask = np.asarray(self.mask, bool)
@@ -76,6 +78,16 @@ class Allowed:
         if self._rows is None:
             self._rows = np.flatnonzero(self.mask)
         return self._rows
+
+    def vectors(self, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The allowed rows' vectors (`read(rows)`), kept when they take at most KEEP_SCANNED bytes: gathering
+        10,000 scattered rows of 1M x 256 took 2.3 ms a query, the scan itself 0.2-0.4 ms."""
+        if self._vectors is not None:
+            return self._vectors
+        x = np.asarray(read(self.rows()))
+        if x.nbytes <= KEEP_SCANNED:
+            self._vectors = x
+        return x
 
     def selector(self) -> faiss.IDSelector:
         """A bitmap selector over row positions (the bitmap is kept alive with this record)."""
@@ -165,10 +177,9 @@ class VectorSearch:
 
     def _search(self, q: np.ndarray, k: int, allowed: Allowed | None) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None and allowed.count <= SCAN_AT_MOST and (self._flat is not None or self.exact_rows):
-            rows = allowed.rows()
-            x = self._flat[rows] if self._flat is not None else self.exact_rows(rows)  # type: ignore[misc]
+            x = allowed.vectors(self._flat.__getitem__ if self._flat is not None else self.exact_rows)  # type: ignore
             s, pos = scan(x, q, k)
-            return s, rows[pos]
+            return s, allowed.rows()[pos]
         if self._flat is not None and not self.gpu and len(q) <= NUMPY_MAX_BATCH:
             return exact_numpy(self._flat, q, k, None if allowed is None else allowed.mask)
         if self.plan.type == ONDISK:
