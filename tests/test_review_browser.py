@@ -56,3 +56,30 @@ def test_review_page_tiers_evidence_and_not_duplicates(browser, index_dir: Path,
     again = _open_review(browser, start_server([directory]))  # a new server: a restart
     assert again.locator("#tier-same_scene form.group").count() == 0
     assert again.locator("#tier-identical form.group").count() == 1
+
+
+def test_review_page_moves_the_others_and_refuses_other_sites(browser, index_dir: Path, start_server,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    import requests
+
+    from cbir import Index
+    from cbir.cli import main
+
+    dest = tmp_path / "moved"
+    base = start_server([index_dir], MOVE_TO=str(dest))
+    index = Index.open(index_dir, device="cpu")
+    members = [str(index.id_of(p)) for p in ("backup/coffee.jpg", "photos/coffee.jpg")]
+    forged = requests.post(f"{base}/duplicates/decide", headers={"Origin": "http://evil.example"}, timeout=60,
+                           data={"index": "idx", "member": members, "keep": members[0], "action": "move"})
+    assert forged.status_code == 403 and not dest.exists()
+
+    page = _open_review(browser, base)
+    group = page.locator("#tier-identical form.group")
+    group.locator("input[type=radio]").nth(1).check()  # keep photos/coffee.jpg, not the default (the older backup)
+    group.locator("button[value=move]").click()
+    page.wait_for_selector("#status:has-text('moved 1 pictures')")
+    assert page.locator("#tier-identical form.group").count() == 0
+    assert (dest / "backup/coffee.jpg").is_file() and not (index.root / "backup/coffee.jpg").exists()
+    assert Index.open(index_dir, device="cpu").id_of("backup/coffee.jpg") is None  # out of the index
+    assert main(["duplicates", str(index_dir), "--undo"]) == 0
+    assert (index.root / "backup/coffee.jpg").is_file()
