@@ -18,12 +18,10 @@ from cbir.errors import CbirError
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer import BuildOptions, build
+    from indexer.options import mode_of
 
-    if args.update and args.rebuild:
-        raise CbirError("--update and --rebuild exclude each other")
-    mode = "update" if args.update else "rebuild" if args.rebuild else "create"
     options = BuildOptions(encoder=args.encoder, weights=args.weights, pooling=args.pooling, precision=args.precision,
-                           device=args.device, mode=mode,
+                           device=args.device, mode=mode_of(update=args.update, rebuild=args.rebuild),
                            batch_size=args.batch_size, workers=args.workers, exclude=tuple(args.exclude),
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
@@ -65,14 +63,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     evidence: list = []
     if args.copies:
         from cbir.copies import rank_copies_first
-        from cbir.images import ImageError, load_image
+        from cbir.images import load_query
 
-        if not Path(args.image).is_file():
-            raise CbirError(f"query image not found: {args.image}")
-        try:
-            ranked = rank_copies_first(index, load_image(args.image), k=args.k, where=where)
-        except ImageError as exc:
-            raise CbirError(f"cannot use the query image: {exc}") from exc
+        ranked = rank_copies_first(index, load_query(args.image), k=args.k, where=where)
         results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
     else:
         results = index.search(args.image, k=args.k, where=where)
@@ -248,14 +241,11 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cbir.training.trainer import TrainConfig, Trainer
 
-    extra = {}
-    if args.backbone_weights:
-        extra["backbone_weights"] = args.backbone_weights
     cfg = TrainConfig(kind=args.kind, data=args.dir, out=args.out, labels=args.labels, epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, device=args.device, seed=args.seed,
                       resume=args.resume, backbone=args.backbone, emb_dim=args.emb_dim, margin=args.margin,
                       lr=args.lr, patience=args.patience, split=_parse_split(args.split), progress=not args.quiet,
-                      extra=extra)
+                      backbone_weights=args.backbone_weights or "imagenet")
     result = Trainer(cfg).run()
     print(f"{args.kind}: best val {result['metric']} {result['best_val']:.4f} at epoch {result['best_epoch']} "
           f"(before training {result['baseline_val']:.4f}), {result['epochs_run']} epochs in "
@@ -376,8 +366,6 @@ def _undo_moves(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from webui.auth import is_loopback
 
     token = args.token or os.environ.get("CBIR_TOKEN") or None
@@ -406,7 +394,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cbir.encoders import PRECISIONS  # the parser's imports load neither torch nor faiss: --help stays quick
+    from cbir.search.kinds import EXACT_UP_TO, INDEX_TYPES
     from cbir.version import __version__
+    from indexer.options import DEFAULT_PRESET, ENGINES, PRESETS
 
     p = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval: index a folder of "
                                 "images, then find the images most like a query image.")
@@ -429,18 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--update", action="store_true", help="embed only new and changed files, drop deleted ones")
     s.add_argument("--verify", action="store_true", help="with --update: compare file contents (sha256), not "
                    "just size and modification time")
-    s.add_argument("--index-type", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
-                   help="search index: auto (default: exact up to 50,000 vectors, above that approximate, tuned "
-                        "to recall@10 >= 0.99 on the collection's own vectors), flat (exact), ivf, hnsw, ivfpq")
+    s.add_argument("--index-type", choices=INDEX_TYPES,
+                   help=f"search index: auto (default: exact up to {EXACT_UP_TO:,} vectors, above that approximate, "
+                        "tuned to recall@10 >= 0.99 on the collection's own vectors), flat (exact); the others are "
+                        "approximate")
     s.add_argument("--float16", action="store_true", help="store vectors as float16 (half the disk space)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "int8", "auto"], default=None,
+    s.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="encoder arithmetic: fp32, bf16, int8 (ONNX Runtime, calibrated on this collection), or "
                         "auto (default: the fastest mode that stays faithful to fp32 on a calibration sample)")
-    s.add_argument("--preset", choices=["fast", "balanced", "best"], help="a measured configuration: fast "
-                   "(efficientnet_lite0, the default: best at finding the original of a copy), balanced (+ query "
-                   "expansion and database augmentation: same speed, better 'more of this kind' neighbours, copies "
-                   "found a little less often), best (efficientnet_lite0+efficientnet_lite2 fused, + both; half the "
-                   "speed)")
+    s.add_argument("--preset", choices=PRESETS, help="a measured configuration (README: presets): "
+                   f"{'; '.join(_describe_preset(name) for name in PRESETS)}. {DEFAULT_PRESET} is best at finding "
+                   "the original of a copy; query expansion (qe) and database augmentation (dba) find better 'more "
+                   "of this kind' neighbours")
     s.add_argument("--qe", type=int, metavar="K", help="alpha-query expansion at search time with the top K "
                    "neighbours (0: off, default; 2 is the published setting)")
     s.add_argument("--dba", type=int, metavar="K", help="alpha-database-side augmentation at index time with the top "
@@ -450,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "more)")
     s.add_argument("--memory-budget", metavar="SIZE", help="auto index type: go on disk when the float32 vectors "
                    "would exceed this (e.g. 8G; default half of this machine's RAM)")
-    s.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default): this machine's "
+    s.add_argument("--engine", choices=ENGINES, default="local", help="local (default): this machine's "
                    "processes; ray: decode and embed on a Ray cluster (README: More than one machine)")
     s.add_argument("--ray-address", help="with --engine ray: the cluster to join (default: RAY_ADDRESS if set, else "
                    "a local cluster started for this run)")
@@ -480,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")
-    s.add_argument("kind", choices=["siamese", "autoencoder"])
+    s.add_argument("kind", help="siamese or autoencoder (any recipe in cbir/training/)")
     s.add_argument("dir", help="folder of training images (class sub-folders give labels)")
     s.add_argument("--out", required=True, help="model file to write, e.g. models/siamese.pt")
     s.add_argument("--labels", default="auto", help="folders, none, or a CSV of file,label (default: folders "

@@ -46,7 +46,7 @@ MIN_SCALE = 0.15  # a copy is at most ~7x smaller or larger than its original (a
 MIN_COVER = 0.3  # the matching points span at least this share of one picture's width and of its height
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Evidence:
     """Why two pictures are (or are not) copies of each other."""
 
@@ -63,11 +63,14 @@ class Evidence:
     def verified(self) -> bool:
         if self.inliers >= STRONG_INLIERS or (self.inliers >= MIN_INLIERS and self.agreement >= MIN_AGREEMENT):
             return True
-        return self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints) and \
-            self.agreement >= SPARSE_AGREEMENT
+        many_for_its_points = self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints)
+        return many_for_its_points and self.agreement >= SPARSE_AGREEMENT
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "agreement": round(self.agreement, 3), "verified": self.verified}
+
+
+NO_EVIDENCE = Evidence(inliers=0, matches=0)  # no features to compare, or a file gone since indexing
 
 
 Features = tuple[np.ndarray, np.ndarray | None, tuple[int, int]]  # positions [N, 2], descriptors [N, 128], w x h
@@ -109,7 +112,7 @@ def matched_points(a: Features, b: Features) -> tuple[Evidence, np.ndarray, np.n
     none = np.zeros((0, 2), np.float32)
     (pa, da, size_a), (pb, db, size_b) = a, b
     if da is None or db is None or len(da) < 2 or len(db) < 2:
-        return Evidence(0, 0), none, none
+        return NO_EVIDENCE, none, none
     keypoints = min(len(pa), len(pb))
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(da, db, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO_TEST * p[1].distance]
@@ -119,7 +122,7 @@ def matched_points(a: Features, b: Features) -> tuple[Evidence, np.ndarray, np.n
             best[m.trainIdx] = m
     good = list(best.values())
     if len(good) < 4:
-        return Evidence(0, len(good), keypoints=keypoints), none, none
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints), none, none
     src = pa[[m.queryIdx for m in good]]
     dst = pb[[m.trainIdx for m in good]]
     cv2.setRNGSeed(0)  # the same pair gets the same answer every time
@@ -127,8 +130,8 @@ def matched_points(a: Features, b: Features) -> tuple[Evidence, np.ndarray, np.n
                                                   maxIters=5000, confidence=0.999)
     inliers = mask.ravel().astype(bool) if mask is not None else np.zeros(len(good), bool)
     if transform is None or not _plausible(transform, src[inliers], dst[inliers], size_a, size_b):
-        return Evidence(0, len(good), keypoints=keypoints), none, none
-    return Evidence(int(inliers.sum()), len(good), keypoints=keypoints), src[inliers], dst[inliers]
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints), none, none
+    return Evidence(inliers=int(inliers.sum()), matches=len(good), keypoints=keypoints), src[inliers], dst[inliers]
 
 
 def _plausible(transform: np.ndarray, src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int],
@@ -234,7 +237,7 @@ def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates:
         try:
             target = cache.get(index.file_of(r.id))
         except (OSError, ValueError):
-            checked.append((r, Evidence(0, 0)))
+            checked.append((r, NO_EVIDENCE))
             continue
         checked.append((r, either_way(direct, lambda: flipped, target)))
     copies = sorted((c for c in checked if c[1].verified), key=lambda c: -c[1].inliers)

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from cbir import metadata
-from cbir.copies import Evidence, FeatureCache
+from cbir.copies import NO_EVIDENCE, Evidence, FeatureCache
 from cbir.errors import CbirError
 from cbir.index import Index
 from cbir.metadata import Meta, show_date
@@ -98,7 +98,7 @@ class _Verifier:
                 self.evidence[key] = self.cache.compare(self.file(key[0]), self.file(key[1]),
                                                         mirror=cos >= MIRROR_COSINE)
             except Exception:  # a file gone or unreadable since indexing: no evidence, no group
-                self.evidence[key] = Evidence(0, 0)
+                self.evidence[key] = NO_EVIDENCE
         return self.evidence[key]
 
     def check_all(self, pairs: list[tuple[int, int]]) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cbir import formats
+from cbir.errors import CbirError, ImageError, QueryImageError
 from cbir.formats import IMAGE_EXTENSIONS  # noqa: F401  (where the extensions were looked up before)
 
 # Folders and files that photo managers, NAS boxes and operating systems sprinkle over collections.
@@ -30,17 +31,13 @@ JUNK_NAMES = ("@eaDir", ".thumbnails", "System Volume Information", "$RECYCLE.BI
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-class ImageError(Exception):
-    """An input that is not a usable image; the message is the reason shown to the user."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Skipped:
     path: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Discovery:
     files: list[str]  # relative POSIX paths, sorted
     skipped: list[Skipped]
@@ -73,7 +70,7 @@ def discover(root: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Disco
         raise NotADirectoryError(f"not a folder: {root}")
     walker = _Walker(tuple(exclude))
     walker.walk(root_path, "")
-    return Discovery(walker.files, walker.skipped, dict(walker.left_out))
+    return Discovery(files=walker.files, skipped=walker.skipped, left_out=dict(walker.left_out))
 
 
 class _Walker:
@@ -89,12 +86,12 @@ class _Walker:
             st = directory.stat()
             key = (st.st_dev, st.st_ino)
             if key in self.seen_dirs:
-                self.skipped.append(Skipped(rel, "folder already visited (symlink loop or duplicate link)"))
+                self.skipped.append(Skipped(path=rel, reason="folder already visited (symlink loop or duplicate link)"))
                 return
             self.seen_dirs.add(key)
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            self.skipped.append(Skipped(rel or ".", f"folder not readable: {exc.strerror or exc}"))
+            self.skipped.append(Skipped(path=rel or ".", reason=f"folder not readable: {exc.strerror or exc}"))
             return
         for entry in entries:
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
@@ -118,7 +115,7 @@ class _Walker:
         elif problem is None:
             self.files.append(rel)
         elif formats.extension(entry.name) in IMAGE_EXTENSIONS:
-            self.skipped.append(Skipped(os.fsencode(rel).decode("utf-8", "backslashreplace"), problem))
+            self.skipped.append(Skipped(path=os.fsencode(rel).decode("utf-8", "backslashreplace"), reason=problem))
         else:
             self.left_out[(problem, formats.extension(os.fsencode(entry.name).decode("utf-8", "replace")))] += 1
 
@@ -298,6 +295,18 @@ def _tiff_exif(data: bytes) -> Image.Exif | None:
     except Exception:  # a maker's own layout: the picture still counts, without its camera facts
         return None
     return exif if len(exif) else None
+
+
+def load_query(query: str | os.PathLike[str] | bytes | io.IOBase, draft: int | None = None) -> Image.Image:
+    """A query picture (a path, bytes or an open file), for every way a query comes in (search, --copies, the API):
+    the one place a query's problems get their message. Raises QueryImageError, or CbirError for a missing path."""
+    if isinstance(query, (str, os.PathLike)) and not Path(query).is_file():
+        raise CbirError(f"query image not found: {query}" if not Path(query).exists() else
+                        f"the query is not an image file but a folder or device: {query}")
+    try:
+        return load_image(query.read() if isinstance(query, io.IOBase) else query, draft=draft)
+    except ImageError as exc:
+        raise QueryImageError(str(exc)) from exc
 
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the picture as shown (EXIF applied)

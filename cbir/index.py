@@ -11,7 +11,6 @@ An `Index` answers every call from one generation of the index (cbir/search/segm
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -24,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from cbir.errors import BoxError, CbirError, QueryImageError
-from cbir.images import Box, ImageError, crop, load_image
+from cbir.errors import BoxError, CbirError
+from cbir.images import Box, crop, load_query
 from cbir.layout import MANIFEST, VECTORS, resolve_index_dir
 from cbir.metadata import show_date
 from cbir.search import filters
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Result:
     rank: int
     id: int
@@ -284,14 +283,8 @@ class Index:
             raise CbirError(f"no image with id {exc.args[0]} in index {self.name}") from None
 
     def id_of(self, path: str) -> int | None:
-        """The id of the image at `path` (relative to the root), or None (reads every path once: slow at 10M)."""
-        gen = self._gen
-        by_path = getattr(gen, "_by_path", None)
-        if by_path is None:
-            rows = self.rows()
-            by_path = {p: int(i) for p, i in zip(rows.paths, rows.ids, strict=True)}
-            gen._by_path = by_path  # type: ignore[attr-defined]  # one lookup per generation
-        return by_path.get(path)
+        """The id of the image at `path` (relative to the root), or None (the first call reads a segment's paths)."""
+        return self._gen.id_of(path)
 
     def vector_of(self, id_: int) -> np.ndarray:
         try:
@@ -350,7 +343,8 @@ class Index:
         kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
                 if i >= 0 and int(i) not in exclude_ids][:k]
         paths = gen.paths_of([i for _, i in kept])
-        return [Result(n + 1, i, p, s) for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+        return [Result(rank=n + 1, id=i, path=p, score=s)
+                for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
 
     @staticmethod
     def _narrowed(row_filter: RowFilter | None, where: Where | None, gen: Generation) -> RowFilter | None:
@@ -484,16 +478,6 @@ class Index:
             "left_out": [{"reason": reason, "extension": ext, "files": n} for reason, ext, n in m.left_out],
             "metadata": self.facets(),
         }
-
-
-def load_query(query: str | os.PathLike[str] | bytes | io.IOBase, draft: int | None = None) -> Image.Image:
-    """A query picture from a path, bytes or a file object; a missing or unusable file is a plain error."""
-    if isinstance(query, (str, os.PathLike)) and not Path(query).is_file():
-        raise CbirError(f"query image not found: {query}")
-    try:
-        return load_image(query if not isinstance(query, io.IOBase) else query.read(), draft=draft)
-    except ImageError as exc:
-        raise QueryImageError(str(exc)) from exc
 
 
 def _signature(directory: Path) -> tuple[int, int, int]:

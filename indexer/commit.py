@@ -89,7 +89,7 @@ def commit(job: CommitJob) -> Committed:
                              created=job.base.created if updating else now_iso())
     manifest = policy.merge_small(job.out, manifest, mapper=job.engine.map)
     added = len(rows.order) - job.plan.changed - len(rows.reused)
-    return Committed(indexed=manifest.live, added=added, skipped=[Skipped(p, r) for p, r in skipped],
+    return Committed(indexed=manifest.live, added=added, skipped=[Skipped(path=p, reason=r) for p, r in skipped],
                      manifest=manifest)
 
 
@@ -121,15 +121,19 @@ def _words(job: CommitJob, writer: IndexWriter, entry: SegmentEntry | None) -> W
 
 
 def _gather(job: CommitJob) -> _NewRows:
+    """The plan's files from the saved chunks (a chunk of a killed run whose rows were committed after all is not
+    taken again: only what this run planned to embed counts)."""
     chunks = list(job.work.chunks())
+    planned = set(job.plan.todo)
     new: dict[str, tuple[int, int]] = {}
     skipped: dict[str, str] = {s.path: s.reason for s in job.discovery_skips}
     for ci, c in enumerate(chunks):
         for r, p in enumerate(c.paths):
-            new[p] = (ci, r)
-            skipped.pop(p, None)
+            if p in planned:
+                new[p] = (ci, r)
+                skipped.pop(p, None)
         for p, reason in c.skipped:
-            if p not in new:
+            if p in planned and p not in new:
                 skipped[p] = reason
     order = sorted(set(new) | set(job.plan.reuse))
     return _NewRows(order, new, dict(job.plan.reuse), chunks, skipped)

@@ -1,7 +1,7 @@
 """Embed stage on a Ray cluster (`cbir index --engine ray`): the same decoding and the same encoder, on many machines.
 
-    driver: manifest (sorted files, a global id, size and mtime each)     -> IDX/.work/files.tsv
-    Ray Data: ids -> read bytes + decode (CPU tasks, cbir's own preprocessing) -> embed (actor pool, one model
+    driver: manifest (sorted files, size and mtime each)                 -> IDX/.work/files.tsv
+    Ray Data: paths -> read bytes + decode (CPU tasks, cbir's own preprocessing) -> embed (actor pool, one model
               per actor, a GPU each on GPU nodes) -> back to the driver
     driver: numbered chunks under IDX/.work/ (the write stage's own format), progress with images/s
 
@@ -142,18 +142,16 @@ def _quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def write_manifest(work: WorkDir, source: Source, files: list[str]) -> dict[str, int]:
-    """The run's files with global ids, written once per job (a resumed run reads the same one back)."""
+def write_manifest(work: WorkDir, source: Source, files: list[str]) -> None:
+    """The run's files with their size and mtime, written once per job (a resumed run keeps the one it finds).
+
+    Rows are numbered by the commit, as the one-machine engine's are: the manifest carries no ids."""
     path = work.dir / MANIFEST
-    if path.is_file():
-        ids = read_manifest(path)
-        if set(ids) >= set(files):
-            return ids
+    if path.is_file() and read_manifest(path) >= set(files):
+        return
     stats = source.stats(files)
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{i}\t{stats[f][0]}\t{stats[f][1]}\t{f}\n" for i, f in enumerate(sorted(files))),
-                       encoding="utf-8")
-    return {f: i for i, f in enumerate(sorted(files))}
+        tmp.write_text("".join(f"{stats[f][0]}\t{stats[f][1]}\t{f}\n" for f in sorted(files)), encoding="utf-8")
 
 
 def embed_files(engine: RayEngine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
@@ -161,17 +159,15 @@ def embed_files(engine: RayEngine, source: Source, files: list[str], encoder: En
     """Embed `files` (those of `planned` that no chunk holds yet) on the cluster; returns how many were embedded."""
     from indexer.embed import default_batch, settle_mode, to_chunk
 
-    ids = write_manifest(work, source, planned)
+    write_manifest(work, source, planned)
     if not files:
         return 0
     files = settle_mode(source, files, encoder, work)  # on the driver: the actors rebuild the settled mode
     batch_size = options.batch_size or default_batch(encoder)
     embedded, started, first = 0, time.perf_counter(), None
     with _progress(len(files), options.progress) as bar:
-        for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
-            chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
-            chunk.ids = batch["id"][batch["ok"]]
-            work.write(chunk)
+        for batch in _pipeline(source, files, encoder, batch_size):
+            work.write(to_chunk(_records(batch), batch["vector"][batch["ok"]]))
             if first is None:
                 first = (time.perf_counter(), len(batch["path"]))
             embedded += len(batch["path"])
@@ -183,7 +179,7 @@ def embed_files(engine: RayEngine, source: Source, files: list[str], encoder: En
     return embedded
 
 
-def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
+def _pipeline(source: Source, files: list[str], encoder: Encoder,
               batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     import ray
     from ray.data import ActorPoolStrategy
@@ -194,8 +190,8 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
     # An embedding actor reserves all but one CPU of the smallest node (half of a 1-CPU node) and runs torch on
     # all its cores, as the local embed stage does; decoding tasks (half a CPU each, at nice 19) use the gaps.
     actor_cpus = 1.0 if gpus else max(0.5, min(cpus, default=1.0) - 1)
-    ds = ray.data.from_items([{"id": i, "path": p} for i, p in items],
-                             override_num_blocks=max(1, min(len(items) // batch_size, 64 * actors)))
+    ds = ray.data.from_items([{"path": p} for p in files],
+                             override_num_blocks=max(1, min(len(files) // batch_size, 64 * actors)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"source": source, "preprocess": encoder.preprocess},
                         batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"config": encoder.config, "gpu": gpus > 0},
@@ -212,8 +208,8 @@ def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
     """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
     marker = np.zeros(0, np.uint8)
     meta = {name.removeprefix(META): column for name, column in batch.items() if name.startswith(META)}
-    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h),
-                    meta=metadata.from_columns(meta, j) if ok else None)
+    return [Decoded(file=str(p), pixels=marker if ok else None, reason=str(r), mtime_ns=int(m), size=int(s),
+                    sha256=str(h), meta=metadata.from_columns(meta, j) if ok else None)
             for j, (p, ok, r, m, s, h) in enumerate(zip(batch["path"], batch["ok"], batch["reason"],
                                                         batch["mtime_ns"], batch["size"], batch["sha256"],
                                                         strict=True))]
@@ -232,7 +228,7 @@ def _decoded_columns(batch: dict[str, np.ndarray], items: list[Decoded], size: i
     for j, it in enumerate(items):
         if it.ok:
             pixels[j] = it.pixels
-    return {"id": batch["id"], "path": batch["path"], "pixels": pixels,
+    return {"path": batch["path"], "pixels": pixels,
             "ok": np.array([it.ok for it in items], bool), "reason": np.array([it.reason for it in items]),
             "mtime_ns": np.array([it.mtime_ns for it in items], np.int64),
             "size": np.array([it.size for it in items], np.int64),
@@ -270,10 +266,6 @@ def _progress(total: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def read_manifest(path: Path) -> dict[str, int]:
-    """path -> global id from a run's manifest."""
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        id_, _s, _m, rel = line.split("\t", 3)
-        out[rel] = int(id_)
-    return out
+def read_manifest(path: Path) -> set[str]:
+    """The paths a run's manifest lists."""
+    return {line.split("\t", 2)[2] for line in path.read_text(encoding="utf-8").splitlines()}

@@ -42,8 +42,7 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     `encoder`, if given, is used as it is (bench passes one it has just trained); otherwise it is made from the
     options, or with mode "update" and no encoder named, rebuilt from the index's own record.
     """
-    opts = options or BuildOptions()
-    opts.validate()
+    opts = (options or BuildOptions()).resolved()
     tags = read_tags_csv(opts.tags) if opts.tags else None  # checked before anything is embedded
     root = Source.of(source)
     out = Path(out) if out is not None else DEFAULT_DIR / root.name

@@ -69,7 +69,7 @@ class Source:
             except (FileNotFoundError, NotADirectoryError) as exc:
                 raise CbirError(str(exc)) from exc
         left_out: Counter[tuple[str, str]] = Counter()
-        return Discovery(sorted(self.listing(exclude, left_out)), [], dict(left_out))
+        return Discovery(files=sorted(self.listing(exclude, left_out)), skipped=[], left_out=dict(left_out))
 
     def listing(self, exclude: tuple[str, ...] = (),
                 left_out: Counter[tuple[str, str]] | None = None) -> dict[str, tuple[int, int]]:

@@ -32,7 +32,6 @@ class Chunk:
     size: np.ndarray
     sha256: list[str]
     skipped: list[tuple[str, str]]
-    ids: np.ndarray | None = None  # --engine ray: the manifest's global id of each row
     meta: dict[str, np.ndarray] = field(default_factory=dict)  # cbir.metadata.COLUMNS of each row (saved too)
 
 
@@ -72,7 +71,6 @@ class WorkDir:
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
                      skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
-                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}),
                      **{f"{META}{name}": column for name, column in chunk.meta.items()})
             fh.flush()
             os.fsync(fh.fileno())
@@ -84,7 +82,7 @@ class WorkDir:
                             size=z["size"],
                             sha256=[str(h) for h in z["sha256"]],
                             skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), ids=z["ids"] if "ids" in z.files else None,
+                                     strict=True)),
                             meta={k.removeprefix(META): z[k] for k in z.files if k.startswith(META)})
 
     def done(self) -> dict[str, tuple[int, int]]:

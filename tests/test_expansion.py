@@ -112,11 +112,12 @@ def test_each_fused_part_sees_what_it_sees_alone_and_old_records_keep_their_view
 def test_presets_fill_what_was_not_given(tmp_path: Path, samples: Path) -> None:
     from indexer import BuildOptions
 
-    opts = BuildOptions(preset="balanced", dba=0)
-    opts.validate()
+    given = BuildOptions(preset="balanced", dba=0)
+    opts = given.resolved()
     assert (opts.encoder, opts.qe, opts.dba) == ("efficientnet_lite0", 2, 0)
+    assert (given.encoder, given.qe) == (None, None)  # a copy: what the caller asked for stays as it was
     with pytest.raises(CbirError, match="unknown preset"):
-        BuildOptions(preset="fastest").validate()
+        BuildOptions(preset="fastest").resolved()
     index = Index.build(samples / "coffee", out=tmp_path / "p", device="cpu", preset="balanced")
     assert index.info()["preset"] == "balanced" and index.expansion.qe_k == 2
     plain = Index.build(samples / "coffee", out=tmp_path / "d", device="cpu")  # no preset named: it is `fast`

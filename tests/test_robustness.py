@@ -92,6 +92,9 @@ def test_cli_update_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["index", str(data), "--out", str(tmp_path / "i"), "--update", "-q"]) == 0
     assert "1 added, 0 changed, 0 removed, 3 unchanged" in capsys.readouterr().out
     assert main(["index", str(data), "--out", str(tmp_path / "i"), "--update", "--rebuild"]) == 2
+    assert "update and rebuild exclude each other" in capsys.readouterr().err
+    with pytest.raises(CbirError, match="update and rebuild exclude each other"):  # the same rule, the same words
+        Index.build(data, out=tmp_path / "i", update=True, rebuild=True)
 
 
 def test_api_update_keeps_the_encoder_the_index_was_built_with(tmp_path: Path) -> None:

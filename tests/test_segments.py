@@ -122,32 +122,33 @@ def _block(ids: np.ndarray, x: np.ndarray) -> RowBlock:
                     size=np.ones(n, np.int64), sha256=[""] * n)
 
 
-def test_merge_policy_merges_a_full_tier_and_keeps_every_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _add_rows(folder: Path, manifest: Manifest, vectors: dict[int, np.ndarray], rng: np.random.Generator,
+              dim: int) -> tuple[Manifest, np.ndarray]:
+    """A write of 5 random rows as a new segment (their vectors noted in `vectors`)."""
+    writer = IndexWriter(folder, manifest)
+    ids = writer.new_ids(5)
+    x = rng.normal(size=(5, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    vectors.update(zip(ids.tolist(), x, strict=True))
+    writer.add_segment(5, [_block(ids, x)])
+    return writer.commit(), ids
+
+
+def test_merge_policy_merges_a_full_tier_and_keeps_every_id(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     dim = 16
     manifest = Manifest(generation=0, settings=_settings(dim))
     manifest_mod.save(tmp_path, manifest)
     vectors: dict[int, np.ndarray] = {}
     for _ in range(policy.PER_TIER - 1):
-        writer = IndexWriter(tmp_path, manifest)
-        ids = writer.new_ids(5)
-        x = rng.normal(size=(5, dim)).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        vectors.update(zip(ids.tolist(), x, strict=True))
-        writer.add_segment(5, [_block(ids, x)])
-        manifest = writer.commit()
+        manifest, ids = _add_rows(tmp_path, manifest, vectors, rng, dim)
         writer = IndexWriter(tmp_path, manifest)  # a later write deletes one of its rows
         writer.delete([int(ids[0])])
         vectors.pop(int(ids[0]))
         manifest = writer.commit()
     assert len(manifest.segments) == policy.PER_TIER - 1 and policy.merges(manifest.segments) == []
-    writer = IndexWriter(tmp_path, manifest)
-    ids = writer.new_ids(5)
-    x = rng.normal(size=(5, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    vectors.update(zip(ids.tolist(), x, strict=True))
-    writer.add_segment(5, [_block(ids, x)])
-    manifest = policy.merge_small(tmp_path, writer.commit())
+    manifest, _ = _add_rows(tmp_path, manifest, vectors, rng, dim)
+    manifest = policy.merge_small(tmp_path, manifest)
     assert len(manifest.segments) == 1 and manifest.deleted == 0
     gen = Generation.open(tmp_path)
     live = np.asarray(gen.ids())
@@ -220,3 +221,35 @@ def test_a_server_picks_up_a_new_generation_opening_only_new_segments(tmp_path: 
     assert reader.refresh() and len(reader) == 11
     assert reader.generation.segments[0].store is first.store  # not read again
     assert not reader.refresh()
+
+
+def test_every_reader_works_on_a_segmented_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """More like this, a region, copies first, duplicates, cbir info and the page, on an index of three segments with
+    deleted rows."""
+    from cbir.cli import main
+    from cbir.copies import rank_copies_first
+    from cbir.duplicates import find_duplicates
+    from cbir.images import load_image
+    from webui import create_app
+
+    data = folder_of(tmp_path / "data", range(16), size=(160, 120))
+    out = tmp_path / "idx"
+    Index.build(data, out=out, encoder=ENCODER, device="cpu")
+    (data / "copy-of-3.jpg").write_bytes((data / "img0003.jpg").read_bytes())  # byte-identical, another segment
+    (data / "img0005.jpg").unlink()
+    Index.build(data, out=out, update=True, device="cpu")
+    index = Index.open(out)
+    index.add([jpeg_bytes(photo((160, 120), seed=3).rotate(90, expand=True))])  # an edited copy, a third segment
+    assert len(index.manifest.segments) == 3 and index.manifest.deleted == 1
+    three = index.id_of("img0003.jpg")
+    assert [r.path for r in index.search_id(three, k=2)][0] == "copy-of-3.jpg"
+    assert index.search_id(three, k=1, box=(0, 0, 80, 60))[0].id != three
+    ranked = rank_copies_first(index, load_image(data / "img0003.jpg"), k=3)
+    assert {r.path for r, e in ranked if e.verified} >= {"copy-of-3.jpg"}
+    found = find_duplicates(index)
+    assert [sorted(m["path"] for m in g) for g in found["identical"]] == [["copy-of-3.jpg", "img0003.jpg"]]
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "segments  3 (generation 3; 1 deleted rows" in shown and "seg-000003" in shown
+    page = create_app({"INDEXES": [str(out)], "DEVICE": "cpu"}).test_client().get("/")
+    assert page.status_code == 200 and b"img0005.jpg" not in page.data and b"copy-of-3.jpg" in page.data

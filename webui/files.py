@@ -9,7 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cbir.images import ImageError, load_image, read_facts
+from cbir.errors import ImageError
+from cbir.images import load_image, read_facts
 from cbir.index import Index
 
 THUMB_PX = 256

@@ -11,7 +11,7 @@ import numpy as np
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from cbir.images import ImageError
+from cbir.errors import ImageError
 from cbir.search.filters import FilterError, Where
 from webui import query
 from webui.files import display_size, make_thumbnail, safe_file

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app, request, url_for
 
-from cbir.errors import BoxError, CbirError, QueryImageError
+from cbir.errors import CbirError, QueryImageError
 from cbir.images import Box, parse_box
 from cbir.index import Index
 from cbir.search.filters import FilterError, Where
@@ -130,9 +130,7 @@ def _embed(index: Index, source, box: Box | None):
         raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
     except QueryImageError as exc:
         raise QueryError(400, f"not a usable image: {exc.reason}") from None
-    except BoxError as exc:
-        raise QueryError(400, str(exc)) from None
-    except CbirError as exc:
+    except CbirError as exc:  # a box outside the picture (BoxError) among them
         raise QueryError(400, str(exc)) from None
 
 

@@ -26,7 +26,7 @@ class Busy(Exception):
     """The encoder stayed busy longer than the configured wait."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Served:
     name: str
     directory: Path
@@ -36,8 +36,8 @@ class Served:
 class IndexSet:
     """Named indexes with change detection (checked at most every `check_every` seconds)."""
 
-    def __init__(self, paths: list[str], device: str = "cpu", check_every: float = 1.0,
-                 busy_timeout: float = 15.0) -> None:
+    def __init__(self, paths: list[str], *, device: str, check_every: float, busy_timeout: float) -> None:
+        """The settings come from the app's config (webui.app.DEFAULTS: device auto), their one default."""
         if not paths:
             raise CbirError("no index to serve: give at least one index folder")
         self.device = device
@@ -60,7 +60,7 @@ class IndexSet:
         self._share_encoder(index)
         log.info("loaded index %s: %d images in %d segments, encoder %s", name, len(index),
                  len(index.manifest.segments), index.encoder_config["name"])
-        return Served(name, directory, index)
+        return Served(name=name, directory=directory, index=index)
 
     def _share_encoder(self, index: Index) -> None:
         """Indexes with the same encoder share one (built once)."""

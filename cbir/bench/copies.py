@@ -30,7 +30,7 @@ from cbir.index import Index
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CopiesConfig:
     dataset: str
     out: str

@@ -19,21 +19,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from cbir.encoders._registry import EncoderEntry, get_entry, list_encoders, register
+from cbir.encoders._registry import PRECISIONS, EncoderEntry, get_entry, list_encoders, register
 from cbir.errors import WeightsUnavailable
-from cbir.preprocess import Preprocess
 
 if TYPE_CHECKING:
-    from cbir.encoders._factory import PRECISIONS, create, from_config
+    from cbir.encoders._factory import create, from_config
     from cbir.encoders._weights import Weights
     from cbir.encoders.base import POOLINGS, Encoder
+    from cbir.preprocess import Preprocess
 
 __all__ = ["Encoder", "EncoderEntry", "Preprocess", "WeightsUnavailable", "POOLINGS", "PRECISIONS", "register",
            "create", "from_config", "list_encoders", "get_entry", "Weights"]
 
 _LAZY = {"Encoder": "cbir.encoders.base", "POOLINGS": "cbir.encoders.base", "create": "cbir.encoders._factory",
-         "from_config": "cbir.encoders._factory", "PRECISIONS": "cbir.encoders._factory",
-         "Weights": "cbir.encoders._weights"}
+         "from_config": "cbir.encoders._factory", "Weights": "cbir.encoders._weights",
+         "Preprocess": "cbir.preprocess"}  # numpy and PIL: not needed to read a name (the command's parser)
 
 
 def __getattr__(name: str) -> Any:

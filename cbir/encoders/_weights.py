@@ -23,7 +23,7 @@ from cbir.files import sha256_file
 RANDOM_SEED = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Weights:
     """source: 'imagenet' (the publisher's weights; `variant` names one of several), 'none', or 'file'."""
 
@@ -37,12 +37,12 @@ class Weights:
             return text
         value = (text or "none").strip()
         if value in ("imagenet", "none"):
-            return cls(value)
+            return cls(source=value)
         path = Path(value).expanduser()
         if path.is_file():
-            return cls("file", path.resolve())
+            return cls(source="file", path=path.resolve())
         if re.fullmatch(r"[A-Z][A-Z0-9_]*", value):  # a torchvision enum member, e.g. IMAGENET1K_V2
-            return cls("imagenet", variant=value)
+            return cls(source="imagenet", variant=value)
         raise WeightsUnavailable(f"weights for {encoder}: model file not found: {value} ({value!r} is neither "
                                  "'imagenet', 'none' nor an existing file)")
 

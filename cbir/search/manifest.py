@@ -152,24 +152,20 @@ def save(folder: Path, manifest: Manifest) -> None:
             os.fsync(fh.fileno())
         _sync_files(folder, manifest)
         crash_point("manifest-written")
-    _sync_folder(folder)
+    _sync(folder)
     crash_point("manifest-replaced")
 
 
 def _sync_files(folder: Path, manifest: Manifest) -> None:
     """The files a manifest names reach the disk before it does (a power cut must not leave it naming a hole)."""
     for name in manifest.files():
-        path = folder / name
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if (folder / name).is_file():
+            _sync(folder / name)
 
 
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _sync(path: Path) -> None:
+    """fsync a file, or a folder (its entries: a rename is on disk once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -16,12 +16,10 @@ import faiss
 import numpy as np
 
 from cbir.metrics import drop_self
+from cbir.search.kinds import EXACT_UP_TO, IN_MEMORY_RECALL, INDEX_TYPES, ON_DISK_RECALL, ONDISK
 
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
-EXACT_UP_TO = 50_000  # auto: exact search up to this many vectors in a segment
-IN_MEMORY_RECALL = 0.99  # approximate indexes held in memory are tuned to this recall@10 ...
-ON_DISK_RECALL = 0.95  # ... the on-disk IVF-PQ (re-ranked from float16 rows read per query) to this one
-ONDISK = "ivfpq-ondisk"  # IVF-PQ with its lists on disk, re-ranked with exact rows (cbir.search.ondisk)
+__all__ = ["EXACT_UP_TO", "IN_MEMORY_RECALL", "INDEX_TYPES", "ON_DISK_RECALL", "ONDISK", "HeldOut", "SearchPlan",
+           "apply_params", "cheapest_reaching", "exact_top", "nlist_for", "search_params"]
 HELD_OUT_QUERIES = 500
 
 

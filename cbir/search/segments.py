@@ -80,6 +80,18 @@ class Segment:
             rows = np.where((rows >= 0) & self.live.mask[np.clip(rows, 0, None)], rows, -1)
         return rows
 
+    def id_of(self, path: str) -> int | None:
+        """The live id of `path` in this segment, or None (its path -> row table is made once per segment file)."""
+        table = self.store.by_path
+        if table is None:  # kept on the rows, which every generation of this file shares
+            paths = self.store.paths
+            table = {p: r for r, p in enumerate(paths[:] if isinstance(paths, store.Strings) else paths)}
+            self.store.by_path = table
+        row = table.get(path)
+        if row is None or (self.live is not None and not self.live.mask[row]):
+            return None
+        return int(np.asarray(self.store.ids)[row])
+
     def live_rows(self) -> np.ndarray:
         return self.live.rows() if self.live is not None else np.arange(len(self.store))
 
@@ -269,6 +281,14 @@ class Generation:
         scores, ids = np.hstack([p[0] for p in parts]), np.hstack([p[1] for p in parts])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+    def id_of(self, path: str) -> int | None:
+        """The id of the live row of `path` (relative to the root), or None."""
+        for seg in reversed(self.segments):  # newest first: an older segment may hold a deleted version
+            found = seg.id_of(path)
+            if found is not None:
+                return found
+        return None
 
     def locate(self, ids: np.ndarray) -> Located:
         ids = np.asarray(ids, np.int64)

@@ -150,6 +150,7 @@ class Store:
     has_raw: bool = False  # the file keeps the encoder's own rows beside the searched ones (alpha-DBA)
     _meta: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
     filter_columns: Any = field(default=None, init=False, repr=False)  # cbir.search.filters.Columns, made once
+    by_path: dict[str, int] | None = field(default=None, repr=False)  # path -> row, made when first asked
 
     def __post_init__(self) -> None:
         if self.plan is None and "search" in self.attrs:
