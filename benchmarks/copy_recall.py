@@ -23,7 +23,7 @@ from cbir.images import load_image
 
 
 def recall(index: Index, data: Path, picks: np.ndarray) -> dict[str, float]:
-    paths = list(index.store.paths)
+    paths = list(index.rows().paths)
     hits = dict.fromkeys(EDITS, 0)
     for i in picks:
         im = load_image(data / paths[i])

@@ -37,13 +37,13 @@ from cbir.images import load_image
 def make_collection(data: Path, work: Path, n: int, seed: int) -> Path:
     ref = Index.open(work / "reference") if (work / "reference" / "vectors.h5").exists() else \
         Index.build(data, out=work / "reference", device="cpu", precision="fp32")
-    v, paths = ref.store.vectors, ref.store.paths
+    v, paths = ref.rows().vectors, ref.rows().paths
     assert v is not None
     sims = v @ v.T
     np.fill_diagonal(sims, -1)
     label = np.array([p.split("/")[0] for p in paths])
     in_data = {m["id"] for key in ("identical", "near") for g in find_duplicates(ref)[key] for m in g}
-    has_copy = np.array([int(i) in in_data for i in ref.store.ids]) | (sims.max(axis=1) >= 0.85)
+    has_copy = np.array([int(i) in in_data for i in ref.rows().ids]) | (sims.max(axis=1) >= 0.85)
     alone = np.flatnonzero(~has_copy)
     picks = np.random.default_rng(seed).choice(alone, size=min(n, len(alone)), replace=False)
     coll = work / "collection"

@@ -53,15 +53,15 @@ def vectors(data: Path, work: Path, encoder: str) -> tuple[Index, np.ndarray]:
     out = work / encoder.replace("+", "_")
     index = Index.open(out, device="cpu") if (out / "vectors.h5").is_file() else \
         Index.build(data, out=out, device="cpu", precision="fp32", encoder=encoder)
-    assert index.store.vectors is not None
-    return index, np.asarray(index.store.vectors, np.float32)
+    assert index.rows().vectors is not None
+    return index, np.asarray(index.rows().vectors, np.float32)
 
 
 def mirrored(index: Index, data: Path, work: Path) -> np.ndarray:
     cache = work / f"{index.encoder_config['name']}-mirror.npy"
     if cache.is_file():
         return np.load(cache)
-    enc, pre, paths = index.encoder, index.encoder.preprocess, list(index.store.paths)
+    enc, pre, paths = index.encoder, index.encoder.preprocess, list(index.rows().paths)
     out = [enc.embed([load_image(data / p, draft=pre.draft_size).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                       for p in paths[i:i + 16]]) for i in range(0, len(paths), 16)]
     np.save(cache, np.concatenate(out))
@@ -77,8 +77,8 @@ def main() -> None:
     i0, l0 = vectors(args.data, args.work, "efficientnet_lite0")
     i2, l2 = vectors(args.data, args.work, "efficientnet_lite2")
     fi, fused = vectors(args.data, args.work, "efficientnet_lite0+efficientnet_lite2")
-    assert list(i0.store.paths) == list(i2.store.paths) == list(fi.store.paths)
-    labels = np.array([p.split("/")[0] for p in i0.store.paths])
+    assert list(i0.rows().paths) == list(i2.rows().paths) == list(fi.rows().paths)
+    labels = np.array([p.split("/")[0] for p in i0.rows().paths])
     m0, m2 = mirrored(i0, args.data, args.work), mirrored(i2, args.data, args.work)
     cat = lambda *parts: normalise(np.concatenate(parts, axis=1))  # noqa: E731
     power = lambda v, a: normalise(np.abs(v) ** a)  # noqa: E731  (the features are >= 0)

@@ -19,7 +19,7 @@ from cbir import Index, metrics
 
 
 def evaluate(index: Index, k: int) -> dict[str, float]:
-    s = index.store
+    s = index.rows()
     assert s.vectors is not None
     labels = np.array([path.split("/")[0] for path in s.paths])
     started = time.perf_counter()

@@ -117,7 +117,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
     batching and drift modes reuse the index a previous run of theirs left (the update mode changes its files)."""
     data, work = Path(args.data), Path(args.work)
     coll, index, files = work / "images", work / "index", sorted(data.rglob("*.jpg"))
-    if args.mode != "update" and (index / "vectors.h5").is_file():
+    if args.mode != "update" and (index / "manifest.json").is_file():
         return coll, index, files
     shutil.rmtree(work, ignore_errors=True)
     for f in files:

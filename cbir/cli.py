@@ -22,17 +22,15 @@ if TYPE_CHECKING:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer import BuildOptions, build
+    from indexer.options import mode_of
 
-    if args.update and args.rebuild:
-        raise CbirError("--update and --rebuild exclude each other")
-    mode = "update" if args.update else "rebuild" if args.rebuild else "create"
     options = BuildOptions(encoder=args.encoder, weights=args.weights, pooling=args.pooling, precision=args.precision,
-                           device=args.device, mode=mode,
+                           device=args.device, mode=mode_of(update=args.update, rebuild=args.rebuild),
                            batch_size=args.batch_size, workers=args.workers, exclude=tuple(args.exclude),
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
                            on_disk=True if args.on_disk else None, memory_budget=_bytes(args.memory_budget),
-                           engine=args.engine, ray_address=args.ray_address,
+                           engine=args.engine, ray_address=args.ray_address, tags=args.tags,
                            model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"))
     print(build(args.dir, args.out, options).describe())
     return 0
@@ -79,19 +77,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.image is None and args.text is None:
         raise CbirError("give a query: an image file, --text 'a red bicycle', or both")
     index = Index.open(args.index, device=args.device, weights=args.weights)
+    where = _where(args)
     started = time.perf_counter()
-    results, evidence = _query(index, args)
+    results, evidence = _query(index, args, where)
     took = (time.perf_counter() - started) * 1000
-    if args.image is not None and not args.no_prepare and \
-            index.encoder_config.get("precision", "fp32") in QUERY_MODES:
+    matched = len(index.matching(where)) if where else len(index)
+    by_picture = args.image is not None and not args.no_prepare
+    if by_picture and index.encoder_config.get("precision", "fp32") in QUERY_MODES:
         index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
         rows = [{**r.to_dict(), **({"copy": e.to_dict()} if evidence else {})}
                 for r, e in zip(results, evidence or [None] * len(results), strict=True)]
         print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
-                          "text": args.text, "took_ms": round(took, 2), "results": rows}, indent=2))
+                          "text": args.text, "took_ms": round(took, 2), "matched": matched,
+                          "filters": where.to_query() if where else {}, "results": rows}, indent=2))
         return 0
-    print(f"top {len(results)} of {len(index)} images in {index.name} ({index.encoder_config['name']}), "
+    within = f" matching {where.describe()}" if where else ""
+    print(f"top {len(results)} of {matched} images{within} in {index.name} ({index.encoder_config['name']}), "
           f"{took:.0f} ms")
     width = max((len(r.path) for r in results), default=4)
     print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  id")
@@ -101,25 +103,28 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query(index: Index, args: argparse.Namespace) -> tuple[list, list]:
+def _query(index: Index, args: argparse.Namespace, where) -> tuple[list, list]:
     """The results of `cbir search` (by image, text, or both; verified copies first with --copies), and the
     copies' evidence."""
     if args.text is not None:
         if args.copies:
             raise CbirError("--copies ranks copies of a picture; it does not combine with --text")
-        return index.search_text(args.text, k=args.k, image=args.image), []
+        return index.search_text(args.text, k=args.k, image=args.image, where=where), []
     if not args.copies:
-        return index.search(args.image, k=args.k), []
+        return index.search(args.image, k=args.k, where=where), []
     from cbir.copies import rank_copies_first
-    from cbir.images import ImageError, load_image
+    from cbir.images import load_query
 
-    if not Path(args.image).is_file():
-        raise CbirError(f"query image not found: {args.image}")
-    try:
-        ranked = rank_copies_first(index, load_image(args.image), k=args.k)
-    except ImageError as exc:
-        raise CbirError(f"cannot use the query image: {exc}") from exc
+    ranked = rank_copies_first(index, load_query(args.image), k=args.k, where=where)
     return [r for r, _ in ranked], [e for _, e in ranked]
+
+
+def _where(args: argparse.Namespace):
+    """The search's filters from --folder, --after, --before, --camera and --tag (several: all of them)."""
+    from cbir.search.filters import Where
+
+    return Where.parse(folder=args.folder, after=args.after, before=args.before, camera=args.camera,
+                       tags=args.tag or ())
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -128,7 +133,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     index = Index.open(args.index, device="cpu")
     info = index.info()
     if args.json:
-        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.store.skipped]
+        info["skipped_files"] = [{"path": p, "reason": r} for p, r in index.skipped]
         print(json.dumps(info, indent=2))
         return 0
     enc = info["encoder"]
@@ -146,10 +151,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         why += f" (on {cal.get('measured_at', 'an earlier run')}, reused from {cal['reused']})"
     print(f"precision {enc.get('precision', 'fp32')}  {why}".rstrip())
     print("versions  " + "  ".join(f"{k} {v}" for k, v in enc.get("versions", {}).items()))
-    from cbir.search.plan import SearchPlan
-
-    plan = SearchPlan.from_dict({k: v for k, v in info["search"].items() if k not in ("gpu", "ntotal")})
-    print(f"search    {plan.describe()}  gpu={info['search']['gpu']}")
+    _print_segments(info)
     from cbir.search.expansion import Expansion
 
     print(f"storage   {info['vector_dtype']} vectors   expansion {Expansion.from_dict(info['expansion']).describe()}"
@@ -158,10 +160,83 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
           f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
-    for p, r in index.store.skipped[: args.show_skipped]:
+    _print_metadata(info)
+    for p, r in index.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
-    if len(index.store.skipped) > args.show_skipped:
-        print(f"  ... {len(index.store.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    if len(index.skipped) > args.show_skipped:
+        print(f"  ... {len(index.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
+    return 0
+
+
+def _print_metadata(info: dict) -> None:
+    """What was left out of the folder, and what the pictures' metadata holds (dates, cameras, tags, folders)."""
+    from cbir.images import describe_left_out
+
+    if info["left_out"]:
+        counts = {(x["reason"], x["extension"]): x["files"] for x in info["left_out"]}
+        print("left out  " + ", ".join(describe_left_out(counts)))
+    meta = info["metadata"]
+    d = meta["dates"]
+    if d:
+        print(f"dates     {d['first']} .. {d['last']} ({d['from_camera']} from the camera, {d['from_file']} from "
+              "file times)")
+    for name in ("cameras", "tags"):
+        counts = meta[name]
+        shown = ", ".join(f"{k} ({v})" for k, v in list(counts.items())[:8])
+        more = f" and {len(counts) - 8} more" if len(counts) > 8 else ""
+        print(f"{name:<9} {shown + more if counts else 'none recorded'}")
+    folders = meta["folders"]
+    print(f"folders   {len(folders)}{': ' + ', '.join(folders[:8]) if folders else ''}"
+          f"{' ...' if len(folders) > 8 else ''}")
+
+
+def _print_segments(info: dict) -> None:
+    """The search index of each segment (one line each, the first few), and what the generation holds."""
+    from cbir.search.plan import SearchPlan
+
+    segments = info["segments"]
+    print(f"segments  {len(segments)} (generation {info['generation']}; {info['deleted']} deleted rows awaiting "
+          f"compaction){'' if len(segments) < 2 else '   cbir compact merges them'}")
+    for seg in segments[:5]:
+        plan = SearchPlan.from_dict({k: v for k, v in seg["search"].items() if k not in ("gpu", "ntotal")})
+        print(f"search    {seg['name']}: {seg['rows'] - seg['deleted']} rows  {plan.describe()}  "
+              f"gpu={seg['search']['gpu']}")
+    if len(segments) > 5:
+        print(f"          ... {len(segments) - 5} more segments (cbir info --json lists all)")
+    if info["removed_files"]:
+        print(f"removed   {len(info['removed_files'])} files removed from the index by hand (left out until they "
+              "change; cbir info --json lists them)")
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from cbir.watch import Watcher
+    from indexer import BuildOptions
+
+    out = Path(args.out) if args.out else Path("indexes") / Path(args.dir).resolve().name
+    watcher = Watcher(Path(args.dir), out, BuildOptions(encoder=args.encoder, weights=args.weights, device=args.device,
+                                                        exclude=tuple(args.exclude), progress=not args.quiet),
+                      poll=args.poll)
+    print(watcher.catch_up(), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop.set())
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        watcher.stop.set()
+    print(f"stopped watching {args.dir}: {watcher.batches} batches committed; {out} is up to date", flush=True)
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from cbir.index import Index
+
+    index = Index.open(args.index, device="cpu")
+    before = len(index.manifest.segments), index.manifest.deleted
+    started = time.perf_counter()
+    index.compact()
+    print(f"compacted {index.name}: {before[0]} segments ({before[1]} deleted rows) -> "
+          f"{len(index.manifest.segments)} segment of {len(index)} rows in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -196,14 +271,11 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cbir.training.trainer import TrainConfig, Trainer
 
-    extra = {}
-    if args.backbone_weights:
-        extra["backbone_weights"] = args.backbone_weights
     cfg = TrainConfig(kind=args.kind, data=args.dir, out=args.out, labels=args.labels, epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, device=args.device, seed=args.seed,
                       resume=args.resume, backbone=args.backbone, emb_dim=args.emb_dim, margin=args.margin,
                       lr=args.lr, patience=args.patience, split=_parse_split(args.split), progress=not args.quiet,
-                      extra=extra)
+                      backbone_weights=args.backbone_weights or "imagenet")
     result = Trainer(cfg).run()
     print(f"{args.kind}: best val {result['metric']} {result['best_val']:.4f} at epoch {result['best_epoch']} "
           f"(before training {result['baseline_val']:.4f}), {result['epochs_run']} epochs in "
@@ -245,32 +317,85 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
-    from cbir.duplicates import DEFAULT_THRESHOLD, find_duplicates
+    from cbir import review
+    from cbir.duplicates import DEFAULT_THRESHOLD, TIERS, find_duplicates
     from cbir.index import Index
 
+    if args.undo:
+        return _undo_moves(args)
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLD
     if not 0.0 < args.threshold <= 1.0:
         raise CbirError("--threshold is a cosine similarity between 0 and 1")
-    found = find_duplicates(Index.open(args.index, device="cpu"), args.threshold)
-    if args.json:
+    if args.apply and not args.move_to:
+        raise CbirError("--apply carries out --move-to DIR: give the folder to move the other pictures of groups to")
+    index = Index.open(args.index, device="cpu")
+    if args.not_duplicates:
+        added = review.Decisions.load(index.directory).mark_not_duplicates(args.not_duplicates)
+        print(f"remembered: {', '.join(args.not_duplicates)} are not duplicates ({added} new pairs); they will not "
+              "be shown together again")
+    found = find_duplicates(index, args.threshold)
+    tiers = [t for t in (args.tiers or "identical,near").split(",") if t]
+    if unknown := set(tiers) - set(TIERS):
+        raise CbirError(f"--tiers: unknown tier {sorted(unknown)[0]!r}; choose from {', '.join(TIERS)}")
+    if args.keep:
+        review.set_keep(found, args.keep)
+    if args.json and not args.move_to:
         print(json.dumps(found, indent=2))
         return 0
+    if not args.move_to:
+        _print_duplicates(found, args.threshold)
+        return 0
+    return _move_duplicates(index, found, tiers, args)
+
+
+def _print_duplicates(found: dict, threshold: float) -> None:
     print(f"{len(found['identical'])} groups of byte-identical files, {len(found['near'])} groups of copies "
-          f"({found['candidates']} pairs at cosine >= {args.threshold} checked, {found['verified_pairs']} verified "
-          "by matching local features)")
-    for g in found["identical"]:
-        print("identical: " + "  ".join(x["path"] for x in g))
-    for g in found["near"]:
-        print(f"copies of {g[0]['path']}:")
-        for member in g[1:]:
-            print(f"    {member['path']}: {member['evidence'][0]['why']}")
+          f"({found['candidates']} pairs at cosine >= {threshold} checked, {found['verified_pairs']} verified "
+          f"by matching local features), {len(found['same_scene'])} groups of the same scene (burst shots: "
+          "not copies)")
+    for title, key in (("identical", "identical"), ("copies of", "near"), ("same scene as", "same_scene")):
+        for g in found[key]:
+            print(f"{title} {g[0]['path']}:" if key != "identical" else "identical:")
+            for m in g:
+                facts = f"{m['width']}x{m['height']}, {m['bytes']:,} bytes, {m['taken'] or 'no date'}"
+                why = m.get("why") or (m["evidence"][0]["why"] if m.get("evidence") else "")
+                print(f"  {'keep' if m['keep'] else '    '}  {m['path']} ({facts}){': ' + why if why else ''}")
+
+
+def _move_duplicates(index, found: dict, tiers: list[str], args: argparse.Namespace) -> int:
+    from cbir import review
+
+    moves = review.plan_moves(index.root, [g for t in tiers for g in found[t]], Path(args.move_to))
+    if not args.apply:
+        for m in moves:
+            print(f"would move {m.describe()}")
+        print(f"dry run: {len(moves)} files would move (the one marked keep in each group stays); add --apply to "
+              "move them; cbir duplicates INDEX --undo puts them back")
+        return 0
+    done = review.move_duplicates(index, moves)
+    for m in done:
+        print(f"moved {m.describe()}")
+    print(f"moved {len(done)} files to {args.move_to} and removed them from the index (log: "
+          f"{index.directory / 'moves.jsonl'}); cbir duplicates {args.index} --undo puts them back")
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
+def _undo_moves(args: argparse.Namespace) -> int:
+    from cbir import review
+    from cbir.index import Index
 
+    undone = review.undo_duplicate_moves(Index.open(args.index, device="cpu"))
+    for m in undone.restored:
+        print(f"restored {m.source}")
+    for m, why in undone.refused:
+        print(f"not restored {m.source}: {why}")
+    print(f"{len(undone.restored)} files put back and indexed again" +
+          (f"; {len(undone.refused)} could not be (still in the log)" if undone.refused else ""))
+    return 0 if not undone.refused else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     from webui.auth import is_loopback
 
     token = args.token or os.environ.get("CBIR_TOKEN") or None
@@ -278,13 +403,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CbirError(f"--host {args.host} makes every image of the collection reachable from the network; set a "
                         "token (CBIR_TOKEN=... or --token ...) that visitors must give, or pass --public to share "
                         "it with anyone who can reach this machine")
+    if args.writable and not is_loopback(args.host) and not token:
+        raise CbirError(f"--writable on --host {args.host} would let anyone on the network add and remove images; "
+                        "set a token (CBIR_TOKEN=...) that writers must give (--public does not cover writes)")
     from webui import create_app
     from webui.server import make_server
 
     if args.max_batch < 1:
         raise CbirError("--max-batch is at least 1 (1: every query embedded alone)")
-    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token,
-                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024), "BATCH_MAX": args.max_batch})
+    app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token, "WRITABLE": args.writable,
+                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024), "MOVE_TO": args.move_to,
+                      "BATCH_MAX": args.max_batch})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     names = ", ".join(app.extensions["cbir"].names)
     print(f"serving {names} on http://{args.host}:{server.effective_port}/  (Ctrl+C stops)", flush=True)
@@ -298,7 +427,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cbir.encoders import PRECISIONS  # the parser's imports load neither torch nor faiss: --help stays quick
+    from cbir.search.kinds import EXACT_UP_TO, INDEX_TYPES
     from cbir.version import __version__
+    from indexer.options import DEFAULT_PRESET, ENGINES, PRESETS
 
     p = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval: index a folder of "
                                 "images, then find the images most like a query image.")
@@ -325,18 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--update", action="store_true", help="embed only new and changed files, drop deleted ones")
     s.add_argument("--verify", action="store_true", help="with --update: compare file contents (sha256), not "
                    "just size and modification time")
-    s.add_argument("--index-type", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
-                   help="search index: auto (default: exact up to 50,000 vectors, above that approximate, tuned "
-                        "to recall@10 >= 0.99 on the collection's own vectors), flat (exact), ivf, hnsw, ivfpq")
+    s.add_argument("--index-type", choices=INDEX_TYPES,
+                   help=f"search index: auto (default: exact up to {EXACT_UP_TO:,} vectors, above that approximate, "
+                        "tuned to recall@10 >= 0.99 on the collection's own vectors), flat (exact); the others are "
+                        "approximate")
     s.add_argument("--float16", action="store_true", help="store vectors as float16 (half the disk space)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "int8", "auto"], default=None,
+    s.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="encoder arithmetic: fp32, bf16, int8 (ONNX Runtime, calibrated on this collection), or "
                         "auto (default: the fastest mode that stays faithful to fp32 on a calibration sample)")
-    s.add_argument("--preset", choices=["fast", "balanced", "best"], help="a measured configuration: fast "
-                   "(efficientnet_lite0, the default: best at finding the original of a copy), balanced (+ query "
-                   "expansion and database augmentation: same speed, better 'more of this kind' neighbours, copies "
-                   "found a little less often), best (efficientnet_lite0+efficientnet_lite2 fused, + both; half the "
-                   "speed)")
+    s.add_argument("--preset", choices=PRESETS, help="a measured configuration (README: presets): "
+                   f"{'; '.join(_describe_preset(name) for name in PRESETS)}. {DEFAULT_PRESET} is best at finding "
+                   "the original of a copy; query expansion (qe) and database augmentation (dba) find better 'more "
+                   "of this kind' neighbours")
     s.add_argument("--qe", type=int, metavar="K", help="alpha-query expansion at search time with the top K "
                    "neighbours (0: off, default; 2 is the published setting)")
     s.add_argument("--dba", type=int, metavar="K", help="alpha-database-side augmentation at index time with the top "
@@ -346,10 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "more)")
     s.add_argument("--memory-budget", metavar="SIZE", help="auto index type: go on disk when the float32 vectors "
                    "would exceed this (e.g. 8G; default half of this machine's RAM)")
-    s.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default): this machine's "
+    s.add_argument("--engine", choices=ENGINES, default="local", help="local (default): this machine's "
                    "processes; ray: decode and embed on a Ray cluster (README: More than one machine)")
     s.add_argument("--ray-address", help="with --engine ray: the cluster to join (default: RAY_ADDRESS if set, else "
                    "a local cluster started for this run)")
+    s.add_argument("--tags", metavar="FILE.csv", help="tags for pictures: a CSV with the header path,tag, then one "
+                   "line per path (relative to DIR) and tag; added to the tags their XMP carries")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 
@@ -366,10 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "mirrored versions, checked with local features) first, and say so")
     s.add_argument("--no-prepare", action="store_true", help="do not export the ONNX query model that makes later "
                    "searches of an fp32 index start faster")
+    s.add_argument("--folder", help="only images in this folder (relative to the indexed folder) or below it")
+    s.add_argument("--after", metavar="DATE", help="only images taken on or after DATE (YYYY-MM-DD; the camera's "
+                   "date, else the file's)")
+    s.add_argument("--before", metavar="DATE", help="only images taken before DATE")
+    s.add_argument("--camera", help="only images from this camera (make, model or both, as cbir info lists them)")
+    s.add_argument("--tag", action="append", help="only images with this tag (XMP keywords, --tags FILE.csv); "
+                   "repeat for several: all of them")
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")
-    s.add_argument("kind", choices=["siamese", "autoencoder"])
+    s.add_argument("kind", help="siamese or autoencoder (any recipe in cbir/training/)")
     s.add_argument("dir", help="folder of training images (class sub-folders give labels)")
     s.add_argument("--out", required=True, help="model file to write, e.g. models/siamese.pt")
     s.add_argument("--labels", default="auto", help="folders, none, or a CSV of file,label (default: folders "
@@ -414,11 +555,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("duplicates", help="list byte-identical and near-duplicate images in an index")
+    s = sub.add_parser("duplicates", help="byte-identical files, verified copies and burst shots of an index; "
+                       "move all but one of each group out of the collection (and back)")
     s.add_argument("index")
     s.add_argument("--threshold", type=float, default=None, help="cosine similarity from which pairs are checked "
                    "(default 0.7); a pair is reported only when its local features verify it")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--not-duplicates", nargs="+", metavar="PATH", help="remember that these pictures (paths as "
+                   "listed) are not duplicates: they are never shown together again")
+    s.add_argument("--keep", action="append", metavar="PATH", help="keep this picture of its group instead of the "
+                   "default (the largest, then the oldest)")
+    s.add_argument("--move-to", metavar="DIR", help="move every picture of each group but the one to keep into DIR "
+                   "(same relative paths; never overwrites). A dry run unless --apply")
+    s.add_argument("--apply", action="store_true", help="with --move-to: really move (logged in the index folder)")
+    s.add_argument("--tiers", metavar="LIST", help="with --move-to: which groups, from identical, near (verified "
+                   "copies) and same_scene (burst shots); default identical,near")
+    s.add_argument("--undo", action="store_true", help="put back every file moved by --move-to --apply, and into "
+                   "the index")
     s.set_defaults(func=_cmd_duplicates)
 
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
@@ -433,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
     s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
+    s.add_argument("--writable", action="store_true", help="accept POST /api/images (add an image) and DELETE "
+                   "/api/images/ID (remove one); needs a token on a network address")
+    s.add_argument("--move-to", metavar="DIR", help="let the duplicate review page (/duplicates) move the other "
+                   "pictures of a group into DIR (never deletes; cbir duplicates INDEX --undo puts them back)")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="describe an index")
@@ -440,6 +597,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--show-skipped", type=int, default=10, metavar="N")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("watch", help="keep an index in step with a folder: new, changed, moved and deleted files are "
+                       "committed within seconds (catches up first)")
+    s.add_argument("dir", help="folder of images to watch (searched recursively)")
+    s.add_argument("--out", help="index folder (default: indexes/<folder name>); built first if absent")
+    s.add_argument("--encoder", help="for a new index (default efficientnet_lite0)")
+    s.add_argument("--weights")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    s.add_argument("--poll", action="store_true", help="poll the folder instead of inotify (network file systems)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while catching up")
+    s.set_defaults(func=_cmd_watch)
+
+    s = sub.add_parser("compact", help="merge an index's segments into one (deleted rows dropped, search index "
+                       "tuned again); no image is embedded again")
+    s.add_argument("index")
+    s.set_defaults(func=_cmd_compact)
 
     s = sub.add_parser("encoders", help="list encoders, their dimensions and whether their weights are here")
     s.add_argument("--json", action="store_true")

@@ -28,6 +28,7 @@ from cbir.images import load_image
 
 if TYPE_CHECKING:
     from cbir.index import Index, Result
+    from cbir.search.filters import WhereLike
 
 SIDE = 400  # pictures are matched at this longer side ...
 MAX_UPSCALE = 2.0  # ... small ones upscaled at most this much (more adds keypoints of blur, not of the picture)
@@ -45,7 +46,7 @@ MIN_SCALE = 0.15  # a copy is at most ~7x smaller or larger than its original (a
 MIN_COVER = 0.3  # the matching points span at least this share of one picture's width and of its height
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Evidence:
     """Why two pictures are (or are not) copies of each other."""
 
@@ -62,11 +63,14 @@ class Evidence:
     def verified(self) -> bool:
         if self.inliers >= STRONG_INLIERS or (self.inliers >= MIN_INLIERS and self.agreement >= MIN_AGREEMENT):
             return True
-        return self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints) and \
-            self.agreement >= SPARSE_AGREEMENT
+        many_for_its_points = self.inliers >= max(SPARSE_INLIERS, SPARSE_SHARE * self.keypoints)
+        return many_for_its_points and self.agreement >= SPARSE_AGREEMENT
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "agreement": round(self.agreement, 3), "verified": self.verified}
+
+
+NO_EVIDENCE = Evidence(inliers=0, matches=0)  # no features to compare, or a file gone since indexing
 
 
 Features = tuple[np.ndarray, np.ndarray | None, tuple[int, int]]  # positions [N, 2], descriptors [N, 128], w x h
@@ -98,11 +102,17 @@ def _sift():
 
 def match(a: Features, b: Features) -> Evidence:
     """Ratio-test matches of a's descriptors in b, and how many one similarity transform explains."""
+    return matched_points(a, b)[0]
+
+
+def matched_points(a: Features, b: Features) -> tuple[Evidence, np.ndarray, np.ndarray]:
+    """`match`, with the points that agree: positions in a and in b ([M, 2] each, at SIDE px), for drawing."""
     import cv2
 
+    none = np.zeros((0, 2), np.float32)
     (pa, da, size_a), (pb, db, size_b) = a, b
     if da is None or db is None or len(da) < 2 or len(db) < 2:
-        return Evidence(0, 0)
+        return NO_EVIDENCE, none, none
     keypoints = min(len(pa), len(pb))
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(da, db, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO_TEST * p[1].distance]
@@ -112,7 +122,7 @@ def match(a: Features, b: Features) -> Evidence:
             best[m.trainIdx] = m
     good = list(best.values())
     if len(good) < 4:
-        return Evidence(0, len(good), keypoints=keypoints)
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints), none, none
     src = pa[[m.queryIdx for m in good]]
     dst = pb[[m.trainIdx for m in good]]
     cv2.setRNGSeed(0)  # the same pair gets the same answer every time
@@ -120,8 +130,8 @@ def match(a: Features, b: Features) -> Evidence:
                                                   maxIters=5000, confidence=0.999)
     inliers = mask.ravel().astype(bool) if mask is not None else np.zeros(len(good), bool)
     if transform is None or not _plausible(transform, src[inliers], dst[inliers], size_a, size_b):
-        return Evidence(0, len(good), keypoints=keypoints)
-    return Evidence(int(inliers.sum()), len(good), keypoints=keypoints)
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints), none, none
+    return Evidence(inliers=int(inliers.sum()), matches=len(good), keypoints=keypoints), src[inliers], dst[inliers]
 
 
 def _plausible(transform: np.ndarray, src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int],
@@ -178,9 +188,41 @@ class FeatureCache:
         return either_way(self.get(a), lambda: self.get(a, mirrored=True), self.get(b))
 
 
+LINE_COLOURS = ((46, 204, 113), (52, 152, 219), (241, 196, 15), (231, 76, 60), (155, 89, 182))
+
+
+def evidence_picture(a: Path, b: Path, max_lines: int = 60) -> tuple[Image.Image, Evidence]:
+    """The two pictures side by side (at SIDE px, as they were compared) with their matching points joined by lines:
+    what "verified: 87 matching points" means, to look at. A mirrored copy is matched through its mirror image and
+    its points drawn where they are in the picture as it is."""
+    from PIL import ImageDraw
+
+    ia, ib = load_image(a, draft=SIDE), load_image(b, draft=SIDE)
+    fa, fb = features(ia), features(ib)
+    evidence, src, dst = matched_points(fa, fb)
+    if not evidence.verified:
+        flipped, fsrc, fdst = matched_points(features(ImageOps.mirror(ia)), fb)
+        if (flipped.verified, flipped.inliers) > (evidence.verified, evidence.inliers):
+            evidence, src, dst = replace(flipped, mirrored=True), fsrc.copy(), fdst
+            src[:, 0] = fa[2][0] - 1 - src[:, 0]
+    (wa, ha), (wb, hb) = fa[2], fb[2]
+    gap = 12
+    canvas = Image.new("RGB", (wa + gap + wb, max(ha, hb)), (255, 255, 255))
+    canvas.paste(ia.resize((wa, ha), Image.BICUBIC), (0, 0))
+    canvas.paste(ib.resize((wb, hb), Image.BICUBIC), (wa + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    step = max(1, len(src) // max_lines)
+    for n, ((x0, y0), (x1, y1)) in enumerate(zip(src[::step], dst[::step], strict=True)):
+        colour = LINE_COLOURS[n % len(LINE_COLOURS)]
+        draw.line([(x0, y0), (x1 + wa + gap, y1)], fill=colour, width=1)
+        for x, y in ((x0, y0), (x1 + wa + gap, y1)):
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+    return canvas, evidence
+
+
 def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20, *,
-                      cache: FeatureCache | None = None,
-                      vector: np.ndarray | None = None) -> list[tuple[Result, Evidence]]:
+                      cache: FeatureCache | None = None, vector: np.ndarray | None = None,
+                      where: WhereLike = None) -> list[tuple[Result, Evidence]]:
     """The top `k` for a query picture with its verified copies first (strongest first), then the rest in order.
 
     Candidates are the global top `candidates`; each is checked against the query (and its mirror image).
@@ -188,14 +230,14 @@ def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates:
     """
     cache = cache or FeatureCache()
     query = index.embed(image) if vector is None else vector
-    found = index.search_vector(query, k=max(k, candidates))
+    found = index.search_vector(query, k=max(k, candidates), where=where)
     direct, flipped = features(image), features(ImageOps.mirror(image))
     checked: list[tuple[Result, Evidence]] = []
     for r in found:
         try:
             target = cache.get(index.file_of(r.id))
         except (OSError, ValueError):
-            checked.append((r, Evidence(0, 0)))
+            checked.append((r, NO_EVIDENCE))
             continue
         checked.append((r, either_way(direct, lambda: flipped, target)))
     copies = sorted((c for c in checked if c[1].verified), key=lambda c: -c[1].inliers)

@@ -9,11 +9,16 @@ class WeightsUnavailable(CbirError):
     """Weights that the encoder needs are not on this machine."""
 
 
+class ImageError(CbirError):
+    """An input that is not a usable image; the message is the reason shown to the user (an indexed file's skip
+    reason, or the end of a query's message)."""
+
+
 class BoxError(CbirError):
     """A region of a query image that cannot be used (no area, or outside the picture)."""
 
 
-class QueryImageError(CbirError):
+class QueryImageError(ImageError):
     """A query image that cannot be used; `reason` says why in words a page can show as they are."""
 
     def __init__(self, reason: str) -> None:

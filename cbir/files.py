@@ -1,10 +1,12 @@
-"""Files written whole or not at all, and content hashes: the two things every writer of cbir needs."""
+"""Files written whole or not at all, and content hashes: the two things every writer of cbir needs (and the crash
+points where the tests kill a writer)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +39,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def crash_point(name: str) -> None:
+    """A named step of a write. With CBIR_CRASH_AT=<name> in the environment the process kills itself here with
+    SIGKILL, as the kernel's out-of-memory killer would: the crash tests stop writers at exact steps this way."""
+    if os.environ.get("CBIR_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

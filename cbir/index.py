@@ -1,45 +1,50 @@
-"""The Python API: build an index of a folder, open it, search it.
+"""The Python API: build an index of a folder, open it, search it, add to it and remove from it.
 
     from cbir import Index
     Index.build("photos/", out="indexes/photos")
     for r in Index.open("indexes/photos").search("query.jpg", k=10):
         print(r.rank, r.score, r.path)
+
+An `Index` answers every call from one generation of the index (cbir/search/segments.py); `add`, `remove` and
+`compact` commit a new one and switch to it, and `refresh` picks up one another process committed.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import threading
-import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from cbir.errors import BoxError, CbirError, QueryImageError
-from cbir.images import Box, ImageError, crop, load_image
-from cbir.layout import FAISS, VECTORS, resolve_index_dir
-from cbir.search import store as store_mod
-from cbir.search import tuning
-from cbir.search.expansion import Expansion, combine
-from cbir.search.plan import ONDISK, SearchPlan
-from cbir.search.searcher import VectorSearch, use_gpu
+from cbir.errors import BoxError, CbirError
+from cbir.images import Box, crop, load_query
+from cbir.layout import MANIFEST, VECTORS, resolve_index_dir
+from cbir.metadata import show_date
+from cbir.search import filters
+from cbir.search.expansion import Expansion, expand_queries
+from cbir.search.filters import Where, WhereLike, as_where
+from cbir.search.manifest import Manifest
+from cbir.search.searcher import use_gpu
+from cbir.search.segments import Generation, RowFilter
 from cbir.words import Words
 
 if TYPE_CHECKING:
     from cbir.encoders import Encoder
     from cbir.encoders._onnx_query import OnnxQueryEncoder
+    from indexer.live import Added
 
 log = logging.getLogger(__name__)
 Query = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Result:
     rank: int
     id: int
@@ -48,21 +53,6 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _agrees(search: VectorSearch, store: store_mod.Store) -> bool:
-    """The FAISS file belongs to these vectors: same count, dimension, ids, and (exact) a sample of rows."""
-    if search.ntotal != len(store) or search.dim != store.dim or not np.array_equal(search.ids, store.ids):
-        return False
-    if not search.exact:
-        return True
-    assert store.vectors is not None
-    atol = 1e-3 if store.vectors.dtype == np.float32 and store.attrs.get("vector_dtype", "float32") == "float32" \
-        else 2e-3
-    for row in np.linspace(0, len(store) - 1, num=min(8, len(store)), dtype=np.int64):
-        if not np.allclose(search.reconstruct(int(row)), store.vectors[row], atol=atol):
-            return False
-    return True
 
 
 MAX_TEXT = 1000  # characters of a text query; CLIP tokenizers keep the first 77 tokens anyway
@@ -84,51 +74,80 @@ def joint(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     return both / max(float(np.linalg.norm(both)), 1e-12)
 
 
-class RowsById:
-    """id -> row of the vectors file: arithmetic when ids are the row numbers (a `range`), else a sorted lookup."""
+class Columns:
+    """Every live row's columns, in id order (one segment with nothing deleted: its own columns, not copied; an
+    on-disk index's stay memory-mapped). A snapshot of one generation."""
 
-    def __init__(self, ids: np.ndarray | range) -> None:
-        self.range = ids if isinstance(ids, range) else None
-        if self.range is None:
-            ids = np.asarray(ids, np.int64)
-            self.order = np.argsort(ids, kind="stable")
-            self.sorted = ids[self.order]
+    def __init__(self, gen: Generation) -> None:
+        self._gen = gen
+        segs = gen.segments
+        self._whole = segs[0] if len(segs) == 1 and segs[0].live is None else None
+        if self._whole is None:
+            ids = [np.asarray(s.store.ids)[s.live_rows()] for s in segs]
+            flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            self._order = np.argsort(flat, kind="stable")
+            self._parts = [(s, s.live_rows()) for s in segs]
 
-    def __getitem__(self, id_: int) -> int:
-        rows = self.rows(np.array([id_], np.int64))
-        if rows[0] < 0:
-            raise KeyError(id_)
-        return int(rows[0])
+    def _column(self, name: str) -> Any:
+        if self._whole is not None:
+            return getattr(self._whole.store, name)
+        parts = [np.asarray(getattr(s.store, name))[rows] if getattr(s.store, name) is not None else None
+                 for s, rows in self._parts]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate(parts)[self._order] if parts else np.zeros(0)
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of `ids` (-1 where unknown)."""
-        ids = np.asarray(ids, np.int64)
-        if self.range is not None:
-            return np.where((ids >= 0) & (ids < len(self.range)), ids, -1)
-        if not len(self.sorted):
-            return np.full(len(ids), -1, np.int64)
-        at = np.clip(np.searchsorted(self.sorted, ids), 0, len(self.sorted) - 1)
-        return np.where(self.sorted[at] == ids, self.order[at], -1)
+    @cached_property
+    def ids(self) -> np.ndarray | range:
+        return self._column("ids")
+
+    @cached_property
+    def paths(self) -> list[str]:
+        got = self._column("paths")
+        return got if self._whole is not None else [str(p) for p in got]
+
+    @cached_property
+    def vectors(self) -> np.ndarray:
+        return self._column("vectors")
+
+    @cached_property
+    def size(self) -> np.ndarray:
+        return self._column("size")
+
+    @cached_property
+    def mtime_ns(self) -> np.ndarray:
+        return self._column("mtime_ns")
+
+    @cached_property
+    def sha256(self) -> list[str] | None:
+        got = self._column("sha256")
+        return got if got is None or self._whole is not None else [str(h) for h in got]
+
+    def raw_vectors(self) -> np.ndarray:
+        """The encoder's own vectors (alpha-DBA changes the searched ones), read from the files."""
+        from cbir.search.writer import raw_vectors_of
+
+        return raw_vectors_of(self._gen, np.asarray(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class Index:
-    """An opened index: its vectors and metadata, its FAISS index, and (on first image query) its encoder."""
+    """An opened index: its current generation of segments and (on first image query) its encoder."""
 
-    def __init__(self, directory: Path, store: store_mod.Store, search: VectorSearch, device: str = "auto",
+    def __init__(self, directory: Path, generation: Generation, device: str = "auto",
                  weights: str | None = None) -> None:
         self.directory = directory
-        self.store = store
-        self.searcher = search
+        self._gen = generation
         self.device = device
         self._weights = weights
         self._encoder: Encoder | None = None
         self._onnx: OnnxQueryEncoder | None | bool = False  # False: not looked for yet
         self._lock = threading.Lock()
-        self._pos = RowsById(store.ids)
-        self._by_path: dict[str, int] | None = None
-        self.expansion = Expansion.from_dict(json.loads(store.attrs["expansion"])) if "expansion" in store.attrs \
-            else Expansion()
-        self.words = Words.from_dict(json.loads(store.attrs["words"])) if "words" in store.attrs else Words()
+        self._signature = _signature(directory)
+        self._columns: tuple[Generation, Columns] | None = None
+        self._facets: tuple[Generation, dict[str, Any]] | None = None
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
@@ -137,15 +156,13 @@ class Index:
         """Embed every image under `root` and write the index to `out` (default ./indexes/<folder name>).
 
         `options` are those of `indexer.BuildOptions` (encoder, weights, pooling, precision, batch_size, workers,
-        progress, exclude, rebuild / update, verify, index_type, float16); with update=True the index keeps
+        progress, exclude, rebuild / update, verify, index_type, float16, ...); with update=True the index keeps
         the encoder it was built with.
         """
         from indexer import BuildOptions, build
+        from indexer.options import mode_of
 
-        update, rebuild = options.pop("update", False), options.pop("rebuild", False)
-        if update and rebuild:
-            raise CbirError("update and rebuild exclude each other")
-        mode = "update" if update else "rebuild" if rebuild else "create"
+        mode = mode_of(update=options.pop("update", False), rebuild=options.pop("rebuild", False))
         summary = build(root, out, BuildOptions(device=device, mode=mode, **options))
         return cls.open(summary.out, device=device, encoder=summary.encoder)
 
@@ -155,55 +172,37 @@ class Index:
         """Open an index folder. `weights` says where a weights file now is if the index was moved; `encoder`
         is a ready encoder to use for queries (one that built the index, or one shared between indexes)."""
         directory = resolve_index_dir(path)
-        attrs = store_mod.read_attrs(directory / VECTORS)
-        if "search" in attrs and json.loads(attrs["search"]).get("type") == ONDISK:
-            index = cls._open_on_disk(directory, device, weights)
-            if encoder is not None:
-                index.use_encoder(encoder)
-            return index
-        store = store_mod.read(directory / VECTORS, vectors=True)
-        assert store.vectors is not None
-        gpu = use_gpu(device)
-        faiss_path = directory / FAISS
-        search: VectorSearch | None = None
-        plan = SearchPlan.from_dict(json.loads(store.attrs["search"])) if "search" in store.attrs else None
-        if faiss_path.is_file():
-            search = VectorSearch.load(faiss_path, plan, gpu=gpu)
-            if not _agrees(search, store):
-                warnings.warn(f"{faiss_path} does not match {VECTORS}; searching the vectors exactly instead "
-                              "(run cbir index --update to rebuild it)", stacklevel=2)
-                search = None
-        if search is None:  # exact search is always right, and needs no training
-            search = VectorSearch(tuning.flat(store.vectors, store.ids), gpu=gpu)
-        index = cls(directory, store, search, device=device, weights=weights)
+        index = cls(directory, Generation.open(directory, gpu=use_gpu(device)), device=device, weights=weights)
         if encoder is not None:
             index.use_encoder(encoder)
         return index
 
-    @classmethod
-    def _open_on_disk(cls, directory: Path, device: str, weights: str | None) -> Index:
-        """An index larger than memory: vectors and ids memory-mapped, paths read per row, FAISS lists on disk.
-        Opening reads none of them; a query reads its candidates' rows to re-rank them."""
-        from cbir.search import ondisk
-
-        store = store_mod.open_lazy(directory / VECTORS)
-        plan = SearchPlan.from_dict(json.loads(store.attrs["search"]))
-        if not (directory / FAISS).is_file():
-            raise CbirError(f"{directory / FAISS} is missing; rebuild the index with cbir index --rebuild")
-        faiss_index = ondisk.load(directory / FAISS)
-        if faiss_index.ntotal != len(store) or faiss_index.d != store.dim:
-            raise CbirError(f"{directory / FAISS} does not match {VECTORS}; rebuild the index with "
-                            "cbir index --rebuild")
-        assert store.vectors is not None
-        read_rows = ondisk.rows_reader(store.vectors)
-        # the index's own id -> row lookup (built once, in __init__), bound when a query runs
-        search = VectorSearch(faiss_index, plan, exact_rows=lambda ids: read_rows(index._pos.rows(ids)))
-        index = cls(directory, store, search, device=device, weights=weights)
-        return index
+    def refresh(self) -> bool:
+        """Switch to the generation another writer committed since, opening only its new segments; True if one
+        was found. Requests running on the old generation finish on it."""
+        signature = _signature(self.directory)
+        if signature == self._signature:
+            return False
+        key = self.encoder_key
+        self._gen = Generation.open(self.directory, gpu=use_gpu(self.device), previous=self._gen)
+        self._signature = signature
+        if self.encoder_key != key:  # rebuilt with another encoder: queries must be embedded by the new one
+            with self._lock:
+                self._encoder, self._onnx = None, False
+        return True
 
     # -- properties -----------------------------------------------------------------------------------
+    @property
+    def generation(self) -> Generation:
+        """The generation this index answers from now (take it once per request: it never changes)."""
+        return self._gen
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._gen.manifest
+
     def __len__(self) -> int:
-        return len(self.store)
+        return len(self._gen)
 
     @property
     def name(self) -> str:
@@ -211,11 +210,42 @@ class Index:
 
     @property
     def encoder_config(self) -> dict[str, Any]:
-        return self.store.encoder_config
+        return self.manifest.settings.encoder
+
+    @property
+    def encoder_key(self) -> str:
+        """Equal for indexes that embed queries with the same encoder (they may share one)."""
+        import json
+
+        return json.dumps(self.encoder_config, sort_keys=True)
 
     @property
     def root(self) -> Path:
-        return self.store.root
+        return Path(self.manifest.settings.root)
+
+    @property
+    def expansion(self) -> Expansion:
+        return self.manifest.settings.expansion
+
+    @property
+    def words(self) -> Words:
+        return self.manifest.settings.words
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Files the last full scan of the collection left out, with the reason."""
+        return [tuple(s) for s in self.manifest.skipped]  # type: ignore[misc]
+
+    def rows(self) -> Columns:
+        """Every live row's columns (ids, paths, vectors, size, mtime_ns, sha256) of the current generation."""
+        gen = self._gen
+        if self._columns is None or self._columns[0] is not gen:
+            self._columns = (gen, Columns(gen))
+        return self._columns[1]
+
+    def ids(self) -> np.ndarray | range:
+        """Every live id, ascending."""
+        return self._gen.ids()
 
     @property
     def encoder(self) -> Encoder:
@@ -250,6 +280,8 @@ class Index:
 
     def use_encoder(self, encoder: Encoder) -> None:
         """Embed queries with `encoder` (already built elsewhere); it must be the one the index records."""
+        import json
+
         mine, theirs = self.encoder_config, json.loads(json.dumps(encoder.config))  # as the file holds it
         same = all(mine.get(key) == theirs.get(key) for key in ("name", "dim", "pooling", "preprocess", "precision")) \
             and mine["weights"].get("sha256") == theirs["weights"].get("sha256")
@@ -258,27 +290,26 @@ class Index:
         with self._lock:
             self._encoder = encoder
 
+    # -- lookups by id --------------------------------------------------------------------------------
     def path_of(self, id_: int) -> str:
-        try:
-            return self.store.paths[self._pos[int(id_)]]
-        except KeyError:
-            raise CbirError(f"no image with id {id_} in index {self.name}") from None
+        return self.paths_of([id_])[0]
 
-    def row_of(self, id_: int) -> int:
-        """The row of image `id_` in the vectors file's columns."""
-        self.path_of(id_)
-        return self._pos[int(id_)]
+    def paths_of(self, ids: list[int]) -> list[str]:
+        """The paths of several ids at once (one read of an on-disk index's path column)."""
+        try:
+            return self._gen.paths_of(ids)
+        except KeyError as exc:
+            raise CbirError(f"no image with id {exc.args[0]} in index {self.name}") from None
 
     def id_of(self, path: str) -> int | None:
-        """The id of the image at `path` (relative to the root), or None (reads every path once: slow at 10M)."""
-        if self._by_path is None:
-            self._by_path = {p: int(i) for p, i in zip(self.store.paths, self.store.ids, strict=True)}
-        return self._by_path.get(path)
+        """The id of the image at `path` (relative to the root), or None (the first call reads a segment's paths)."""
+        return self._gen.id_of(path)
 
     def vector_of(self, id_: int) -> np.ndarray:
-        self.path_of(id_)
-        assert self.store.vectors is not None
-        return np.asarray(self.store.vectors[self._pos[int(id_)]], np.float32)
+        try:
+            return self._gen.vectors_of([int(id_)])[0]
+        except KeyError:
+            raise CbirError(f"no image with id {id_} in index {self.name}") from None
 
     def file_of(self, id_: int) -> Path:
         return self.root / self.path_of(id_)
@@ -289,8 +320,8 @@ class Index:
         the picture's pixels) embeds only that region."""
         if isinstance(query, np.ndarray):
             v = np.asarray(query, np.float32).reshape(-1)
-            if v.shape[0] != self.store.dim:
-                raise CbirError(f"query vector has dimension {v.shape[0]}, index {self.name} has {self.store.dim}")
+            if v.shape[0] != self._gen.dim:
+                raise CbirError(f"query vector has dimension {v.shape[0]}, index {self.name} has {self._gen.dim}")
             return v / max(float(np.linalg.norm(v)), 1e-12)
         return self.query_encoder.embed([self.query_picture(query, box)])[0]
 
@@ -300,13 +331,7 @@ class Index:
         if isinstance(query, Image.Image):
             im = query.convert("RGB")
         else:
-            if isinstance(query, (str, os.PathLike)) and not Path(query).exists():
-                raise CbirError(f"query image not found: {query}")
-            try:
-                src = query if not isinstance(query, io.IOBase) else query.read()
-                im = load_image(src, draft=None if box else self.query_encoder.preprocess.draft_size)
-            except ImageError as exc:
-                raise QueryImageError(str(exc)) from exc
+            im = load_query(query, draft=None if box else self.query_encoder.preprocess.draft_size)
         if box is not None:
             try:
                 im = crop(im, box)
@@ -329,83 +354,184 @@ class Index:
                             "clip:ViT-B-32 --weights laion2b_s34b_b79k")
         return self.encoder.embed_text([text])[0]
 
-    def search_text(self, text: str, k: int = 10, image: Query | None = None,
-                    exclude_ids: tuple[int, ...] = ()) -> list[Result]:
+    def search_text(self, text: str, k: int = 10, image: Query | None = None, exclude_ids: tuple[int, ...] = (), *,
+                    where: WhereLike = None) -> list[Result]:
         """The k images best matching `text`; with `image` (any query), those like the picture and the text together
         ("a picture plus 'at night'": see `joint`)."""
         vector = self.embed_text(text)
         if image is not None:
             vector = joint(self.embed(image), vector)
-        return self.search_vector(vector, k, exclude_ids)
+        return self.search_vector(vector, k, exclude_ids, where=where)
 
-    def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
-        """The k most similar indexed images, best first."""
-        return self.search_vector(self.embed(query), k, exclude_ids)
+    def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = (),
+               row_filter: RowFilter | None = None, *, where: WhereLike = None) -> list[Result]:
+        """The k most similar indexed images, best first; `where` keeps to the images it allows (a `Where`, or its
+        words: {"folder": "Holidays", "after": "2023-01-01", "before": "2024-01-01", "camera": "Pixel 7",
+        "tags": ["product"]}), the true top-k among them."""
+        return self.search_vector(self.embed(query), k, exclude_ids, row_filter=row_filter, where=where)
 
-    def search_id(self, id_: int, k: int = 10, include_self: bool = False, box: Box | None = None) -> list[Result]:
+    def search_id(self, id_: int, k: int = 10, include_self: bool = False, box: Box | None = None,
+                  row_filter: RowFilter | None = None, *, where: WhereLike = None) -> list[Result]:
         """"More like this" for an indexed image (its stored vector; with `box`, that region of its file)."""
         vector = self.vector_of(id_) if box is None else self.embed(self.file_of(id_), box=box)
-        return self.search_vector(vector, k, () if include_self else (int(id_),))
+        return self.search_vector(vector, k, () if include_self else (int(id_),), row_filter=row_filter,
+                                  where=where)
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = ()) -> list[Result]:
-        """The k nearest to `vector` (after the index's query expansion, if it has one), best first."""
+    def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = (), *,
+                      row_filter: RowFilter | None = None, where: WhereLike = None) -> list[Result]:
+        """The k nearest to `vector` (after the index's query expansion, if it has one), best first; `row_filter`
+        and `where` narrow the rows that may be answered (the true top-k among them)."""
         if not isinstance(k, int) or k < 1:
             raise CbirError(f"k must be a positive whole number, not {k!r}")
-        query = self.expand(vector[None, :], [exclude_ids])
-        scores, ids = self.searcher.search(query, k + len(exclude_ids))
+        gen = self._gen
+        row_filter = self._narrowed(row_filter, as_where(where), gen)
+        query = self.expand(vector[None, :], [exclude_ids], generation=gen)
+        scores, ids = gen.search(query, k + len(exclude_ids), row_filter)
         kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
                 if i >= 0 and int(i) not in exclude_ids][:k]
-        paths = self.paths_of([i for _, i in kept])
-        return [Result(n + 1, i, p, s) for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+        paths = gen.paths_of([i for _, i in kept])
+        return [Result(rank=n + 1, id=i, path=p, score=s)
+                for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
 
-    def paths_of(self, ids: list[int]) -> list[str]:
-        """The paths of several ids at once (one read of an on-disk index's path column)."""
-        rows = self._pos.rows(np.asarray(ids, np.int64))
-        if (rows < 0).any():
-            raise CbirError(f"no image with id {ids[int(np.argmax(rows < 0))]} in index {self.name}")
-        paths = self.store.paths
-        return paths.take(rows) if isinstance(paths, store_mod.Strings) else [paths[int(r)] for r in rows]
+    @staticmethod
+    def _narrowed(row_filter: RowFilter | None, where: Where | None, gen: Generation) -> RowFilter | None:
+        """`row_filter` and `where` together (a folder, camera or tag the index does not have is an error)."""
+        if not where:
+            return row_filter
+        filters.check_known(where, [s.columns() for s in gen.segments])
+        by_where = filters.row_filter(where)
+        if row_filter is None:
+            return by_where
 
-    def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None) -> np.ndarray:
+        def both(segment):
+            other = row_filter(segment)
+            return by_where(segment) if other is None else by_where(segment) & other
+
+        return both
+
+    def matching(self, where: WhereLike) -> np.ndarray:
+        """The ids of every live image `where` allows, ascending (the collection grid of a filtered page)."""
+        where = as_where(where)
+        gen = self._gen
+        if not where:
+            return np.asarray(gen.ids())
+        filters.check_known(where, [s.columns() for s in gen.segments])
+        parts = []
+        for s in gen.segments:
+            allowed = s.allowed(filters.row_filter(where))
+            rows = allowed.rows() if allowed is not None else np.arange(len(s.store))
+            parts.append(np.asarray(s.store.ids)[rows])
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def facets(self) -> dict[str, Any]:
+        """What the live images' metadata holds: folders, cameras and tags (with counts), the dates taken (worked
+        out once per generation: the page shows them with every request)."""
+        gen = self._gen
+        if self._facets is None or self._facets[0] is not gen:
+            self._facets = (gen, self._facets_of(gen))
+        return self._facets[1]
+
+    @staticmethod
+    def _facets_of(gen: Generation) -> dict[str, Any]:
+        folders: set[str] = set()
+        cameras: Counter[str] = Counter()
+        tags: Counter[str] = Counter()
+        first, last, exif, files = None, None, 0, 0
+        for s in gen.segments:
+            live, columns = (s.live.mask if s.live is not None else None), s.columns()
+            folders.update(columns.folders(live))
+            cameras.update(columns.cameras(live))
+            tags.update(columns.tags(live))
+            d = columns.dates(live)
+            if d:
+                first = d["first"] if first is None else min(first, d["first"])
+                last = d["last"] if last is None else max(last, d["last"])
+                exif, files = exif + d["from_camera"], files + d["from_file"]
+        dates = {"first": show_date(first), "last": show_date(last), "from_camera": exif, "from_file": files} \
+            if first is not None and last is not None else {}
+        return {"folders": sorted(folders), "cameras": dict(cameras.most_common()),
+                "tags": dict(sorted(tags.items(), key=lambda t: (-t[1], t[0]))), "dates": dates}
+
+    def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None, *,
+               generation: Generation | None = None) -> np.ndarray:
         """alpha-QE of query rows [B, D] with their top neighbours (ids in `exclude[i]` left out), as the index
         records it; the rows themselves when it records none."""
         qe = self.expansion
         if not qe.qe_k:
             return np.ascontiguousarray(queries, dtype=np.float32)
-        exclude = exclude or [()] * len(queries)
-        extra = max((len(e) for e in exclude), default=0)
-        scores, ids = self.searcher.search(queries, qe.qe_k + extra)
-        picked_s = np.zeros((len(queries), qe.qe_k), np.float32)
-        picked_v = np.zeros((len(queries), qe.qe_k, self.store.dim), np.float32)
-        assert self.store.vectors is not None
-        for row, (s, found) in enumerate(zip(scores, ids, strict=True)):
-            keep = [(float(a), int(b)) for a, b in zip(s, found, strict=True) if b >= 0 and b not in exclude[row]]
-            for j, (score, id_) in enumerate(keep[: qe.qe_k]):
-                picked_s[row, j], picked_v[row, j] = score, self.store.vectors[self._pos[id_]]
-        return combine(np.asarray(queries, np.float32), picked_v, picked_s, qe.qe_alpha)
+        gen = generation or self._gen
+        return expand_queries(queries, gen.search, gen.vectors_of, qe.qe_k, qe.qe_alpha, exclude)
 
+    # -- changing it ----------------------------------------------------------------------------------
+    def add(self, items: list[str | os.PathLike[str] | bytes | Image.Image]) -> list[Added]:
+        """Embed and commit images: paths of files under the root as they are; anything else (bytes, pictures,
+        files elsewhere) is stored in the index's uploads folder first. Searchable when this returns."""
+        from indexer.live import add
+
+        return add(self, items)
+
+    def remove(self, ids: list[int]) -> int:
+        """Remove images from the index (their files stay; `--update` and the watcher leave them out until the
+        file changes). Returns how many were removed."""
+        from indexer.live import remove
+
+        return remove(self, ids)
+
+    def compact(self) -> None:
+        """Merge every segment into one (deleted rows dropped, the search index built and tuned again)."""
+        from indexer.live import compact
+
+        compact(self)
+
+    def switch_to(self, manifest: Manifest) -> None:
+        """After a write by this process: answer from its new generation (only the new files are opened)."""
+        self._gen = Generation.open(self.directory, gpu=use_gpu(self.device), previous=self._gen, manifest=manifest)
+        self._signature = _signature(self.directory)
+
+    # -- describing it --------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """The few facts a list of indexes shows (the page, /api/indexes)."""
         cfg = self.encoder_config
         return {"images": len(self), "encoder": cfg["name"], "dim": cfg["dim"], "pooling": cfg["pooling"],
-                "created": self.store.attrs.get("created"), "text": self.has_text}
+                "created": self.manifest.created, "generation": self.manifest.generation, "text": self.has_text}
 
     def info(self) -> dict[str, Any]:
         """Everything `cbir info` shows."""
-        a = self.store.attrs
+        m, gen = self.manifest, self._gen
+        plans = [s.search.plan for s in gen.segments]
         return {
             "index": str(self.directory),
             "images": len(self),
-            "skipped": len(self.store.skipped),
-            "dim": self.store.dim,
-            "root": a.get("root"),
+            "skipped": len(m.skipped),
+            "dim": gen.dim,
+            "root": m.settings.root,
             "encoder": self.encoder_config,
-            "created": a.get("created"),
-            "cbir_version": a.get("cbir_version"),
-            "search": {**self.searcher.plan.to_dict(), "gpu": self.searcher.gpu, "ntotal": self.searcher.ntotal},
-            "vector_dtype": a.get("vector_dtype", "float32"),
+            "created": m.created,
+            "updated": m.updated,
+            "cbir_version": m.cbir_version,
+            "generation": m.generation,
+            "segments": [{"name": s.name, "rows": s.entry.rows, "deleted": s.entry.deleted,
+                          "search": {**s.search.plan.to_dict(), "gpu": s.search.gpu, "ntotal": s.search.ntotal}}
+                         for s in gen.segments],
+            "deleted": m.deleted,
+            "search": {**(plans[0].to_dict() if plans else {}), "gpu": any(s.search.gpu for s in gen.segments),
+                       "ntotal": sum(s.search.ntotal for s in gen.segments)},
+            "vector_dtype": m.settings.vector_dtype,
             "expansion": self.expansion.to_dict(),
             "words": self.words.to_dict(),
-            "preset": a.get("preset") or None,
-            "seconds": float(a.get("seconds", 0.0)),
+            "preset": m.settings.preset,
+            "seconds": m.seconds,
+            "removed_files": sorted(m.removed),
+            "left_out": [{"reason": reason, "extension": ext, "files": n} for reason, ext, n in m.left_out],
+            "metadata": self.facets(),
         }
+
+
+def _signature(directory: Path) -> tuple[int, int, int]:
+    """What changes when a writer commits (the manifest, or the vectors file of an index made before segments)."""
+    path = directory / MANIFEST if (directory / MANIFEST).is_file() else directory / VECTORS
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return st.st_ino, st.st_mtime_ns, st.st_size

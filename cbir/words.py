@@ -25,7 +25,7 @@ SAMPLE = 16
 SIMILAR_AT = 0.4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Words:
     near_duplicate: float = 0.85  # the defaults: read off efficientnet_lite0 on the samples and animals4
     similar: float = 0.55
@@ -54,7 +54,7 @@ def fit(copies: np.ndarray, random_pairs: np.ndarray) -> Words:
     near = float(np.percentile(copies, 5)) if len(copies) else Words.near_duplicate
     borderline = min(float(np.median(random_pairs)) if len(random_pairs) else Words.borderline, near - 0.02)
     similar = borderline + SIMILAR_AT * (near - borderline)
-    return Words(round(near, 4), round(similar, 4), round(borderline, 4), fitted=True)
+    return Words(near_duplicate=round(near, 4), similar=round(similar, 4), borderline=round(borderline, 4), fitted=True)
 
 
 def measure(encoder: Any, read: Callable[[str], bytes], paths: Sequence[str], vectors: np.ndarray,
@@ -67,7 +67,8 @@ def measure(encoder: Any, read: Callable[[str], bytes], paths: Sequence[str], ve
     """
     searched = query or (lambda rows: rows)
     from cbir.edits import EDITS
-    from cbir.images import ImageError, load_image
+    from cbir.errors import ImageError
+    from cbir.images import load_image
 
     n = len(paths)
     if n < 3:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbir.errors import CbirError
+from cbir import metadata
+from cbir.errors import CbirError, ImageError
 from cbir.files import sha256_bytes
-from cbir.images import ImageError, load_image
+from cbir.images import decode_image
 from cbir.preprocess import Preprocess
 from indexer.source import Source
 
@@ -32,7 +33,7 @@ AHEAD = 512  # files decoded ahead of the model at most (~75 MB of 224-px pixels
 GROUP = 8  # files per task handed to a worker: one at a time cost 30% more than torch's DataLoader
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Decoded:
     """One file after decoding: its pixels, or the reason it was skipped."""
 
@@ -42,6 +43,7 @@ class Decoded:
     mtime_ns: int = 0
     size: int = 0
     sha256: str = ""
+    meta: metadata.Meta | None = None  # read here, where the file is open anyway
 
     @property
     def ok(self) -> bool:
@@ -52,17 +54,20 @@ def decode(source: Source, file: str, preprocess: Preprocess) -> Decoded:
     try:
         data, size, mtime_ns = source.read(file)
         if not data:
-            return Decoded(file, None, "empty file (0 bytes)")
-        im = load_image(io.BytesIO(data), draft=preprocess.draft_size)
-        return Decoded(file, preprocess.pixels(im), "", mtime_ns, size, sha256_bytes(data))
+            return Decoded(file=file, pixels=None, reason="empty file (0 bytes)")
+        picture = decode_image(io.BytesIO(data), draft=preprocess.draft_size, name=file)
+        meta = metadata.read(picture.exif, picture.xmp, picture.size, mtime_ns, source.sidecar(file))
+        return Decoded(file=file, pixels=preprocess.pixels(picture.image), mtime_ns=mtime_ns, size=size,
+                       sha256=sha256_bytes(data), meta=meta)
     except ImageError as exc:
-        return Decoded(file, None, str(exc))
+        reason = str(exc)
     except FileNotFoundError:
-        return Decoded(file, None, "file not found (deleted or moved)")
+        reason = "file not found (deleted or moved)"
     except OSError as exc:
-        return Decoded(file, None, f"file not readable: {exc.strerror or exc}")
+        reason = f"file not readable: {exc.strerror or exc}"
     except Exception as exc:  # a decoder bug must cost one file, never the run
-        return Decoded(file, None, f"cannot decode: {exc.__class__.__name__}: {exc}")
+        reason = f"cannot decode: {exc.__class__.__name__}: {exc}"
+    return Decoded(file=file, pixels=None, reason=reason)
 
 
 def die_with_parent(parent: int) -> None:
@@ -179,8 +184,8 @@ class Decoder:
     def _fill(self) -> None:
         while self._todo and len(self._ahead) * GROUP < (AHEAD if self._pool is not None else 1):
             group = [self._todo.popleft() for _ in range(min(GROUP, len(self._todo)))]
-            future = self._pool.submit(decode_group, self.source, group, self.preprocess) \
-                if self._pool is not None else None
+            pool = self._pool
+            future = pool.submit(decode_group, self.source, group, self.preprocess) if pool is not None else None
             self._ahead.append((group, future))
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Embed stage on a Ray cluster (`cbir index --engine ray`): the same decoding and the same encoder, on many machines.
 
-    driver: manifest (sorted files, a global id, size and mtime each)     -> IDX/.work/files.tsv
-    Ray Data: ids -> read bytes + decode (CPU tasks, cbir's own preprocessing) -> embed (actor pool, one model
+    driver: manifest (sorted files, size and mtime each)                 -> IDX/.work/files.tsv
+    Ray Data: paths -> read bytes + decode (CPU tasks, cbir's own preprocessing) -> embed (actor pool, one model
               per actor, a GPU each on GPU nodes) -> back to the driver
     driver: numbered chunks under IDX/.work/ (the write stage's own format), progress with images/s
 
@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cbir import metadata
 from cbir.files import atomic_path
 from indexer import guardian
 from indexer.decode import DECODE_NICE, Decoded, decode
 from indexer.options import BuildOptions
 from indexer.source import Source
-from indexer.work import WorkDir
+from indexer.work import META, WorkDir
 
 if TYPE_CHECKING:  # the driver's side; Ray's decoding workers import this module without torch
     from cbir.encoders import Encoder
@@ -40,11 +41,19 @@ MANIFEST = "files.tsv"
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every address 127.0.0.1
 
 
-class Engine:
-    """A connection to a Ray cluster; a local cluster started for the run ends with it (indexer/guardian.py)."""
+class RayEngine:
+    """A connection to a Ray cluster (indexer/engine.py's interface); a local cluster started for the run ends with
+    it (indexer/guardian.py)."""
 
     def __init__(self, watcher: subprocess.Popen | None) -> None:
         self.watcher = watcher
+
+    def embed(self, source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions, *,
+              planned: list[str], early: Any = None) -> None:
+        """Decode and embed on the cluster (a decoder started early on this machine is not used)."""
+        if early is not None:
+            early.close()
+        embed_files(self, source, files, encoder, work, options, planned=planned)
 
     def map(self, fn: Callable[..., int], *iterables: Iterable[Any]) -> list[int]:
         """`fn` over the argument lists as Ray tasks (the on-disk index's shards); results in order."""
@@ -62,7 +71,7 @@ class Engine:
             guardian.stop(self.watcher)
 
 
-def connect(address: str | None) -> Engine:
+def connect(address: str | None) -> RayEngine:
     """Join `address`, else the cluster in RAY_ADDRESS, else start a local one for this run."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
@@ -94,7 +103,7 @@ def connect(address: str | None) -> Engine:
                             "uses token authentication: set RAY_AUTH_MODE=token (the token is read from "
                             "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     _quiet_ray_data()
-    return Engine(watcher)
+    return RayEngine(watcher)
 
 
 def _check_reachable(address: str) -> None:
@@ -133,26 +142,24 @@ def _quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def write_manifest(work: WorkDir, source: Source, files: list[str]) -> dict[str, int]:
-    """The run's files with global ids, written once per job (a resumed run reads the same one back)."""
+def write_manifest(work: WorkDir, source: Source, files: list[str]) -> None:
+    """The run's files with their size and mtime, written once per job (a resumed run keeps the one it finds).
+
+    Rows are numbered by the commit, as the one-machine engine's are: the manifest carries no ids."""
     path = work.dir / MANIFEST
-    if path.is_file():
-        ids = read_manifest(path)
-        if set(ids) >= set(files):
-            return ids
+    if path.is_file() and read_manifest(path) >= set(files):
+        return
     stats = source.stats(files)
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{i}\t{stats[f][0]}\t{stats[f][1]}\t{f}\n" for i, f in enumerate(sorted(files))),
-                       encoding="utf-8")
-    return {f: i for i, f in enumerate(sorted(files))}
+        tmp.write_text("".join(f"{stats[f][0]}\t{stats[f][1]}\t{f}\n" for f in sorted(files)), encoding="utf-8")
 
 
-def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
+def embed_files(engine: RayEngine, source: Source, files: list[str], encoder: Encoder, work: WorkDir,
                 options: BuildOptions, *, planned: list[str]) -> int:
     """Embed `files` (those of `planned` that no chunk holds yet) on the cluster; returns how many were embedded."""
     from indexer.embed import default_batch, settle_mode, to_chunk
 
-    ids = write_manifest(work, source, planned)
+    write_manifest(work, source, planned)
     if not files:
         return 0
     files = settle_mode(source, files, encoder, work)  # on the driver: the actors rebuild the settled mode
@@ -160,10 +167,8 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
     embedded, started, first = 0, time.perf_counter(), None
     devices: dict[str, int] = {}
     with _progress(len(files), options.progress) as bar:
-        for batch in _pipeline(source, [(ids[f], f) for f in files], encoder, batch_size):
-            chunk = to_chunk(_records(batch), batch["vector"][batch["ok"]])
-            chunk.ids = batch["id"][batch["ok"]]
-            work.write(chunk)
+        for batch in _pipeline(source, files, encoder, batch_size):
+            work.write(to_chunk(_records(batch), batch["vector"][batch["ok"]]))
             for where in batch["device"]:
                 devices[str(where)] = devices.get(str(where), 0) + 1
             if first is None:
@@ -179,7 +184,7 @@ def embed_files(engine: Engine, source: Source, files: list[str], encoder: Encod
     return embedded
 
 
-def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
+def _pipeline(source: Source, files: list[str], encoder: Encoder,
               batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     import ray
     from ray.data import ActorPoolStrategy
@@ -190,8 +195,8 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
     # An embedding actor reserves all but one CPU of the smallest node (half of a 1-CPU node) and runs torch on
     # all its cores, as the local embed stage does; decoding tasks (half a CPU each, at nice 19) use the gaps.
     actor_cpus = 1.0 if gpus else max(0.5, min(cpus, default=1.0) - 1)
-    ds = ray.data.from_items([{"id": i, "path": p} for i, p in items],
-                             override_num_blocks=max(1, min(len(items) // batch_size, 64 * actors)))
+    ds = ray.data.from_items([{"path": p} for p in files],
+                             override_num_blocks=max(1, min(len(files) // batch_size, 64 * actors)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"source": source, "preprocess": encoder.preprocess},
                         batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"config": encoder.config, "gpu": gpus > 0},
@@ -207,9 +212,12 @@ def _pipeline(source: Source, items: list[tuple[int, str]], encoder: Encoder,
 def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
     """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
     marker = np.zeros(0, np.uint8)
-    return [Decoded(str(p), marker if ok else None, str(r), int(m), int(s), str(h))
-            for p, ok, r, m, s, h in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
-                                         batch["size"], batch["sha256"], strict=True)]
+    meta = {name.removeprefix(META): column for name, column in batch.items() if name.startswith(META)}
+    return [Decoded(file=str(p), pixels=marker if ok else None, reason=str(r), mtime_ns=int(m), size=int(s),
+                    sha256=str(h), meta=metadata.from_columns(meta, j) if ok else None)
+            for j, (p, ok, r, m, s, h) in enumerate(zip(batch["path"], batch["ok"], batch["reason"],
+                                                        batch["mtime_ns"], batch["size"], batch["sha256"],
+                                                        strict=True))]
 
 
 def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocess: Any) -> dict[str, np.ndarray]:
@@ -225,11 +233,13 @@ def _decoded_columns(batch: dict[str, np.ndarray], items: list[Decoded], size: i
     for j, it in enumerate(items):
         if it.ok:
             pixels[j] = it.pixels
-    return {"id": batch["id"], "path": batch["path"], "pixels": pixels,
+    return {"path": batch["path"], "pixels": pixels,
             "ok": np.array([it.ok for it in items], bool), "reason": np.array([it.reason for it in items]),
             "mtime_ns": np.array([it.mtime_ns for it in items], np.int64),
             "size": np.array([it.size for it in items], np.int64),
-            "sha256": np.array([it.sha256 for it in items])}
+            "sha256": np.array([it.sha256 for it in items]),
+            **{f"{META}{name}": column for name, column in metadata.to_columns(
+                [it.meta or metadata.Meta(taken_ns=0) for it in items]).items()}}
 
 
 class EmbedBatch:
@@ -279,10 +289,6 @@ def _progress(total: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def read_manifest(path: Path) -> dict[str, int]:
-    """path -> global id from a run's manifest."""
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        id_, _s, _m, rel = line.split("\t", 3)
-        out[rel] = int(id_)
-    return out
+def read_manifest(path: Path) -> set[str]:
+    """The paths a run's manifest lists."""
+    return {line.split("\t", 2)[2] for line in path.read_text(encoding="utf-8").splitlines()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cbir.errors import CbirError
@@ -24,6 +24,23 @@ PRESETS: dict[str, dict[str, object]] = {
 DEFAULT_PRESET = "fast"
 
 
+def preset_settings(name: str) -> dict[str, object]:
+    """What a named preset sets; an unknown name is an error that lists the known ones."""
+    if name not in PRESETS:
+        raise CbirError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def mode_of(*, update: bool = False, rebuild: bool = False) -> str:
+    """The build mode the update and rebuild switches ask for (`cbir index --update`, `Index.build(update=True)`)."""
+    if update and rebuild:
+        raise CbirError("update and rebuild exclude each other: update embeds only new and changed files, rebuild "
+                        "re-embeds everything; ask for one")
+    if update:
+        return "update"
+    return "rebuild" if rebuild else "create"
+
+
 def preset_matching(encoder: str, qe: int, dba: int) -> str | None:
     """The preset an index is, whether it was named or not (recorded, so that `cbir info` can say)."""
     for name, settings in PRESETS.items():
@@ -32,7 +49,7 @@ def preset_matching(encoder: str, qe: int, dba: int) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildOptions:
     """mode: "create" (refuses an existing index), "rebuild" (re-embeds everything) or "update" (re-embeds only
     new and changed files, drops deleted ones, keeps the ids and the encoder of the others).
@@ -61,10 +78,12 @@ class BuildOptions:
     memory_budget: int | None = None  # bytes the vectors may take in RAM before auto goes on disk (None: half the RAM)
     engine: str = "local"  # local (this machine's processes) or ray (a Ray cluster: indexer/distributed.py)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for the run
+    tags: str | None = None  # a CSV of path,tag: tags given to pictures (paths relative to the folder)
     progress: bool = False
     model_kwargs: dict[str, Any] | None = None  # a family's model arguments (timm:, clip:), recorded in the index
 
-    def validate(self) -> None:
+    def resolved(self) -> BuildOptions:
+        """A checked copy with the preset's settings filled in where none was given: what a build runs with."""
         if self.mode not in MODES:
             raise CbirError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -80,10 +99,6 @@ class BuildOptions:
         if self.on_disk and self.index_type not in (None, "auto", "ivfpq"):
             raise CbirError(f"--on-disk builds an IVF-PQ index; it cannot be combined with --index-type "
                             f"{self.index_type}")
-        self.exclude = tuple(self.exclude)
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise CbirError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-            for key, value in PRESETS[self.preset].items():
-                if getattr(self, key) is None:
-                    setattr(self, key, value)
+        preset = preset_settings(self.preset) if self.preset is not None else {}
+        return replace(self, exclude=tuple(self.exclude),
+                       **{key: value for key, value in preset.items() if getattr(self, key) is None})

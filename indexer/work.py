@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ import numpy as np
 
 from cbir.files import atomic_path
 from cbir.layout import WORK
+
+META = "meta_"  # prefix of the metadata columns in a saved chunk
 
 
 @dataclass(kw_only=True)
@@ -30,7 +32,7 @@ class Chunk:
     size: np.ndarray
     sha256: list[str]
     skipped: list[tuple[str, str]]
-    ids: np.ndarray | None = None  # --engine ray: the manifest's global id of each row
+    meta: dict[str, np.ndarray] = field(default_factory=dict)  # cbir.metadata.COLUMNS of each row (saved too)
 
 
 class WorkDir:
@@ -69,7 +71,7 @@ class WorkDir:
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
                      skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
-                     **({"ids": np.asarray(chunk.ids, np.int64)} if chunk.ids is not None else {}))
+                     **{f"{META}{name}": column for name, column in chunk.meta.items()})
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -80,7 +82,8 @@ class WorkDir:
                             size=z["size"],
                             sha256=[str(h) for h in z["sha256"]],
                             skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), ids=z["ids"] if "ids" in z.files else None)
+                                     strict=True)),
+                            meta={k.removeprefix(META): z[k] for k in z.files if k.startswith(META)})
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""

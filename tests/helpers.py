@@ -22,3 +22,11 @@ def vector_search(vectors: np.ndarray, ids: np.ndarray, gpu: bool = False, **kwa
     """The search index `tuning.build` chooses (index_type=..., seed=...), ready to search."""
     index, plan = tuning.build(vectors, ids, **kwargs)
     return VectorSearch(index, plan, gpu=gpu)
+
+
+def segment_files(index_dir: Path, n: int = 0) -> tuple[Path, Path]:
+    """The HDF5 rows and the FAISS file of an index's n-th live segment."""
+    from cbir.search import manifest
+
+    entry = manifest.load(index_dir).segments[n]
+    return index_dir / entry.vectors, index_dir / entry.faiss

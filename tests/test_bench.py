@@ -79,10 +79,10 @@ def test_bench_writes_every_output(bench_run: tuple[Path, dict]) -> None:
 
 
 def test_bench_numbers_equal_those_of_the_index_vectors(bench_run: tuple[Path, dict]) -> None:
-    from cbir.search import store
+    from cbir import Index
 
     out, report = bench_run
-    s = store.read(out / "indexes" / "efficientnet_lite0" / "vectors.h5")
+    s = Index.open(out / "indexes" / "efficientnet_lite0").rows()
     with open(out / "split.csv") as fh:
         split = {r["file"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
     labels = np.array([split[p][0] for p in s.paths])
@@ -137,7 +137,7 @@ def test_bench_compares_presets_through_their_query_expansion(labelled: Path, tm
     with open(tmp_path / "split.csv") as fh:
         split = {r["file"]: (r["label"], r["split"]) for r in csv.DictReader(fh)}
     hits = []
-    for path in index.store.paths:
+    for path in index.rows().paths:
         if split[path][1] == "test":
             found = index.search_id(index.id_of(path), k=10)
             hits.append(np.mean([split[r.path][0] == split[path][0] for r in found]))

@@ -71,9 +71,15 @@ def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest
     assert message in err and "Traceback" not in err
 
 
-def test_search_with_missing_query_and_bad_k(cli_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_with_missing_query_and_bad_k(cli_index: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["search", str(cli_index), "/no/such.jpg"]) == 2
     assert "query image not found" in capsys.readouterr().err
+    assert main(["search", str(cli_index), "/no/such.jpg", "--copies"]) == 2
+    assert "query image not found" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert main(["search", str(cli_index), str(tmp_path / "notes.txt"), "--copies"]) == 2
+    assert "cbir: error: cannot use the query image: not an image" in capsys.readouterr().err
     assert main(["search", str(cli_index), "/no/such.jpg", "-k", "0"]) == 2
     assert "-k must be at least 1" in capsys.readouterr().err
 

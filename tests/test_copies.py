@@ -58,7 +58,7 @@ def test_every_copy_is_grouped_with_its_source_and_nothing_else(index: Index) ->
     groups = [{m["path"] for m in g} for g in found["near"]]
     for src in SOURCES:
         name = src.split("/")[1]
-        members = {p for p in index.store.paths if p.startswith(f"{name}/")}
+        members = {p for p in index.rows().paths if p.startswith(f"{name}/")}
         mine = [g for g in groups if f"{name}/{name}.jpg" in g]
         assert mine and mine[0] == members, (name, sorted(members - mine[0]) if mine else "no group")
     for g in found["near"]:  # the first is the hub; every other member was verified as a copy of it, and says so

@@ -72,10 +72,10 @@ def _finish(proc: subprocess.Popen) -> str:
 def assert_same_index(got: Path, want: Path) -> None:
     """Per path the same vector (cosine >= 0.9999) and the same top-10; the same skipped files and reasons."""
     a, b = Index.open(want, device="cpu"), Index.open(got, device="cpu")
-    assert sorted(a.store.paths) == sorted(b.store.paths)
-    assert a.store.skipped == b.store.skipped
-    assert [s[0] for s in b.store.skipped] == ["broken.jpg"] and "not an image" in b.store.skipped[0][1]
-    for path in a.store.paths:
+    assert sorted(a.rows().paths) == sorted(b.rows().paths)
+    assert a.skipped == b.skipped
+    assert [s[0] for s in b.skipped] == ["broken.jpg"] and "not an image" in b.skipped[0][1]
+    for path in a.rows().paths:
         ia, ib = a.id_of(path), b.id_of(path)
         assert float(a.vector_of(ia) @ b.vector_of(ib)) >= 0.9999
         assert [r.path for r in a.search_id(ia, k=10)] == [r.path for r in b.search_id(ib, k=10)]
@@ -112,11 +112,9 @@ def test_killed_driver_resumes_with_only_the_missing_files(cluster, folder, loca
     _kill_after_first_chunks(_index(str(folder), out, "--ray-address", cluster), out)
     done = _chunk_paths(out)
     assert 0 < len(done) < N + 1
-    ids = (out / ".work" / "files.tsv").read_text().splitlines()
-    assert [line.split("\t")[3] for line in ids] == sorted(p.name for p in folder.iterdir())
-    manifest = {line.split("\t")[3]: int(line.split("\t")[0]) for line in ids}
-    for chunk in WorkDir(out, {}).chunks():  # each row carries the manifest's id of its file
-        assert chunk.ids is not None and [manifest[p] for p in chunk.paths] == chunk.ids.tolist()
+    manifest = [line.split("\t") for line in (out / ".work" / "files.tsv").read_text().splitlines()]
+    listed = [(int(size), path) for size, _mtime, path in manifest]  # every file, sorted, with its size and mtime
+    assert listed == [(p.stat().st_size, p.name) for p in sorted(folder.iterdir())]
     text = _finish(_index(str(folder), out, "--ray-address", cluster))
     resumed = int(re.search(r"resumed: (\d+) images", text).group(1))
     embedded = int(re.search(r"(\d+) embedded now", text).group(1))
@@ -165,7 +163,7 @@ def test_s3_source_gives_the_same_index(cluster, s3, local_index, tmp_path):
     where = re.findall(r"(\S+: cpu, \d+ threads) \((\d+) images\)", text.split("ray: embedded on ", 1)[1])
     assert where and sum(int(n) for _, n in where) == N + 1, text
     assert_same_index(out, local_index)
-    assert Index.open(out, device="cpu").store.attrs["root"] == "s3://photos/set1"
+    assert Index.open(out, device="cpu").manifest.settings.root == "s3://photos/set1"
 
 
 def test_a_missing_s3_prefix_is_a_clear_error(s3, tmp_path):
@@ -177,7 +175,7 @@ def test_a_missing_s3_prefix_is_a_clear_error(s3, tmp_path):
 def test_vectors_are_l2_normalised_float32(cluster, folder, tmp_path):
     out = tmp_path / "ray"
     _finish(_index(str(folder), out, "--ray-address", cluster))
-    v = Index.open(out, device="cpu").store.vectors
+    v = Index.open(out, device="cpu").rows().vectors
     assert v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
 
@@ -224,4 +222,4 @@ def test_a_ray_address_where_nothing_listens_is_a_quick_clear_error(folder, tmp_
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - started < 30
-    assert not (tmp_path / "o" / "vectors.h5").exists()
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -75,8 +75,8 @@ def test_registry_refuses_a_second_encoder_of_the_same_name_and_a_wrong_dimensio
 def test_weights_argument_is_parsed_once_into_a_value_with_its_identity(tmp_path: Path) -> None:
     from cbir.encoders._weights import Weights
 
-    assert Weights.parse("imagenet") == Weights("imagenet")
-    assert Weights.parse("IMAGENET1K_V2") == Weights("imagenet", variant="IMAGENET1K_V2")
+    assert Weights.parse("imagenet") == Weights(source="imagenet")
+    assert Weights.parse("IMAGENET1K_V2") == Weights(source="imagenet", variant="IMAGENET1K_V2")
     assert Weights.parse("none").identity()["seed"] == 0
     f = tmp_path / "w.pth"
     f.write_bytes(b"abc")

@@ -13,7 +13,8 @@ import pytest
 from cbir import CbirError, Index
 from cbir.encoders import create, from_config
 from cbir.images import load_image
-from cbir.search.expansion import Expansion, augment_database, combine
+from cbir.search.expansion import Expansion, augment_database, combine, without_self
+from tests.helpers import segment_files
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +35,31 @@ def test_dba_uses_the_neighbours_not_the_row_itself_twice() -> None:
     x = np.eye(3, dtype=np.float32)
     x[2] = [0.6, 0.8, 0.0]
 
-    def search(q: np.ndarray, k: int):
-        s = q @ x.T
-        pos = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(s, pos, 1), pos
+    def neighbours(rows: np.ndarray, start: int):
+        s = rows @ x.T
+        pos = np.argsort(-s, axis=1, kind="stable")[:, :2]
+        scores, found = without_self(np.take_along_axis(s, pos, 1), pos, start, 1)
+        return scores, x[found]
 
-    out = augment_database(x, search, k=1, alpha=1.0)
+    out = augment_database(x, neighbours, alpha=1.0)
     np.testing.assert_allclose(out[0], (x[0] + 0.6 * x[2]) / np.linalg.norm(x[0] + 0.6 * x[2]), rtol=1e-6)
 
 
 def test_expansion_is_recorded_and_kept_by_an_update(expanded: Index) -> None:
     assert expanded.expansion == Expansion(qe_k=2, dba_k=2)
-    with h5py.File(expanded.directory / "vectors.h5") as f:
-        assert json.loads(f.attrs["expansion"])["dba_k"] == 2
+    assert json.loads((expanded.directory / "manifest.json").read_text())["settings"]["expansion"]["dba_k"] == 2
+    with h5py.File(segment_files(expanded.directory)[0]) as f:
         raw, searched = f["raw_vectors"][()], f["vectors"][()]
     assert raw.shape == searched.shape and not np.allclose(raw, searched)
     np.testing.assert_allclose(np.linalg.norm(searched, axis=1), 1.0, atol=1e-5)
     again = Index.build(expanded.root, out=expanded.directory, update=True, device="cpu")
     assert again.expansion == expanded.expansion
-    with h5py.File(expanded.directory / "vectors.h5") as f:  # kept rows keep their own vectors, not a DBA of a DBA
+    with h5py.File(segment_files(expanded.directory)[0]) as f:  # kept rows keep their own vectors, not a DBA of a DBA
         np.testing.assert_allclose(f["raw_vectors"][()], raw, atol=1e-6)
 
 
 def test_query_expansion_never_repeats_an_id_and_keeps_scores_ordered(expanded: Index, samples: Path) -> None:
-    for id_ in map(int, expanded.store.ids[:12]):
+    for id_ in map(int, expanded.rows().ids[:12]):
         found = expanded.search_id(id_, k=10)
         ids = [r.id for r in found]
         scores = [r.score for r in found]
@@ -110,11 +112,12 @@ def test_each_fused_part_sees_what_it_sees_alone_and_old_records_keep_their_view
 def test_presets_fill_what_was_not_given(tmp_path: Path, samples: Path) -> None:
     from indexer import BuildOptions
 
-    opts = BuildOptions(preset="balanced", dba=0)
-    opts.validate()
+    given = BuildOptions(preset="balanced", dba=0)
+    opts = given.resolved()
     assert (opts.encoder, opts.qe, opts.dba) == ("efficientnet_lite0", 2, 0)
+    assert (given.encoder, given.qe) == (None, None)  # a copy: what the caller asked for stays as it was
     with pytest.raises(CbirError, match="unknown preset"):
-        BuildOptions(preset="fastest").validate()
+        BuildOptions(preset="fastest").resolved()
     index = Index.build(samples / "coffee", out=tmp_path / "p", device="cpu", preset="balanced")
     assert index.info()["preset"] == "balanced" and index.expansion.qe_k == 2
     plain = Index.build(samples / "coffee", out=tmp_path / "d", device="cpu")  # no preset named: it is `fast`

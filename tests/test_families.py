@@ -178,9 +178,9 @@ def test_an_index_of_a_timm_model_built_from_a_file_with_the_command(tiny: Tiny,
 
 def _ranking(index: Index, query: np.ndarray, k: int) -> list[str]:
     """The top k by brute force over the stored vectors."""
-    assert index.store.vectors is not None
-    order = np.argsort(-(index.store.vectors @ query), kind="stable")[:k]
-    return [index.store.paths[int(i)] for i in order]
+    rows = index.rows()
+    order = np.argsort(-(np.asarray(rows.vectors) @ query), kind="stable")[:k]
+    return [rows.paths[int(i)] for i in order]
 
 
 def test_text_search_ranks_by_the_text_towers_vector(clip_index: Path, tiny: Tiny, samples: Path,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.images import ImageError, discover, load_image
+from cbir.errors import CbirError, ImageError, QueryImageError
+from cbir.images import discover, load_image, load_query
 from tests.badfiles import EXPECTED_OK, EXPECTED_SKIPS, bomb_png, jpeg_bytes, photo, write_bad_files
 
 
@@ -90,6 +91,19 @@ def test_animated_gif_uses_first_frame(bad: Path) -> None:
     first = np.asarray(load_image(bad / "animated.gif"), dtype=int)
     ref = np.asarray(photo(seed=6), dtype=int)
     assert np.abs(first - ref).mean() < 25  # GIF palette quantisation only
+
+
+def test_a_query_says_what_is_wrong_with_it(tmp_path: Path) -> None:
+    """Every way a query comes in (search, --copies, the API) gets these messages from load_query, and an image
+    problem is a CbirError like any other (the command prints it as one line)."""
+    with pytest.raises(CbirError, match="query image not found: .*nope.jpg"):
+        load_query(tmp_path / "nope.jpg")
+    with pytest.raises(CbirError, match="not an image file but a folder"):
+        load_query(tmp_path)
+    with pytest.raises(QueryImageError, match="cannot use the query image: not an image") as info:
+        load_query(b"GIF89a but not really")
+    assert info.value.reason.startswith("not an image") and isinstance(info.value, CbirError)
+    assert issubclass(ImageError, CbirError) and load_query(io.BytesIO(jpeg_bytes(photo()))).size == (160, 120)
 
 
 def test_bytes_uploads_and_bombs() -> None:

@@ -14,8 +14,9 @@ from cbir.index import Index
 from cbir.layout import FAISS, VECTORS
 from cbir.search import ondisk
 from cbir.search import store as store_mod
-from cbir.search.plan import ONDISK, SearchPlan
+from cbir.search.plan import ON_DISK_RECALL, ONDISK, SearchPlan, exact_top
 from cbir.search.searcher import VectorSearch
+from cbir.search.writer import IndexWriter, RowBlock
 
 N, DIM = ondisk.MIN_VECTORS, 32
 
@@ -38,12 +39,12 @@ def test_four_shards_answer_as_one_piece_and_as_exact_search(vectors, tmp_path):
     for name, shard_rows in (("four", N // 4), ("one", N)):
         folder = tmp_path / name
         folder.mkdir()
-        layout, data = ondisk.build(vectors, folder / FAISS, folder, shard_rows=shard_rows)
+        _, data = ondisk.build(vectors, folder / FAISS, folder, shard_rows=shard_rows)
         assert data.is_file() and data.parent == folder
         assert not list(folder.glob(".shards-*")), "shard files are temporary"
-        built[name] = (folder, layout)
+        built[name] = (folder, None)
     queries = vectors[:300]
-    nlist = built["one"][1].nlist
+    nlist = ondisk.layout_for(N, DIM).nlist
     four = _search(built["four"][0], vectors, 8, 4).search(queries, 10)
     one = _search(built["one"][0], vectors, 8, 4).search(queries, 10)
     np.testing.assert_array_equal(four[1], one[1])
@@ -51,11 +52,13 @@ def test_four_shards_answer_as_one_piece_and_as_exact_search(vectors, tmp_path):
     assert _search(built["four"][0], vectors, 8, 4).search(queries, 10)[1].min() >= 0
     # every list probed, and enough candidates re-ranked with the exact vectors: exact search
     _, ids = _search(built["four"][0], vectors, nlist, 50).search(queries, 10)
-    truth = ondisk.exact_top(vectors, queries, 10)
+    truth = exact_top(vectors, queries, 10)
     np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(truth, axis=1))
 
 
 def test_an_on_disk_index_opens_without_reading_its_columns(vectors, tmp_path):
+    """An on-disk index as the previous version wrote it (vectors.h5 + faiss.index): it opens lazily, answers, and
+    takes an update as a new segment encoded with its trained index, its own files untouched."""
     out = tmp_path / "idx"
     out.mkdir()
     config = {"name": "synthetic", "dim": DIM, "pooling": "none", "weights": {"source": "none", "sha256": ""}}
@@ -69,17 +72,17 @@ def test_an_on_disk_index_opens_without_reading_its_columns(vectors, tmp_path):
                       zeros, zeros, ids=range(start, start + len(part)))
     writer.close({"ids_are_rows": True})
     plan = ondisk.build_index(out / VECTORS, out / FAISS, shard_rows=N // 4)
-    assert plan.type == ONDISK and plan.recall_at_10 >= ondisk.TARGET_RECALL and plan.queries > 0
+    assert plan.type == ONDISK and plan.recall_at_10 >= ON_DISK_RECALL and plan.queries > 0
     store_mod.set_attrs(out / VECTORS, {"search": json.dumps(plan.to_dict())})
 
     index = Index.open(out)
-    assert index.store.lazy and isinstance(index.store.vectors, np.memmap)
-    assert isinstance(index.store.ids, range) and not isinstance(index.store.paths, list)
-    assert len(index) == N and index.searcher.plan.type == ONDISK
+    assert index.generation.lazy and isinstance(index.rows().vectors, np.memmap)
+    assert isinstance(index.rows().ids, range) and not isinstance(index.rows().paths, list)
+    assert len(index) == N and index.generation.segments[0].search.plan.type == ONDISK
     results = index.search_vector(vectors[123], k=10)
     assert results[0].id == 123 and results[0].path == "img/000123.jpg"
     assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
-    truth = ondisk.exact_top(vectors, vectors[123:124], 10)[0]
+    truth = exact_top(vectors, vectors[123:124], 10)[0]
     assert len({r.id for r in results} & set(truth.tolist())) >= 9
     more = index.search_id(77, k=5)
     assert 77 not in [r.id for r in more] and len(more) == 5
@@ -90,6 +93,19 @@ def test_an_on_disk_index_opens_without_reading_its_columns(vectors, tmp_path):
 
     with pytest.raises(CbirError, match="on-disk"):
         find_duplicates(index)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.suffix in (".h5", ".index")}
+    extra = vectors[:500] * np.float32(-1.0)  # rows unlike any indexed one
+    writer = IndexWriter(out, index.manifest)
+    ids = writer.new_ids(len(extra))
+    writer.add_segment(len(extra), [RowBlock(ids=ids, paths=[f"new/{i}.jpg" for i in ids], vectors=extra,
+                                             mtime_ns=np.zeros(500, np.int64), size=np.zeros(500, np.int64),
+                                             sha256=[""] * 500)])
+    writer.commit()
+    assert index.refresh() and len(index) == N + 500
+    added = index.generation.segments[1]
+    assert added.search.plan.type == ONDISK and "trained index" in added.search.plan.note
+    assert index.search_vector(extra[7], k=1)[0].path == f"new/{ids[7]}.jpg"
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_an_index_without_its_data_file_is_a_clear_error(vectors, tmp_path):
@@ -119,10 +135,10 @@ def test_on_disk_for_a_small_collection_is_a_clear_error_and_keeps_the_old_index
     first = subprocess.run([sys.executable, "-m", "cbir", "index", str(samples), "--out", str(out), "-q",
                             "--precision", "fp32"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    before = (out / VECTORS).read_bytes()
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
     again = subprocess.run([sys.executable, "-m", "cbir", "index", str(samples), "--out", str(out), "-q",
                             "--rebuild", "--on-disk", "--precision", "fp32"], capture_output=True, text=True,
                            timeout=300)
     assert again.returncode != 0 and "at least 10,000 images" in again.stderr and "Traceback" not in again.stderr
-    assert (out / VECTORS).read_bytes() == before
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"} == before
     assert len(Index.open(out, device="cpu")) > 0

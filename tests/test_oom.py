@@ -53,8 +53,8 @@ def test_indexing_halves_the_batch_and_gives_the_unbroken_runs_vectors(samples: 
     assert said == ["random_cnn: out of GPU memory at a batch of 16; going on with batches of 8 (the same vectors)",
                     "random_cnn: out of GPU memory at a batch of 8; going on with batches of 4 (the same vectors)"]
     a, b = Index.open(tmp_path / "whole", device="cpu"), Index.open(tmp_path / "small", device="cpu")
-    assert list(a.store.paths) == list(b.store.paths)
-    np.testing.assert_allclose(a.store.vectors, b.store.vectors, atol=1e-5)  # batch size changes only rounding
+    assert list(a.rows().paths) == list(b.rows().paths)
+    np.testing.assert_allclose(a.rows().vectors, b.rows().vectors, atol=1e-5)  # batch size changes only rounding
 
 
 def test_serving_batches_and_text_halve_too_and_one_image_too_many_is_a_plain_error() -> None:

@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -97,13 +96,12 @@ def test_auto_in_the_indexer_small_and_calibrated(tmp_path: Path, samples: Path,
     monkeypatch.setattr(precision, "AUTO_MIN_IMAGES", 10)
     monkeypatch.setattr(precision, "SAMPLE", 16)
     big = Index.build(samples, out=tmp_path / "cal", device="cpu", precision="auto")
-    with h5py.File(big.directory / "vectors.h5") as f:
-        cal = json.loads(f.attrs["encoder_config"])["calibration"]
+    cal = json.loads((big.directory / "manifest.json").read_text())["settings"]["encoder"]["calibration"]
     assert cal["sample"] == 16 and set(cal["modes"]) == {"fp32", "bf16"} and "reused" not in cal
     assert big.encoder.precision == cal["chosen"]  # queries are embedded as the index was
     # whichever was chosen, the index agrees with an fp32 index on the nearest neighbours
-    ref = small.store.vectors
-    assert float(np.mean(np.sum(ref * big.store.vectors, axis=1))) >= precision.MIN_COSINE
+    ref = small.rows().vectors
+    assert float(np.mean(np.sum(ref * big.rows().vectors, axis=1))) >= precision.MIN_COSINE
     # measured at first use: the next index with this encoder on this machine takes the same choice, and says so
     again = Index.build(samples, out=tmp_path / "again", device="cpu", precision="auto")
     cal2 = again.encoder_config["calibration"]
@@ -142,9 +140,9 @@ def test_calibration_sample_is_embedded_once_in_the_chosen_precision(tmp_path: P
     idx = Index.open(tmp_path / "auto", device="cpu")
     assert idx.encoder_config["precision"] == "bf16" and idx.encoder_config["calibration"]["sample"] == 16
     assert sum(embedded) == len(ref) - 16 and summary.embedded == len(ref) + 1  # the sample is not redone
-    assert idx.store.paths == ref.store.paths and len(set(idx.store.paths)) == len(idx.store.paths)
-    assert [p for p, _ in idx.store.skipped] == ["aaa-not-a-photo.jpg"]
-    sims = idx.store.vectors @ ref.store.vectors.T
+    assert idx.rows().paths == ref.rows().paths and len(set(idx.rows().paths)) == len(idx.rows().paths)
+    assert [p for p, _ in idx.skipped] == ["aaa-not-a-photo.jpg"]
+    sims = idx.rows().vectors @ ref.rows().vectors.T
     assert np.array_equal(sims.argmax(axis=1), np.arange(len(sims)))  # every row belongs to its own path
     assert np.diag(sims).min() >= 0.98 and np.diag(sims).max() < 1 - 1e-7  # all in bf16, the sample's included
 
@@ -176,8 +174,8 @@ def test_int8_is_calibrated_recorded_reloaded_and_judged(tmp_path: Path, samples
     # a query goes through the very same int8 model as the indexed rows
     enc = idx.encoder
     assert enc.precision == "int8" and enc.runtime is not None
-    first = idx.store.paths[0]
-    np.testing.assert_allclose(idx.embed(samples / first), idx.store.vectors[0], atol=1e-5)
+    first = idx.rows().paths[0]
+    np.testing.assert_allclose(idx.embed(samples / first), idx.rows().vectors[0], atol=1e-5)
     assert idx.search(samples / first, k=1)[0].path == first
     # the model file gone: a clear error, not a silent switch to another precision
     moved = model.with_suffix(".moved")

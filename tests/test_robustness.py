@@ -39,7 +39,7 @@ def test_update_embeds_only_what_changed_and_keeps_ids(tmp_path: Path, encoder) 
     out = tmp_path / "idx"
     build_index(data, out, encoder)
     before = Index.open(out)
-    ids_before = dict(zip(before.store.paths, before.store.ids.tolist(), strict=True))
+    ids_before = dict(zip(before.rows().paths, before.rows().ids.tolist(), strict=True))
     (data / "img0003.jpg").unlink()
     (data / "img0005.jpg").write_bytes(jpeg_bytes(photo((96, 72), seed=500)))
     os.utime(data / "img0005.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -49,13 +49,13 @@ def test_update_embeds_only_what_changed_and_keeps_ids(tmp_path: Path, encoder) 
     assert (summary.added, summary.changed, summary.removed, summary.unchanged) == (2, 1, 1, 10)
     assert summary.embedded == 3
     after = Index.open(out)
-    ids_after = dict(zip(after.store.paths, after.store.ids.tolist(), strict=True))
+    ids_after = dict(zip(after.rows().paths, after.rows().ids.tolist(), strict=True))
     for p, i in ids_before.items():
         if p != "img0003.jpg":
             assert ids_after[p] == i, p  # unchanged and changed files keep their ids
     assert "img0003.jpg" not in ids_after
     assert min(ids_after["new100.jpg"], ids_after["new101.jpg"]) > max(ids_before.values())
-    assert after.searcher.ntotal == 13
+    assert len(after) == 13
     top = after.search(data / "new101.jpg", k=1)[0]
     assert top.path == "new101.jpg" and top.score > 0.999
     changed = after.search(data / "img0005.jpg", k=1)[0]
@@ -92,6 +92,9 @@ def test_cli_update_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["index", str(data), "--out", str(tmp_path / "i"), "--update", "-q"]) == 0
     assert "1 added, 0 changed, 0 removed, 3 unchanged" in capsys.readouterr().out
     assert main(["index", str(data), "--out", str(tmp_path / "i"), "--update", "--rebuild"]) == 2
+    assert "update and rebuild exclude each other" in capsys.readouterr().err
+    with pytest.raises(CbirError, match="update and rebuild exclude each other"):  # the same rule, the same words
+        Index.build(data, out=tmp_path / "i", update=True, rebuild=True)
 
 
 def test_api_update_keeps_the_encoder_the_index_was_built_with(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path: Path,
                                "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(CbirError, match=f"another cbir index run \\(pid {holder.pid}\\)"):
+        with pytest.raises(CbirError, match=f"another cbir process \\(pid {holder.pid}\\)"):
             build_index(data, out, encoder)
     finally:
         holder.kill()
@@ -142,7 +145,7 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_a_clean_build(tmp_path: 
     _wait_for_chunks(out / ".work", 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "vectors.h5").exists()  # nothing half-made is presented as an index
+    assert not (out / "manifest.json").exists()  # nothing half-made is presented as an index
     with pytest.raises(CbirError, match="no index at"):
         Index.open(out)
     done = len(list((out / ".work").glob("chunk-*.npz")))
@@ -153,15 +156,15 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_a_clean_build(tmp_path: 
     index = Index.open(out)
     assert len(index) == 90 and not (out / ".work").exists()
     clean = Index.build(data, out=tmp_path / "clean", device="cpu", batch_size=7)
-    assert clean.store.paths == index.store.paths
-    np.testing.assert_allclose(clean.store.vectors, index.store.vectors, atol=2e-5)
+    assert clean.rows().paths == index.rows().paths
+    np.testing.assert_allclose(clean.rows().vectors, index.rows().vectors, atol=2e-5)
 
 
 def test_sigkill_during_rebuild_leaves_the_old_index_working(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "data", 60)
     out = tmp_path / "idx"
     Index.build(data, out=out, device="cpu")
-    before = (out / "vectors.h5").read_bytes()
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
     make_folder(data, 60, seed0=1000)  # every file changes
     proc = subprocess.Popen([sys.executable, "-m", "cbir", "index", str(data), "--out", str(out), "--rebuild",
                              "--batch-size", "4", "--workers", "0", "-q"], stdout=subprocess.PIPE,
@@ -169,9 +172,9 @@ def test_sigkill_during_rebuild_leaves_the_old_index_working(tmp_path: Path) -> 
     _wait_for_chunks(out / ".work", 2, proc)
     proc.kill()
     proc.wait()
-    assert (out / "vectors.h5").read_bytes() == before
+    assert all((out / name).read_bytes() == data for name, data in before.items())  # the commit point too
     old = Index.open(out)
-    assert len(old) == 60 and old.search_vector(old.store.vectors[5], k=1)[0].id == int(old.store.ids[5])
+    assert len(old) == 60 and old.search_vector(old.rows().vectors[5], k=1)[0].id == int(old.rows().ids[5])
 
 
 def test_hostile_corpus_completes_with_matching_counts(tmp_path: Path, encoder, monkeypatch) -> None:
@@ -204,10 +207,10 @@ def test_hostile_corpus_completes_with_matching_counts(tmp_path: Path, encoder, 
     assert any("already visited" in r for r in skipped.values())
     index = Index.open(tmp_path / "idx")
     for name in [*EXPECTED_OK, "exif.jpg"]:
-        assert name in index.store.paths
+        assert name in index.rows().paths
     n_candidates = len(EXPECTED_OK) + len(EXPECTED_SKIPS) + 2 + 1  # + exif, vanishes, bad name
     assert summary.indexed + sum(1 for r in skipped.values() if "already visited" not in r) == n_candidates
-    assert len(index) == summary.indexed and len(index.store.skipped) == len(summary.skipped)
+    assert len(index) == summary.indexed and len(index.skipped) == len(summary.skipped)
 
 
 def _exif_rotated() -> bytes:

@@ -13,10 +13,10 @@ import pytest
 from cbir import Index
 from cbir.cli import main
 from cbir.errors import CbirError
-from cbir.search.plan import EXACT_UP_TO, SearchPlan
+from cbir.search.plan import EXACT_UP_TO, HeldOut, SearchPlan, nlist_for
 from cbir.search.searcher import VectorSearch, exact_numpy
-from cbir.search.tuning import default_nlist, held_out, pq_subquantizers, recall_at_10
-from tests.helpers import vector_search
+from cbir.search.tuning import pq_subquantizers
+from tests.helpers import segment_files, vector_search
 
 
 def clustered(n: int, d: int, clusters: int = 100, spread: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -43,13 +43,13 @@ def test_exact_numpy_matches_faiss_flat(monkeypatch: pytest.MonkeyPatch) -> None
     assert sorted(i[0].tolist()) == [0, 1, 2, 3] and np.all(np.diff(s[0]) <= 0)
 
 
-def test_single_and_batched_queries_agree_and_return_ids() -> None:
+def test_single_and_batched_queries_agree_and_return_rows() -> None:
     x = clustered(2000, 32)
     ids = np.arange(2000, dtype=np.int64) * 7 + 3
     vs = vector_search(x, ids)
     _, one = vs.search(x[5], 10)  # numpy path
     _, many = vs.search(np.repeat(x[5:6], 40, axis=0), 10)  # above NUMPY_MAX_BATCH: faiss
-    assert one[0, 0] == ids[5] and np.array_equal(one[0], many[0]) and np.array_equal(many[0], many[-1])
+    assert one[0, 0] == 5 and np.array_equal(one[0], many[0]) and np.array_equal(many[0], many[-1])
     scores, got = vs.search(x[:1], 2005)  # k beyond N: padded
     assert (got[0, 2000:] == -1).all() and np.isinf(scores[0, 2000:]).all()
 
@@ -63,7 +63,7 @@ def test_auto_is_exact_for_small_collections_and_ivf_above_the_limit(monkeypatch
     big = vector_search(x, ids, index_type="auto")
     assert big.plan.type == "ivf" and big.plan.requested == "auto"
     assert big.plan.recall_at_10 >= 0.99 and big.plan.queries == 500
-    assert big.plan.params["nlist"] == default_nlist(4000)
+    assert big.plan.params["nlist"] == nlist_for(4000, 4)
     assert EXACT_UP_TO == 50_000
 
 
@@ -77,8 +77,7 @@ def test_approximate_kinds_reach_the_target_and_the_recorded_recall_is_true(kind
     rng = np.random.default_rng(7)
     rows = rng.choice(6000, 300, replace=False)
     _, exact = exact_numpy(x, x[rows], 11)
-    _, approx = vs.search(x[rows], 11)
-    approx = approx - 100  # ids were positions + 100
+    _, approx = vs.search(x[rows], 11)  # row positions (the segment maps them to its ids)
     hits = [len(set(e[1:]) & set(a[1:])) / 10 for e, a in zip(exact.tolist(), approx.tolist(), strict=True)]
     assert np.mean(hits) >= 0.97
 
@@ -97,11 +96,11 @@ def test_unreachable_target_falls_back_to_exact_with_a_note() -> None:
 
 def test_recall_helper_on_a_hand_made_case() -> None:
     x = clustered(1500, 16)
-    rows, truth = held_out(x, seed=0)
+    held = HeldOut.sample(x, seed=0)
     flat = faiss.IndexFlatIP(16)
     flat.add(x)
-    assert recall_at_10(flat, x, rows, truth) == 1.0
-    assert (truth != rows[:, None]).all()  # the query itself never counts as its own neighbour
+    assert held.recall(flat.search(held.queries, 11)[1]) == 1.0
+    assert (held.truth != held.rows[:, None]).all()  # the query itself never counts as its own neighbour
     assert pq_subquantizers(1280) == 80 and pq_subquantizers(2048) == 128 and 1280 % pq_subquantizers(1280) == 0
 
 
@@ -110,7 +109,7 @@ def test_plan_survives_save_and_load(tmp_path: Path) -> None:
     vs = vector_search(x, np.arange(5000), index_type="ivf")
     vs.save(tmp_path / "f.index")
     again = VectorSearch.load(tmp_path / "f.index", SearchPlan.from_dict(vs.plan.to_dict()))
-    assert faiss.extract_index_ivf(again._search_index).nprobe == vs.plan.params["nprobe"]
+    assert faiss.extract_index_ivf(again._inner).nprobe == vs.plan.params["nprobe"]
     assert np.array_equal(again.search(x[:30], 10)[1], vs.search(x[:30], 10)[1])
 
 
@@ -120,20 +119,20 @@ def test_index_records_plan_and_float16_storage(tmp_path: Path, samples: Path,
     assert main(["index", str(samples), "--out", str(a), "-q", "--device", "cpu", "--precision", "fp32"]) == 0
     assert main(["index", str(samples), "--out", str(b), "-q", "--device", "cpu", "--precision", "fp32",
                  "--float16", "--index-type", "hnsw"]) == 0
-    with h5py.File(b / "vectors.h5") as f:
+    with h5py.File(segment_files(b)[0]) as f:
         assert f["vectors"].dtype == np.float16 and f.attrs["vector_dtype"] == "float16"
         plan = json.loads(f.attrs["search"])
     assert plan["type"] == "flat" and plan["requested"] == "hnsw" and "at least 1000" in plan["note"]
     ia, ib = Index.open(a, device="cpu"), Index.open(b, device="cpu")
-    assert ib.store.vectors.dtype == np.float32
-    np.testing.assert_allclose(ia.store.vectors, ib.store.vectors, atol=2e-3)
+    assert ib.rows().vectors.dtype == np.float32
+    np.testing.assert_allclose(ia.rows().vectors, ib.rows().vectors, atol=2e-3)
     for i in range(0, len(ia), 5):
         assert [r.id for r in ia.search_id(i, k=3)] == [r.id for r in ib.search_id(i, k=3)]
     capsys.readouterr()
     assert main(["info", str(b)]) == 0
     shown = capsys.readouterr().out
-    assert "float16 vectors" in shown and "search    flat" in shown and "precision fp32" in shown
+    assert "float16 vectors" in shown and "rows  flat" in shown and "precision fp32" in shown
     # --update keeps the storage type and the requested index type
     assert main(["index", str(samples), "--out", str(b), "--update", "-q", "--device", "cpu"]) == 0
-    with h5py.File(b / "vectors.h5") as f:
+    with h5py.File(segment_files(b)[0]) as f:
         assert f["vectors"].dtype == np.float16 and json.loads(f.attrs["search"])["requested"] == "hnsw"

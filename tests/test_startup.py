@@ -163,8 +163,8 @@ def test_a_new_index_starts_decoding_before_torch_is_imported(tmp_path: Path, sa
     build(samples, tmp_path / "plain", BuildOptions(device="cpu", workers=0, progress=False),
           encoder=create("efficientnet_lite0", device="cpu", precision="fp32"))  # given: no early decoding
     plain, early = Index.open(tmp_path / "plain"), Index.open(tmp_path / "early")
-    assert list(early.store.paths) == list(plain.store.paths)
-    np.testing.assert_allclose(early.store.vectors, plain.store.vectors, atol=1e-5)
+    assert list(early.rows().paths) == list(plain.rows().paths)
+    np.testing.assert_allclose(early.rows().vectors, plain.rows().vectors, atol=1e-5)
 
 
 def test_the_decoder_gives_exactly_the_files_asked_for_in_order(tmp_path: Path, samples: Path) -> None:

@@ -17,7 +17,8 @@ import torch
 from cbir import CbirError, Index
 from cbir.encoders import create, from_config
 from cbir.training.data import load_collection, stratified_split
-from cbir.training.trainer import TrainConfig, Trainer, contrastive_loss
+from cbir.training.siamese import contrastive_loss
+from cbir.training.trainer import TrainConfig, Trainer
 from tests.badfiles import photo
 
 
@@ -129,10 +130,16 @@ def test_index_records_the_trained_model(labelled: Path, tmp_path: Path) -> None
 
 def test_resume_continues_where_it_stopped(labelled: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.pt"
-    Trainer(small("autoencoder", labelled, out, epochs=2, patience=10)).run()
-    res = Trainer(small("autoencoder", labelled, out, epochs=4, patience=10, resume=True)).run()
+    first = Trainer(small("autoencoder", labelled, out, epochs=2, patience=10)).run()
+    again = Trainer(small("autoencoder", labelled, out, epochs=4, patience=10, resume=True))
+    measured = []
+    validate = again.validate
+    again.validate = lambda net: measured.append(validate(net)) or measured[-1]  # counts, the real one runs
+    res = again.run()
     hist = torch.load(out.with_suffix(".last.pt"), weights_only=True)["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and res["epochs_run"] == 4
+    # the baseline is the first run's, restored: validation ran once per new epoch, not once more before them
+    assert res["baseline_val"] == first["baseline_val"] and measured == [h["val"] for h in hist[2:]]
     with pytest.raises(CbirError, match="no interrupted run"):
         Trainer(small("autoencoder", labelled, tmp_path / "other.pt", resume=True)).run()
 
@@ -162,6 +169,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(labelled: Path, tmp_path: Path) -> No
     ("argv", "message"),
     [
         (["train", "siamese", "{data}", "--out", "{tmp}/m.pt", "--epochs", "0"], "--epochs must be at least 1"),
+        (["train", "gan", "{data}", "--out", "{tmp}/m.pt"], "unknown model kind 'gan'; use autoencoder or siamese"),
         (["train", "siamese", "{data}", "--out", "{tmp}/m.pt", "--labels", "nope.csv"], "--labels must be"),
         (["train", "siamese", "{data}/class0", "--out", "{tmp}/m.pt", "--labels", "folders"], "class sub-folder"),
         (["train", "siamese", "{tmp}/missing", "--out", "{tmp}/m.pt"], "folder not found"),
@@ -180,6 +188,25 @@ def test_bad_arguments_are_clear_errors(argv: list[str], message: str, labelled:
     assert main([a.format(data=labelled, tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_kind_is_one_registered_recipe() -> None:
+    """`cbir train KIND` finds every recipe module by itself; a second recipe under a taken name is refused."""
+    from cbir.training import _recipes
+
+    assert _recipes.kinds() == ["autoencoder", "siamese"]
+    with pytest.raises(CbirError, match="already registered by cbir.training.siamese"):
+        @_recipes.register("siamese")
+        class Other(_recipes.Recipe):
+            pass
+    try:
+        @_recipes.register("tiny")
+        class Tiny(_recipes.Recipe):
+            pass
+
+        assert isinstance(_recipes.get_recipe("tiny"), Tiny) and _recipes.get_recipe("tiny").kind == "tiny"
+    finally:
+        _recipes._RECIPES.pop("tiny", None)
 
 
 def test_wrong_kind_of_model_file_is_refused(labelled: Path, tmp_path: Path) -> None:

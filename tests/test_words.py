@@ -44,7 +44,7 @@ def test_an_expanded_index_fits_its_words_on_the_scores_search_shows(tmp_path: P
     expanded = Index.build(samples, out=tmp_path / "exp", device="cpu", qe=2, dba=2)
     edits = ("JPEG quality 20", "brightness and contrast", "text banner")
     scores: dict[str, list[float]] = {"plain": [], "exp": []}
-    for path in list(expanded.store.paths)[::4]:
+    for path in list(expanded.rows().paths)[::4]:
         im = load_image(samples / path)
         for name, index in (("plain", plain), ("exp", expanded)):
             vectors = index.encoder.embed([EDITS[e](im) for e in edits])

@@ -14,35 +14,19 @@ def _query_error(exc: query.QueryError):
     return jsonify(error=exc.message, status=exc.status), exc.status
 
 
-def _uploaded_image(optional: bool = False) -> bytes | None:
-    """The image from a multipart field `image`, or from a raw body typed image/*; None when `optional` and none
-    was sent (a text query)."""
-    if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
-        if upload is None and not optional:
-            raise query.QueryError(400, "no file in the multipart field 'image'")
-        return upload.read() if upload is not None else None
-    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
-        return request.get_data(cache=False)
-    if optional and not request.content_length:
-        return None
-    raise query.QueryError(
-        415 if request.content_length else 400,
-        "send the image as a multipart field 'image', or as the raw body with Content-Type image/jpeg, "
-        "image/png, image/webp ...",
-    )
-
-
 @api.route("/search", methods=["GET", "POST"])
 def search():
     """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares;
-    `text=...` searches by text (an index of a CLIP model), alone or with the picture."""
+    `text=...` searches by text (an index of a CLIP model), alone or with the picture; `folder`, `after`,
+    `before`, `camera`, `tag` (repeatable) search within the images they allow."""
     k = query.parse_k(request.args.get("k"))
     index = request.args.get("index") or None
     box = query.parse_region(request.args.get("box"))
     text = request.args.get("text")
+    where = query.parse_where(request.values)
     if request.method == "POST":
-        return jsonify(query.search(index, k, image=_uploaded_image(optional=text is not None), box=box, text=text))
+        image = query.uploaded_image(optional=text is not None)
+        return jsonify(query.search(index, k, image=image, box=box, text=text, where=where))
     raw_id = request.args.get("id")
     if raw_id is None and text is None:
         raise query.QueryError(400, "GET /api/search needs ?id=N (an indexed image) or ?text=...; POST an image "
@@ -50,9 +34,10 @@ def search():
     if index and "," in index:
         if box is not None or text is not None or raw_id is None:
             raise query.QueryError(400, "comparing indexes takes ?id=N alone (no box, no text)")
-        return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id), k))
+        return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id), k,
+                                     where=where))
     id_ = query.parse_id(raw_id) if raw_id is not None else None
-    return jsonify(query.search(index, k, id_=id_, box=box, text=text))
+    return jsonify(query.search(index, k, id_=id_, box=box, text=text, where=where))
 
 
 @api.get("/indexes")

@@ -16,6 +16,8 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_WAIT_MS": 4.0,  # the longest a query waits for others still decoding to join its batch
     "MAX_K": 100,
     "TOKEN": None,  # set: every page, API call, image and thumbnail needs it (see auth.py)
+    "MOVE_TO": None,  # the duplicate review page moves files here (cbir serve --move-to); None: it moves nothing
+    "WRITABLE": False,  # POST /api/images and DELETE /api/images/<id> (see writes.py)
 }
 
 
@@ -40,8 +42,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from webui import auth
     from webui.api import api
     from webui.pages import pages
+    from webui.review import duplicates
+    from webui.writes import writes
 
     auth.install(app)
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(duplicates)
+    app.register_blueprint(writes)
     return app

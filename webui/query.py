@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import current_app, url_for
+from flask import current_app, request, url_for
 
-from cbir.errors import BoxError, CbirError, QueryImageError
+from cbir.errors import CbirError, QueryImageError
 from cbir.images import Box, parse_box
 from cbir.index import Index, joint
+from cbir.search.filters import FilterError, Where
 from webui.files import safe_file
 from webui.state import Busy, IndexSet
 
@@ -54,6 +55,37 @@ def parse_region(raw: str | None) -> Box | None:
         raise QueryError(400, str(exc)) from None
 
 
+FILTERS = ("folder", "after", "before", "camera", "tag")  # query parameters; several combine with AND
+
+
+def parse_where(values) -> Where:
+    """The filters of a request (`folder`, `after`, `before`, `camera`, `tag`, repeatable), checked."""
+    try:
+        return Where.parse(folder=values.get("folder"), after=values.get("after"), before=values.get("before"),
+                           camera=values.get("camera"), tags=values.getlist("tag"))
+    except FilterError as exc:
+        raise QueryError(400, str(exc)) from None
+
+
+def uploaded_image(optional: bool = False) -> bytes | None:
+    """The image from a multipart field `image`, or from a raw body typed image/*; None when `optional` and none
+    was sent (a text query)."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None and not optional:
+            raise QueryError(400, "no file in the multipart field 'image'")
+        return upload.read() if upload is not None else None
+    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
+        return request.get_data(cache=False)
+    if optional and not request.content_length:
+        return None
+    raise QueryError(
+        415 if request.content_length else 400,
+        "send the image as a multipart field 'image', or as the raw body with Content-Type image/jpeg, "
+        "image/png, image/webp ...",
+    )
+
+
 def indexes() -> IndexSet:
     return current_app.extensions["cbir"]
 
@@ -67,30 +99,35 @@ def get_index(name: str | None) -> tuple[str, Index]:
 
 
 def search(index_name: str | None, k: int, image: bytes | None = None, id_: int | None = None,
-           box: Box | None = None, *, text: str | None = None) -> dict[str, Any]:
-    """A search by upload, by indexed image (`id_`), by `text`, or by a picture and a text together."""
+           box: Box | None = None, *, text: str | None = None, where: Where | None = None) -> dict[str, Any]:
+    """A search by upload, by indexed image (`id_`), by `text`, or by a picture and a text together; `where` keeps
+    to the images it allows."""
     name, index = get_index(index_name)
     started = time.perf_counter()
-    if id_ is not None:
-        results = _by_id(index, name, id_, k, box, text)
-    else:
-        if not image and text is None:
-            raise QueryError(400, "the upload is empty: choose an image file" +
-                             (" or type what the pictures should show" if index.has_text else ""))
-        if not image and box is not None:
-            raise QueryError(400, "box is a region of a picture: send the picture too")
-        results = index.search_vector(_query_vector(index, image or None, box, text), k=k)
+    try:
+        if id_ is not None:
+            results = _by_id(index, name, id_, k, box, text=text, where=where)
+        else:
+            if not image and text is None:
+                raise QueryError(400, "the upload is empty: choose an image file" +
+                                 (" or type what the pictures should show" if index.has_text else ""))
+            if not image and box is not None:
+                raise QueryError(400, "box is a region of a picture: send the picture too")
+            results = index.search_vector(_query_vector(index, image or None, box, text), k=k, where=where)
+    except FilterError as exc:  # a folder, camera or tag this index does not have
+        raise QueryError(400, str(exc)) from None
     return describe(name, index, results, k, id_, box=box, text=text, words=text is None,
-                    took_ms=(time.perf_counter() - started) * 1000)
+                    took_ms=(time.perf_counter() - started) * 1000, where=where)
 
 
-def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None, text: str | None) -> list:
+def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None, *, text: str | None,
+           where: Where | None) -> list:
     try:
         index.path_of(id_)
     except CbirError:
         raise QueryError(404, f"no image with id {id_} in index {name}") from None
     if box is None and text is None:
-        return index.search_id(id_, k=k)
+        return index.search_id(id_, k=k, where=where)
     if box is None:
         vector = joint(index.vector_of(id_), _embed_text(index, text or ""))
     else:
@@ -98,7 +135,7 @@ def _by_id(index: Index, name: str, id_: int, k: int, box: Box | None, text: str
         if path is None:
             raise QueryError(404, f"the file of image {id_} is missing, so a region of it cannot be searched")
         vector = _query_vector(index, path, box, text)
-    return index.search_vector(vector, k=k, exclude_ids=(id_,))
+    return index.search_vector(vector, k=k, exclude_ids=(id_,), where=where)
 
 
 def _query_vector(index: Index, source: bytes | Path | None, box: Box | None, text: str | None) -> np.ndarray:
@@ -118,9 +155,7 @@ def _embed(index: Index, source, box: Box | None) -> np.ndarray:
         raise QueryError(503, "the server is busy with other searches; try again in a moment") from None
     except QueryImageError as exc:
         raise QueryError(400, f"not a usable image: {exc.reason}") from None
-    except BoxError as exc:
-        raise QueryError(400, str(exc)) from None
-    except CbirError as exc:
+    except CbirError as exc:  # a box outside the picture (BoxError) among them
         raise QueryError(400, str(exc)) from None
 
 
@@ -134,9 +169,11 @@ def _embed_text(index: Index, text: str) -> np.ndarray:
 
 
 def describe(name: str, index: Index, results: list, k: int, id_: int | None, *, box: Box | None = None,
-             text: str | None = None, words: bool = True, took_ms: float = 0.0) -> dict[str, Any]:
+             text: str | None = None, words: bool = True, took_ms: float = 0.0,
+             where: Where | None = None) -> dict[str, Any]:
     """The JSON of a search. `words`: say near-duplicate / similar ... (fitted on picture-to-picture cosines, so
     not for a text query, whose cosines to pictures are of another scale: null there)."""
+    matched = len(index.matching(where)) if where else len(index)
     return {
         "index": name,
         "encoder": index.encoder_config["name"],
@@ -145,6 +182,9 @@ def describe(name: str, index: Index, results: list, k: int, id_: int | None, *,
         "query_id": id_,
         "box": list(box) if box is not None else None,
         "text": text,
+        "filters": where.to_query() if where else {},
+        "matched": matched,
+        **({"message": f"no image in {name} matches {where.describe()}"} if where and not matched else {}),
         "results": [
             {
                 **r.to_dict(),
@@ -158,7 +198,7 @@ def describe(name: str, index: Index, results: list, k: int, id_: int | None, *,
     }
 
 
-def compare(names: list[str], id_: int, k: int) -> dict[str, Any]:
+def compare(names: list[str], id_: int, k: int, *, where: Where | None = None) -> dict[str, Any]:
     """The same indexed image as the query of several indexes (over the same images), side by side.
 
     The query is image `id_` of the first index; in the others it is the image with the same path (its stored
@@ -172,19 +212,27 @@ def compare(names: list[str], id_: int, k: int) -> dict[str, Any]:
     columns = []
     for name in names:
         name, index = get_index(name)
-        other = index.id_of(path)
         started = time.perf_counter()
-        if other is not None:
-            results = index.search_id(other, k=k)
-        else:
-            file = safe_file(first, id_)
-            if file is None:
-                raise QueryError(404, f"the file of image {id_} is missing")
-            results = index.search_vector(_embed(index, file, None), k=k)
-        columns.append(describe(name, index, results, k, other, took_ms=(time.perf_counter() - started) * 1000))
+        other, results = _compared(index, first, id_, path, k, where)
+        columns.append(describe(name, index, results, k, other, took_ms=(time.perf_counter() - started) * 1000,
+                                where=where))
     shared = set.intersection(*[{r["path"] for r in c["results"]} for c in columns]) if columns else set()
     for c in columns:
         for r in c["results"]:
             r["in_every_column"] = r["path"] in shared
     return {"query": {"index": first_name, "id": id_, "path": path}, "k": k, "columns": columns,
             "overlap": len(shared)}
+
+
+def _compared(index: Index, first: Index, id_: int, path: str, k: int, where: Where | None) -> tuple[int | None, list]:
+    """One column of a comparison: the image with the same path here (its stored vector), else the file embedded."""
+    other = index.id_of(path)
+    try:
+        if other is not None:
+            return other, index.search_id(other, k=k, where=where)
+        file = safe_file(first, id_)
+        if file is None:
+            raise QueryError(404, f"the file of image {id_} is missing")
+        return None, index.search_vector(_embed(index, file, None), k=k, where=where)
+    except FilterError as exc:
+        raise QueryError(400, str(exc)) from None

@@ -1,14 +1,13 @@
-"""The served indexes: loaded once, shared by all requests, swapped whole when rebuilt on disk.
+"""The served indexes: loaded once, shared by all requests, moved to each new generation a writer commits.
 
-A request takes a reference to the current `Index` object and uses only it, so a rebuild that lands
-mid-request never mixes two indexes. `cbir index --rebuild` moves a complete folder into place, so a
-reload either sees the whole new index or keeps the old one.
+A request works on one generation of an index (`Index.generation`, taken once), so a write that lands mid-request
+never mixes two. A writer (`cbir index --update`, `cbir watch`, another server's uploads) commits a new manifest;
+within a second this server opens only that generation's new segments and answers from it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from cbir.encoders import Encoder
 from cbir.errors import CbirError
 from cbir.images import Box
 from cbir.index import Index, check_text
-from cbir.layout import VECTORS, resolve_index_dir
+from cbir.layout import resolve_index_dir
 from webui.batching import Batcher, Busy
 
 __all__ = ["Busy", "IndexSet", "Served"]
@@ -28,24 +27,19 @@ __all__ = ["Busy", "IndexSet", "Served"]
 log = logging.getLogger("cbir.webui")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Served:
     name: str
     directory: Path
     index: Index
-    signature: tuple[int, int, int]
-
-
-def _signature(directory: Path) -> tuple[int, int, int]:
-    st = os.stat(directory / VECTORS)
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class IndexSet:
     """Named indexes with change detection (checked at most every `check_every` seconds)."""
 
-    def __init__(self, paths: list[str], device: str = "cpu", check_every: float = 1.0,
-                 busy_timeout: float = 15.0, batcher: Batcher | None = None) -> None:
+    def __init__(self, paths: list[str], *, device: str, check_every: float, busy_timeout: float,
+                 batcher: Batcher | None = None) -> None:
+        """The settings come from the app's config (webui.app.DEFAULTS: device auto), their one default."""
         if not paths:
             raise CbirError("no index to serve: give at least one index folder")
         self.device = device
@@ -64,15 +58,19 @@ class IndexSet:
             self._served[name] = self._load(name, directory)
 
     def _load(self, name: str, directory: Path) -> Served:
-        sig = _signature(directory)
         index = Index.open(directory, device=self.device)
-        key = index.store.attrs["encoder_config"]
+        self._share_encoder(index)
+        log.info("loaded index %s: %d images in %d segments, encoder %s", name, len(index),
+                 len(index.manifest.segments), index.encoder_config["name"])
+        return Served(name=name, directory=directory, index=index)
+
+    def _share_encoder(self, index: Index) -> None:
+        """Indexes with the same encoder share one (built once)."""
+        key = index.encoder_key
         if key in self._encoders:
-            index.use_encoder(self._encoders[key])  # built once; indexes with the same encoder share it
+            index.use_encoder(self._encoders[key])
         else:
             self._encoders[key] = index.encoder
-        log.info("loaded index %s: %d images, encoder %s", name, len(index), index.encoder_config["name"])
-        return Served(name, directory, index, sig)
 
     @property
     def names(self) -> list[str]:
@@ -94,17 +92,21 @@ class IndexSet:
         return list(self._served.values())
 
     def reload(self, force: bool = False) -> list[str]:
-        """Reopen every index whose vectors file changed; returns the names reloaded."""
+        """Move every index to the generation committed since (only new segments are opened; `force` opens
+        everything again); returns the names that changed."""
         reloaded = []
         with self._lock:
             for name, served in list(self._served.items()):
                 try:
-                    sig = _signature(served.directory)
-                    if force or sig != served.signature:
+                    if force:
                         self._served[name] = self._load(name, served.directory)
-                        reloaded.append(name)
+                    elif served.index.refresh():
+                        self._share_encoder(served.index)
+                    else:
+                        continue
+                    reloaded.append(name)
                 except (OSError, CbirError) as exc:
-                    # mid-swap or broken: keep answering from the index we have
+                    # mid-write or broken: keep answering from the generation we have
                     log.warning("index %s not reloaded (%s); still serving the previous one", name, exc)
             self._last_check = time.monotonic()
         return reloaded

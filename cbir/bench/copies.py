@@ -30,7 +30,7 @@ from cbir.index import Index
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CopiesConfig:
     dataset: str
     out: str
@@ -68,9 +68,9 @@ def run_copies(cfg: CopiesConfig) -> dict[str, Any]:
 def _sample(index: Index, n: int, seed: int) -> list[int]:
     if len(index) < 2:
         raise CbirError("the copies benchmark needs at least two images")
-    order = np.argsort(index.store.paths)  # the same pictures whatever the encoder
+    order = np.argsort(index.rows().paths)  # the same pictures whatever the encoder
     picks = np.random.default_rng(seed).choice(len(order), size=min(n, len(order)), replace=False)
-    return [int(index.store.ids[order[p]]) for p in sorted(picks)]
+    return [int(index.rows().ids[order[p]]) for p in sorted(picks)]
 
 
 def _measure(index: Index, cfg: CopiesConfig, misses_dir: Path) -> dict[str, Any]:
@@ -109,9 +109,8 @@ def _same_picture(index: Index, cache: FeatureCache, src: int, found: int) -> bo
     a copy of the source (a data set can hold one photo several times; any of them is a right answer)."""
     if found == src:
         return True
-    hashes = index.store.sha256 or []
-    a, b = index.row_of(src), index.row_of(found)
-    if hashes and hashes[a] and hashes[a] == hashes[b]:
+    a, b = index.generation.column("sha256", [src, found])
+    if a and a == b:
         return True
     return cache.compare(index.file_of(src), index.file_of(found)).verified
 

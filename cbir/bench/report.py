@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from cbir.images import ImageError, load_image
+from cbir.errors import ImageError
+from cbir.images import load_image
 
 SAMPLE_QUERIES = 4
 

@@ -22,7 +22,6 @@ import numpy as np
 from cbir import metrics
 from cbir.encoders import get_entry, split_weights
 from cbir.errors import CbirError, WeightsUnavailable
-from cbir.search import store
 from cbir.training.data import load_collection, stratified_split, write_split
 
 BASELINES = ("colour_histogram", "random_cnn")
@@ -31,7 +30,7 @@ DEFAULT_ENCODERS = "efficientnet_lite0,resnet50,vgg16,siamese,autoencoder"
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchConfig:
     dataset: str
     out: str
@@ -89,7 +88,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                      "gallery": "every image of the collection"},
         "machine": machine(), "encoders": {}, "skipped": {},
     }
-    ctx = _Context(cfg, coll, split, ks, out)
+    ctx = _Context(cfg=cfg, coll=coll, split=split, ks=ks, out=out)
     jobs: list[tuple[str, str | None, str | None]] = [(name, weights, None) for name, weights in encoders]
     jobs += [(f"preset {p}", None, p) for p in _presets(cfg.presets)]
     for n, (name, weights, preset) in enumerate(jobs, 1):
@@ -112,7 +111,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return report
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Context:
     cfg: BenchConfig
     coll: Any
@@ -148,24 +147,24 @@ def _bench_one(ctx: _Context, name: str, weights: str | None, tag: str) -> tuple
 
 
 def _presets(text: str) -> list[str]:
-    from indexer.options import PRESETS
+    """The preset names of --presets, each checked before anything runs."""
+    from indexer.options import preset_settings
 
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PRESETS]
-    if unknown:
-        raise CbirError(f"unknown preset {unknown[0]!r}; choose among {', '.join(PRESETS)}")
+    for name in names:
+        preset_settings(name)
     return names
 
 
 def _bench_preset(ctx: _Context, preset: str, tag: str) -> tuple[str, dict[str, Any]]:
     """A measured configuration of `cbir index --preset` (encoder, expansion), evaluated through its expansion."""
     from indexer import BuildOptions
-    from indexer.options import PRESETS
+    from indexer.options import preset_settings
 
     options = BuildOptions(preset=preset, precision="fp32", device=ctx.cfg.device, mode="rebuild",
                            progress=ctx.cfg.progress)
     entry = _index_and_evaluate(ctx, f"preset-{preset}", options, tag)
-    entry["preset"] = {k: v for k, v in PRESETS[preset].items()}
+    entry["preset"] = dict(preset_settings(preset))
     return f"preset {preset}", entry
 
 
@@ -194,11 +193,9 @@ def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tu
     from cbir.training.trainer import TrainConfig, Trainer
 
     model = out / "models" / f"{kind}.pt"
-    tc = TrainConfig(kind=kind, data=cfg.dataset, out=str(model), labels=cfg.labels, seed=cfg.seed,
-                     device=cfg.device, split=cfg.split, epochs=cfg.train_epochs, progress=cfg.progress)
-    tc.extra["assignments"] = split
-    if kind == "autoencoder":
-        tc.labels = "none"  # trained without labels, by definition
+    labels = "none" if kind == "autoencoder" else cfg.labels  # an autoencoder trains without labels, by definition
+    tc = TrainConfig(kind=kind, data=cfg.dataset, out=str(model), labels=labels, seed=cfg.seed, device=cfg.device,
+                     split=cfg.split, epochs=cfg.train_epochs, progress=cfg.progress, assignments=split)
     t = time.perf_counter()
     Trainer(tc).run()
     return model, time.perf_counter() - t
@@ -206,7 +203,7 @@ def _train(kind: str, cfg: BenchConfig, coll, split: list[str], out: Path) -> tu
 
 def _evaluate(index, label_of: dict[str, str], split_of: dict[str, str], queries: str, ks: list[int],
               topk_path: Path) -> dict[str, Any]:
-    s: store.Store = index.store
+    s = index.rows()
     paths = s.paths
     g_labels = np.array([label_of.get(p, "") for p in paths])
     q_pos = np.array([i for i, p in enumerate(paths) if queries == "all" or split_of.get(p) == "test"])

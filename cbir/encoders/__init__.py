@@ -22,6 +22,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from cbir.encoders._registry import (
+    PRECISIONS,
     EncoderEntry,
     Family,
     get_entry,
@@ -32,20 +33,20 @@ from cbir.encoders._registry import (
     split_weights,
 )
 from cbir.errors import WeightsUnavailable
-from cbir.preprocess import Preprocess
 
 if TYPE_CHECKING:
-    from cbir.encoders._factory import PRECISIONS, create, from_config
+    from cbir.encoders._factory import create, from_config
     from cbir.encoders._weights import Weights
     from cbir.encoders.base import POOLINGS, Encoder
+    from cbir.preprocess import Preprocess
 
 __all__ = ["Encoder", "EncoderEntry", "Family", "Preprocess", "WeightsUnavailable", "POOLINGS", "PRECISIONS",
            "register", "register_family", "create", "from_config", "list_encoders", "list_families", "get_entry",
            "split_weights", "Weights"]
 
 _LAZY = {"Encoder": "cbir.encoders.base", "POOLINGS": "cbir.encoders.base", "create": "cbir.encoders._factory",
-         "from_config": "cbir.encoders._factory", "PRECISIONS": "cbir.encoders._factory",
-         "Weights": "cbir.encoders._weights"}
+         "from_config": "cbir.encoders._factory", "Weights": "cbir.encoders._weights",
+         "Preprocess": "cbir.preprocess"}  # numpy and PIL: not needed to read a name (the command's parser)
 
 
 def __getattr__(name: str) -> Any:

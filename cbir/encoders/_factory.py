@@ -7,10 +7,9 @@ from typing import Any
 
 from cbir.encoders import _builder, _prepared
 from cbir.encoders._device import resolve_device
+from cbir.encoders._registry import PRECISIONS
 from cbir.encoders.base import Encoder, Preprocess
 from cbir.errors import CbirError
-
-PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
 def create(name: str, weights: str | None = None, pooling: str | None = None, device: str = "auto",
@@ -24,8 +23,10 @@ def create(name: str, weights: str | None = None, pooling: str | None = None, de
     """
     if precision not in PRECISIONS:
         raise CbirError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    enc = _prepared_encoder(name, weights, pooling, device, options) if fold_batchnorm else \
-        _builder.build(name, weights, pooling, device, options, part_factory=create)
+    if fold_batchnorm:
+        enc = _prepared_encoder(name, weights, pooling, device, options)
+    else:  # the network exactly as built
+        enc = _builder.build(name, weights, pooling, device, options, part_factory=create)
     enc.precision = "fp32" if enc.fixed_precision else precision
     return enc
 

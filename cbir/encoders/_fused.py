@@ -32,7 +32,7 @@ POOLING = "concat"
 VIEW = 2  # how parts see the common crop (see above); an index records its view
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Part:
     name: str
     weights: str | None = None
@@ -49,7 +49,7 @@ class Part:
             raise CbirError(f"fused encoder part {text!r}: the weight after * must be a number") from None
         if not name or w <= 0 or not math.isfinite(w):
             raise CbirError(f"fused encoder part {text!r}: give name[:weights][*weight] with a weight above 0")
-        return cls(name, weights, w)
+        return cls(name=name, weights=weights, weight=w)
 
     @property
     def spec(self) -> str:

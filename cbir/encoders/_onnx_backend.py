@@ -3,7 +3,7 @@
 The network is exported to ONNX (cached by encoder name, pooling, input size and weights sha256), then
 quantized statically (QDQ, per-channel int8 weights, uint8 activations) with activation ranges calibrated on
 images of the collection being indexed (cached by the calibration images' hash). Whether the result is
-faithful enough to use is not decided here but measured by `cbir.precision`, because it depends on the
+faithful enough to use is not decided here but measured by `_numeric.py`, because it depends on the
 network: depthwise-convolution networks such as EfficientNet-Lite0 lose much more than ResNets.
 """
 

@@ -15,7 +15,6 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
 PACKAGE = __name__.rpartition(".")[0]  # cbir.encoders
 PACKAGE_DIR = Path(__file__).parent
+PRECISIONS = ("fp32", "bf16", "int8", "auto")  # the encoder's arithmetic (see _numeric.py); here, torch-free
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +74,9 @@ def register(name: str, *, description: str, dims: dict[str, int | None], defaul
 
     def decorate(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
         known = _REGISTRY.get(name)
-        same_definition = known is not None and "<locals>" not in factory.__qualname__ and \
-            (known.factory.__module__, known.factory.__qualname__) == (factory.__module__, factory.__qualname__)
+        origin = (factory.__module__, factory.__qualname__)
+        same_definition = (known is not None and "<locals>" not in factory.__qualname__
+                           and (known.factory.__module__, known.factory.__qualname__) == origin)
         if known is not None and not same_definition:  # a module reloaded registers its own name again: fine
             raise CbirError(f"encoder name {name!r} is already registered by {known.factory.__module__}")
         _REGISTRY[name] = EncoderEntry(name=name, factory=factory, description=description, dims=dims,
@@ -102,6 +103,8 @@ def register_family(prefix: str, *, description: str, poolings: tuple[str, ...],
 
 def _load_plugins() -> None:
     """Every public module of the package (one per encoder family), then entry points of group cbir.encoders."""
+    from importlib.metadata import entry_points  # 50-100 ms of imports: not for the command's parser
+
     global _plugins_loaded
     if _plugins_loaded:
         return

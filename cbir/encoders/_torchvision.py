@@ -62,7 +62,7 @@ def build(name: str, constructor: Any, enum_cls: Any, weights: Weights) -> tuple
         member = enum_cls[variant]
         path = _fetch(name, member)
         load_state(model, state_dict_from_file(path), str(path))
-        return model, Weights("file", path).identity(source="imagenet", enum=str(member))
+        return model, Weights(source="file", path=path).identity(source="imagenet", enum=str(member))
     assert weights.path is not None
     load_state(model, state_dict_from_file(weights.path), str(weights.path))
     return model, weights.identity()

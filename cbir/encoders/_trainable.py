@@ -33,8 +33,8 @@ class SiameseNet(nn.Module):
     def __init__(self, trunk: nn.Module, tail: nn.Module, feat_dim: int, emb_dim: int) -> None:
         super().__init__()
         self.trunk, self.tail = trunk, tail
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if not isinstance(tail, nn.Identity) \
-            else nn.Flatten()
+        feature_map = not isinstance(tail, nn.Identity)  # a tail ends in a map to pool; without one, a flat vector
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if feature_map else nn.Flatten()
         self.head = nn.Sequential(nn.Linear(feat_dim, 512), nn.ReLU(inplace=True), nn.Linear(512, emb_dim))
 
     def from_trunk(self, feats: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ RANDOM_SEED = 0
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Weights:
     """source: 'imagenet' (the publisher's weights; `variant` names one of several), 'none', 'file', or 'hub' (a
     family's pretrained weights from the Hugging Face cache; `variant` is a pretrained tag, None for the default)."""
@@ -41,14 +41,14 @@ class Weights:
             return text
         value = (text or "none").strip()
         if value in ("imagenet", "none") or hub and value == "hub":
-            return cls(value)
+            return cls(source=value)
         path = Path(value).expanduser()
         if path.is_file():
-            return cls("file", path.resolve())
+            return cls(source="file", path=path.resolve())
         if hub and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) and not value.endswith(WEIGHT_SUFFIXES):
-            return cls("hub", variant=value)  # a pretrained tag, e.g. laion2b_s34b_b79k
+            return cls(source="hub", variant=value)  # a pretrained tag, e.g. laion2b_s34b_b79k
         if not hub and re.fullmatch(r"[A-Z][A-Z0-9_]*", value):  # a torchvision enum member, e.g. IMAGENET1K_V2
-            return cls("imagenet", variant=value)
+            return cls(source="imagenet", variant=value)
         choices = "'hub', a pretrained tag, 'none'" if hub else "'imagenet', 'none'"
         raise WeightsUnavailable(f"weights for {encoder}: model file not found: {value} ({value!r} is neither "
                                  f"{choices} nor an existing file)")

@@ -171,7 +171,8 @@ def _network(arch: str, tag: str | None, weights: Weights, kwargs: dict[str, Any
         if where is None:
             raise WeightsUnavailable(f"open_clip keeps no Hugging Face copy of clip:{arch} {tag}: pass --weights FILE")
         found = _hub.find(*where, f"clip:{arch} --weights {tag}")
-        path, ident = found.path, Weights("file", found.path).identity(source="hub", tag=tag, **found.identity())
+        ident = Weights(source="file", path=found.path).identity(source="hub", tag=tag, **found.identity())
+        path = found.path
     note_read(path)
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)

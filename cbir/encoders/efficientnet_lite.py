@@ -25,7 +25,7 @@ from cbir.errors import WeightsUnavailable
 from cbir.files import sha256_file
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Variant:
     n: int
     size: int
@@ -49,7 +49,8 @@ class Variant:
                           std=(0.502, 0.502, 0.502), interpolation="bicubic")
 
 
-VARIANTS = {v.name: v for v in (Variant(0, 224, 0.875), Variant(1, 240, 0.882), Variant(2, 260, 0.890))}
+VARIANTS = {v.name: v for v in (Variant(n=0, size=224, crop_pct=0.875), Variant(n=1, size=240, crop_pct=0.882),
+                                         Variant(n=2, size=260, crop_pct=0.890))}
 
 
 def package_file(variant: Variant) -> Path | None:

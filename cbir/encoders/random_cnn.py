@@ -30,5 +30,5 @@ def seed_cnn() -> nn.Sequential:
 def create(weights: Weights, pooling: str, device: torch.device) -> Encoder:
     net = nn.Sequential(seeded(seed_cnn), make_pool(pooling))
     return Encoder(name="random_cnn", model=net, dim=256, preprocess=PREPROCESS, pooling=pooling,
-                   weights=Weights("none").identity(sha256=sha256_state(net)),
+                   weights=Weights(source="none").identity(sha256=sha256_state(net)),
                    device=device)

@@ -101,7 +101,8 @@ def _network(full: str, cfg: Any, weights: Weights, kwargs: dict[str, Any]) -> t
     if cfg is None or not cfg.hf_hub_id:
         raise WeightsUnavailable(f"timm has no Hugging Face copy of {full}'s weights: pass --weights FILE")
     found = _hub.find(cfg.hf_hub_id, (cfg.hf_hub_filename,) if cfg.hf_hub_filename else TIMM_FILES, f"timm:{full}")
-    return _load(full, cfg, found.path, kwargs), Weights("file", found.path).identity(source="hub", **found.identity())
+    ident = Weights(source="file", path=found.path).identity(source="hub", **found.identity())
+    return _load(full, cfg, found.path, kwargs), ident
 
 
 def _load(full: str, cfg: Any, path: Any, kwargs: dict[str, Any]) -> nn.Module:

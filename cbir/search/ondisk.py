@@ -1,24 +1,26 @@
 """An index larger than memory: IVF-PQ trained on a sample, filled shard by shard, served from disk.
 
     train(sample)                    -> an empty, trained index (OPQ rotation, coarse centroids, PQ codebooks)
-    fill(trained, vectors, ids, f)   -> one shard's codes, with the collection's global ids (any process, any order)
+    fill(trained, vectors, rows, f)  -> one shard's codes, labelled with their row numbers (any process, any order)
     merge(trained, shard files, out) -> one index whose inverted lists live in `faiss-<tag>.ivfdata` beside it
     load(out)                        -> that index, its lists memory-mapped (RAM holds only centroids and codebooks)
 
 Shards are independent: `cbir index --engine ray` fills them in parallel tasks; merging streams them into
 FAISS's OnDiskInvertedLists without holding them in memory. The PQ codes only find candidates: the exact
-vectors (float16, memory-mapped from vectors.h5) re-rank them (see cbir.search.searcher.VectorSearch).
+vectors (float16, memory-mapped from the segment's HDF5 file) re-rank them (see cbir.search.searcher.VectorSearch).
+The lists hold row numbers of their segment (ids are the segment's column), like every other segment's index.
 
-Parameters (a rule, not tuned on one set): about sqrt(N) lists, a power of two (FAISS's guidance is 4-16 sqrt(N);
-fewer lists keep training and assignment affordable on a small machine, a larger nprobe makes up for it);
-OPQ to at most 256 dimensions, PQ with 4 dimensions per 8-bit code (64 bytes a vector at 256-d).
+A segment added to an on-disk index later (an update, an upload) is encoded with the first segment's trained index,
+saved beside it (`trained-<tag>.faiss`): no training, the same codes, and the recall the first one measured.
+
+Parameters (a rule, not tuned on one set): about sqrt(N) lists, a power of two (`plan.nlist_for`); OPQ to at most
+256 dimensions, PQ with 4 dimensions per 8-bit code (64 bytes a vector at 256-d).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -32,15 +34,15 @@ import faiss
 import numpy as np
 
 from cbir.errors import CbirError
-from cbir.search.plan import ONDISK as KIND
-from cbir.search.plan import SearchPlan
+from cbir.search.plan import ON_DISK_RECALL, ONDISK, HeldOut, SearchPlan, cheapest_reaching, nlist_for
 
 log = logging.getLogger(__name__)
 
 DATA_GLOB = "faiss-*.ivfdata"
-TARGET_RECALL = 0.95
+TRAINED_GLOB = "trained-*.faiss"
 SHARD_ROWS = 500_000
 MIN_VECTORS = 10_000  # the PQ codebooks need 256 x 39 training points
+TUNING_QUERIES = 200
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,9 @@ class Layout:
 
 
 def layout_for(n: int, dim: int) -> Layout:
-    """The rule in the module docstring, bounded so every list gets >= 39 training points."""
-    nlist = 2 ** round(math.log2(max(16.0, math.sqrt(n))))
-    nlist = int(max(16, min(nlist, 65536, 2 ** int(math.log2(max(16, n // 39))))))
+    """The rule in the module docstring: sqrt(N) lists, OPQ to <= 256 dimensions, 4 dimensions per code byte."""
     d_out = min(256, dim - dim % 4)
-    return Layout(dim, nlist, d_out, d_out // 4)
+    return Layout(dim, nlist_for(n, 1), d_out, d_out // 4)
 
 
 def sample_rows(n: int, layout: Layout, seed: int = 0) -> np.ndarray:
@@ -85,11 +85,11 @@ def train(sample: np.ndarray, layout: Layout, seed: int = 0) -> faiss.Index:
     return index
 
 
-def fill(trained: bytes | faiss.Index, vectors: np.ndarray, ids: np.ndarray, out: str | Path) -> int:
-    """Encode one shard with its global ids into its own index file; returns its row count."""
+def fill(trained: bytes | faiss.Index, vectors: np.ndarray, rows: np.ndarray, out: str | Path) -> int:
+    """Encode one shard, labelled with its row numbers, into its own index file; returns its row count."""
     index = faiss.deserialize_index(np.frombuffer(trained, np.uint8)) if isinstance(trained, bytes) \
         else faiss.clone_index(trained)
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(rows, np.int64))
     faiss.write_index(index, str(out))
     return int(index.ntotal)
 
@@ -99,12 +99,12 @@ def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def merge(trained: faiss.Index, shards: list[Path], out: Path, data_dir: Path) -> Path:
+def merge(trained: bytes, shards: list[Path], out: Path, data_dir: Path) -> Path:
     """Merge shard files into `out` (written as given: the caller renames it into place); returns the data file."""
     from faiss.contrib.ondisk import merge_ondisk
 
     data = data_dir / f"faiss-{uuid.uuid4().hex[:12]}.ivfdata"  # a new name: servers of the old index keep theirs
-    index = faiss.clone_index(trained)
+    index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
     with _native_stdout_to_log():
         merge_ondisk(index, [str(s) for s in shards], str(data))
     faiss.write_index(index, str(out))
@@ -119,6 +119,17 @@ def load(path: Path) -> faiss.Index:
     except RuntimeError as exc:
         raise CbirError(f"cannot read the on-disk index {path} or its {DATA_GLOB} data file beside it "
                         f"({str(exc).strip().splitlines()[-1][:200]}); rebuild it with cbir index --rebuild") from None
+
+
+def trained_of(path: Path) -> bytes:
+    """The trained, empty index of an on-disk index file (an index built before trained files were kept)."""
+    index = load(path)
+    ivf = faiss.extract_index_ivf(index)
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    empty.this.disown()  # owned by the index from here on
+    ivf.replace_invlists(empty, True)
+    ivf.ntotal = index.ntotal = 0
+    return serialize(index)
 
 
 @contextlib.contextmanager
@@ -136,46 +147,71 @@ def _native_stdout_to_log() -> Iterator[None]:
 
 
 def build(vectors: np.ndarray | Path, out: Path, data_dir: Path, *, seed: int = 0, shard_rows: int = SHARD_ROWS,
-          mapper: Callable[..., Iterable[int]] = map) -> tuple[Layout, Path]:
-    """Train, fill shard by shard (`mapper(fill_rows, ...)` runs them: map here, Ray tasks with --engine ray), merge.
+          mapper: Callable[..., Iterable[int]] = map, trained: bytes | None = None) -> tuple[bytes, Path]:
+    """Train (unless `trained` is given), fill shard by shard (`mapper(fill_rows, ...)` runs them: map here, Ray tasks
+    with --engine ray), merge. Returns the trained index (bytes) and the data file.
 
-    `vectors`: an array (ids = row numbers), or a vectors.h5 (its ids; opened memory-mapped, so it may be larger
-    than RAM: only the sample and one shard at a time are read).
+    `vectors`: an array, or a segment's HDF5 file (opened memory-mapped, so it may be larger than RAM: only the
+    sample and one shard at a time are read).
     """
     rows_of = _open(vectors)
     n, dim = rows_of.shape
-    layout = layout_for(n, dim)
-    trained = train(np.asarray(rows_of[sample_rows(n, layout, seed)], np.float32), layout, seed)
-    blob = serialize(trained)
+    if trained is None:
+        layout = layout_for(n, dim)
+        trained = serialize(train(np.asarray(rows_of[sample_rows(n, layout, seed)], np.float32), layout, seed))
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".shards-") as tmp:
         starts = list(range(0, n, shard_rows))
         files = [Path(tmp) / f"shard-{i:05d}.index" for i in range(len(starts))]
         started = time.perf_counter()
-        total = sum(mapper(fill_rows, [blob] * len(starts), [vectors] * len(starts), starts,
+        total = sum(mapper(fill_rows, [trained] * len(starts), [vectors] * len(starts), starts,
                            [shard_rows] * len(starts), files))
         log.info(f"on-disk index: {len(files)} shards, {total} vectors encoded in "
                  f"{time.perf_counter() - started:.1f} s")
         data = merge(trained, files, out, data_dir)
-    return layout, data
+    return trained, data
 
 
 def build_index(vectors_file: Path, out: Path, *, seed: int = 0, shard_rows: int = SHARD_ROWS,
-                mapper: Callable[..., Iterable[int]] = map) -> SearchPlan:
-    """The on-disk index of a vectors file (written with known rows: contiguous), tuned; its data file beside `out`."""
+                mapper: Callable[..., Iterable[int]] = map, base: SearchPlan | None = None) -> SearchPlan:
+    """The on-disk index of a segment's file (written with known rows: contiguous), its data file beside `out`.
+
+    The first segment is trained and tuned (its trained index saved as `trained-<tag>.faiss`); a later one (`base`:
+    the first one's plan) is encoded with that trained index and searched with the same settings."""
+    from cbir.search import store
     from cbir.search.searcher import VectorSearch
-    from cbir.search.store import open_lazy
 
     started = time.perf_counter()
-    layout, data = build(vectors_file, out, out.parent, seed=seed, shard_rows=shard_rows, mapper=mapper)
-    seconds = time.perf_counter() - started
-    store = open_lazy(vectors_file)
-    assert store.vectors is not None
-    if not isinstance(store.ids, range):
-        raise ValueError("tuning needs ids equal to row numbers (a fresh build)")
-    index, read_rows = load(out), rows_reader(store.vectors)
-    plan = tune(lambda plan: VectorSearch(index, plan, exact_rows=read_rows), store.vectors, layout, seconds, seed)
-    plan.params["data"] = data.name
+    if base is None:
+        rows = store.read_attrs(vectors_file).get("count", 0)
+        if rows < MIN_VECTORS:
+            raise CbirError(f"an on-disk index needs at least {MIN_VECTORS:,} images to train on; this collection "
+                            f"has {rows:,}: leave out --on-disk (it fits in memory)")
+    given = (out.parent / base.params["trained"]).read_bytes() if base is not None else None
+    trained, data = build(vectors_file, out, out.parent, seed=seed, shard_rows=shard_rows, mapper=mapper,
+                          trained=given)
+    if base is not None:
+        return SearchPlan(ONDISK, {**base.params, "data": data.name}, recall_at_10=base.recall_at_10,
+                          queries=base.queries, build_s=round(time.perf_counter() - started, 2), requested="ivfpq",
+                          note="encoded with the first segment's trained index; recall as measured on it")
+    name = save_trained(trained, out.parent)
+    rows_file = store.open_lazy(vectors_file)
+    try:
+        index, read_rows = load(out), rows_reader(rows_file.vectors)
+        plan = tune(lambda plan: VectorSearch(index, plan, exact_rows=read_rows), rows_file.vectors,
+                    layout_for(len(rows_file), rows_file.dim), time.perf_counter() - started, seed)
+    finally:
+        rows_file.close()
+    plan.params.update(data=data.name, trained=name)
     return plan
+
+
+def save_trained(trained: bytes, folder: Path) -> str:
+    from cbir.files import atomic_path
+
+    name = f"trained-{uuid.uuid4().hex[:12]}.faiss"
+    with atomic_path(folder / name) as tmp:
+        tmp.write_bytes(trained)
+    return name
 
 
 def rows_reader(vectors: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -206,31 +242,9 @@ def _open(vectors: np.ndarray | Path) -> np.ndarray:
 
 
 def fill_rows(blob: bytes, vectors: np.ndarray | Path, start: int, rows: int, out: Path) -> int:
-    """One shard: rows [start, start + rows) of `vectors` (see `build`) with their ids."""
-    if isinstance(vectors, np.ndarray):
-        part, ids = vectors[start:start + rows], np.arange(start, min(start + rows, len(vectors)))
-    else:
-        from cbir.search.store import open_lazy
-
-        store = open_lazy(Path(vectors))
-        assert store.vectors is not None
-        part = store.vectors[start:start + rows]
-        ids = np.arange(start, start + len(part)) if isinstance(store.ids, range) else store.ids[start:start + rows]
-    return fill(blob, np.asarray(part, np.float32), np.asarray(ids, np.int64), out)
-
-
-def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 262_144) -> np.ndarray:
-    """Exact top-k row positions of each query, scanning `vectors` (a memory map is fine) block by block."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((len(q), 0), -np.inf, np.float32)
-    best_p = np.zeros((len(q), 0), np.int64)
-    for start in range(0, len(vectors), block):
-        part = np.ascontiguousarray(vectors[start:start + block], dtype=np.float32)
-        s, p = faiss.knn(q, part, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
-        best_s, best_p = np.hstack([best_s, s]), np.hstack([best_p, p + start])
-        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s, best_p = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_p, order, 1)
-    return best_p
+    """One shard: rows [start, start + rows) of `vectors` (see `build`), labelled with their row numbers."""
+    part = _open(vectors)[start:start + rows]
+    return fill(blob, np.asarray(part, np.float32), np.arange(start, start + len(part)), out)
 
 
 def settings(nlist: int) -> list[tuple[int, int]]:
@@ -239,32 +253,22 @@ def settings(nlist: int) -> list[tuple[int, int]]:
 
 
 def tune(search_for: Callable[[SearchPlan], object], vectors: np.ndarray, layout: Layout, seconds: float,
-         seed: int = 0, queries: int = 200) -> SearchPlan:
+         seed: int = 0) -> SearchPlan:
     """The cheapest (nprobe, k_factor) whose recall@10, measured against exact search on held-out rows of the
-    collection (each row's own id left out), reaches TARGET_RECALL; the dearest measured if none does.
+    collection (each row's own left out), reaches ON_DISK_RECALL; the dearest measured if none does.
 
-    `search_for(plan)` gives a VectorSearch configured by the plan (ids are row numbers here).
+    `search_for(plan)` gives a VectorSearch configured by the plan (answering row positions).
     """
-    from cbir.metrics import drop_self, overlap
-
-    n = len(vectors)
-    rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(queries, n), replace=False))
-    q = np.asarray(vectors[rows], np.float32)
-    truth = drop_self(exact_top(vectors, q, 11), rows, 10)
-    plan = SearchPlan(KIND)
-    for nprobe, kf in settings(layout.nlist):
-        plan = SearchPlan(KIND, {**layout.to_dict(), "nprobe": nprobe, "k_factor": kf}, requested="ivfpq",
-                          queries=len(rows), build_s=round(seconds, 2))
-        _, found = search_for(plan).search(q, 11)  # type: ignore[attr-defined]
-        plan.recall_at_10 = round(overlap(truth, drop_self(found, rows, 10)), 4)
-        log.info(f"on-disk index: nprobe {nprobe} k_factor {kf} recall@10 {plan.recall_at_10:.4f}")
-        if plan.recall_at_10 >= TARGET_RECALL:
-            break
+    held = HeldOut.sample(vectors, seed + 1, TUNING_QUERIES)
+    plans = (SearchPlan(ONDISK, {**layout.to_dict(), "nprobe": nprobe, "k_factor": kf}, requested="ivfpq",
+                        queries=len(held.rows), build_s=round(seconds, 2)) for nprobe, kf in settings(layout.nlist))
+    plan, _ = cheapest_reaching(plans, lambda plan: held.recall(search_for(plan).search(held.queries, 11)[1]),
+                                ON_DISK_RECALL, lambda text: log.info(f"on-disk index: {text}"))
     return plan
 
 
-def remove_stale(data_dir: Path, keep: str | None) -> None:
-    """Delete data files no index refers to any more (a server still mapping one keeps its pages)."""
-    for f in data_dir.glob(DATA_GLOB):
-        if f.name != keep:
+def remove_stale(data_dir: Path, keep: set[str]) -> None:
+    """Delete data and trained files no segment refers to any more (a server still mapping one keeps its pages)."""
+    for f in [*data_dir.glob(DATA_GLOB), *data_dir.glob(TRAINED_GLOB)]:
+        if f.name not in keep:
             f.unlink(missing_ok=True)

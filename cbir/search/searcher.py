@@ -1,21 +1,25 @@
-"""Vector search over an index's vectors: exact up to 50k vectors, approximate (tuned, measured) above.
+"""Vector search over one segment's rows: exact up to 50k vectors, approximate (tuned, measured) above.
 
-On disk the FAISS index is an IndexIDMap2 over an inner index, so it answers with the stable ids of
-`vectors.h5`. The inner index is searched directly (cloned to the GPU when a GPU build of faiss sees a GPU)
-and positions are mapped to ids here. Exact search of a few queries on the CPU runs as one numpy matrix
-product over faiss's own storage (no copy): on these CPUs it beat IndexFlatIP by 2x for one query and
-by 1.1-8x up to 16 queries at 100k x 1280 and x 2048, while at 64 queries faiss won at 2048 dimensions
+A segment's FAISS index answers row positions (an IndexIDMap2 on disk, searched through its inner index; an on-disk
+IVF-PQ labelled with row numbers); the segment maps them to its ids. Exact search of a few queries on the CPU runs as
+one numpy matrix product over faiss's own storage (no copy): on these CPUs it beat IndexFlatIP by 2x for one query
+and by 1.1-8x up to 16 queries at 100k x 1280 and x 2048, while at 64 queries faiss won at 2048 dimensions
 (benchmarks/search.py). So numpy answers batches up to 32 queries, faiss larger ones.
+
+Rows can be left out of a search (deleted rows, rows a filter does not match): `Allowed` names the rows that may be
+answered. FAISS leaves the others out inside the search (an id selector over row positions), or, when few rows are
+allowed, those rows alone are scanned exactly; the GPU (no selectors) fetches more and drops them.
 
 This module only loads, saves and searches. Which kind of index to build, and the recall@10 measured against
 exact search on a held-out sample of the collection's own vectors, is decided in `cbir.search.tuning` and recorded
-as a `SearchPlan` (cbir.search.plan), stored in the vectors file and shown by `cbir info`.
+as a `SearchPlan` (cbir.search.plan), stored with the segment and shown by `cbir info`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -24,10 +28,13 @@ import numpy as np
 from cbir.errors import CbirError
 from cbir.files import atomic_path
 from cbir.metrics import SIMS_BUDGET
-from cbir.search.plan import ONDISK, SearchPlan, apply_params
+from cbir.search.plan import ONDISK, SearchPlan, apply_params, search_params
 
 NUMPY_MAX_BATCH = 32  # exact CPU search: numpy up to this many queries at once, faiss above
 FEW_QUERIES = 4  # an on-disk index searches up to this many queries on one thread
+SCAN_AT_MOST = 20_000  # at most this many allowed rows: scan them exactly instead of searching the index
+KEEP_SCANNED = 16 << 20  # a filter's scanned rows are kept (with its latest mask) up to this many bytes
+GPU_OVERFETCH = 1024  # the GPU leaves out at most this many rows by fetching more; beyond, the CPU index answers
 DEFAULT_THREADS = faiss.omp_get_max_threads()
 
 
@@ -52,38 +59,79 @@ def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
+@dataclass(eq=False)
+class Allowed:
+    """The rows of a segment that a search may answer (a bool per row), with what FAISS needs made once."""
+
+    mask: np.ndarray
+    count: int = -1
+    _bits: np.ndarray | None = field(default=None, repr=False)
+    _rows: np.ndarray | None = field(default=None, repr=False)
+    _vectors: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.mask = np.asarray(self.mask, bool)
+        if self.count < 0:
+            self.count = int(np.count_nonzero(self.mask))
+
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.flatnonzero(self.mask)
+        return self._rows
+
+    def vectors(self, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The allowed rows' vectors (`read(rows)`), kept when they take at most KEEP_SCANNED bytes: gathering
+        10,000 scattered rows of 1M x 256 took 2.3 ms a query, the scan itself 0.2-0.4 ms."""
+        if self._vectors is not None:
+            return self._vectors
+        x = np.asarray(read(self.rows()))
+        if x.nbytes <= KEEP_SCANNED:
+            self._vectors = x
+        return x
+
+    def selector(self) -> faiss.IDSelector:
+        """A bitmap selector over row positions (the bitmap is kept alive with this record)."""
+        if self._bits is None:
+            self._bits = np.packbits(self.mask, bitorder="little")
+        return faiss.IDSelectorBitmap(len(self.mask), faiss.swig_ptr(self._bits))
+
+    def __and__(self, other: Allowed | None) -> Allowed:
+        return self if other is None else Allowed(self.mask & other.mask)
+
+
 class VectorSearch:
     """Cosine search (vectors are L2-normalised, so inner product = cosine) with the kind a plan says."""
 
     def __init__(self, index: faiss.Index, plan: SearchPlan | None = None, gpu: bool = False,
                  exact_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        """`exact_rows(ids)` gives stored vectors by id: with it, an on-disk index re-ranks its PQ candidates."""
-        self.index = index  # the CPU IndexIDMap2 that is saved (an on-disk IVF holds the ids itself)
+        """`exact_rows(rows)` gives stored vectors by row: an on-disk index re-ranks its PQ candidates with them, and
+        a search allowed few rows scans them."""
+        self.index = index  # the CPU index that is saved
         self.plan = plan or SearchPlan()
         inner = _inner(index)
-        self.ids: np.ndarray | None = None  # position -> id; None: the index answers with ids already
-        if isinstance(index, faiss.IndexIDMap):
-            self.ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        elif self.plan.type != ONDISK:
-            self.ids = np.arange(index.ntotal, dtype=np.int64)
+        # the ids the file was built with (an IndexIDMap2): checked against the segment's own column
+        self.ids = (faiss.vector_to_array(index.id_map).astype(np.int64) if isinstance(index, faiss.IndexIDMap)
+                    else None)
         self.exact_rows = exact_rows
-        if self.plan.type != "flat":
+        if not self.plan.exact:
             apply_params(inner, self.plan)
         self._flat: np.ndarray | None = None
         if isinstance(inner, faiss.IndexFlat) and inner.ntotal:
             # a view of faiss's own storage, not a copy
             self._flat = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
         self.gpu = False
-        self._search_index = inner
-        if gpu and gpu_count() > 0 and self.plan.type != "hnsw":  # faiss has no GPU HNSW
+        self._inner = inner
+        self._gpu_index: faiss.Index | None = None
+        if gpu and gpu_count() > 0 and self.plan.type not in ("hnsw", ONDISK):  # faiss has no GPU HNSW
             self._res = faiss.StandardGpuResources()
-            self._search_index = faiss.index_cpu_to_gpu(self._res, 0, inner)
+            self._gpu_index = faiss.index_cpu_to_gpu(self._res, 0, inner)
             self.gpu = True
 
     @classmethod
-    def load(cls, path: Path, plan: SearchPlan | None = None, gpu: bool = False) -> VectorSearch:
+    def load(cls, path: Path, plan: SearchPlan | None = None, gpu: bool = False,
+             exact_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> VectorSearch:
         try:
-            return cls(faiss.read_index(str(path)), plan, gpu=gpu)
+            return cls(faiss.read_index(str(path)), plan, gpu=gpu, exact_rows=exact_rows)
         except RuntimeError as exc:
             raise CbirError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from exc
 
@@ -102,7 +150,7 @@ class VectorSearch:
 
     @property
     def exact(self) -> bool:
-        return self.plan.type == "flat"
+        return self.plan.exact
 
     def reconstruct(self, row: int) -> np.ndarray:
         """The stored vector at position `row` (for consistency checks; exact indexes only)."""
@@ -110,30 +158,62 @@ class VectorSearch:
             raise CbirError("only an exact index can give back its vectors")
         return self._flat[row]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, ids), each [B, k]; missing slots (k > N) have id -1 and score -inf."""
+    def search(self, queries: np.ndarray, k: int, allowed: Allowed | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores, rows), each [B, k]; missing slots (k > rows allowed) have row -1 and score -inf."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.shape[1] != self.dim:
             raise CbirError(f"query vectors have dimension {q.shape[1]}, the index {self.dim}")
-        kk = min(k, self.ntotal)
+        if allowed is not None and allowed.count >= self.ntotal:
+            allowed = None
+        kk = min(k, self.ntotal if allowed is None else allowed.count)
         scores = np.full((len(q), k), -np.inf, np.float32)
-        ids = np.full((len(q), k), -1, np.int64)
+        rows = np.full((len(q), k), -1, np.int64)
         if kk == 0:
-            return scores, ids
-        if self._flat is not None and not self.gpu and len(q) <= NUMPY_MAX_BATCH:
-            s, pos = exact_numpy(self._flat, q, kk)
-        elif self.exact_rows is not None:
-            candidates = min(self.ntotal, kk * int(self.plan.params.get("k_factor", 1)))
-            with _threads(1 if len(q) <= FEW_QUERIES else 0):
-                found = self._search_index.search(q, candidates)[1]
-            s, pos = rerank(q, found, self.exact_rows, kk)
-        else:
-            s, pos = self._search_index.search(q, kk)
+            return scores, rows
+        s, pos = self._search(q, kk, allowed)
         valid = pos >= 0
-        scores[:, :kk] = np.where(valid, s, -np.inf)
-        found = pos if self.ids is None else self.ids[np.clip(pos, 0, None)]
-        ids[:, :kk] = np.where(valid, found, -1)
-        return scores, ids
+        scores[:, :kk], rows[:, :kk] = np.where(valid, s, -np.inf), np.where(valid, pos, -1)
+        return scores, rows
+
+    def _search(self, q: np.ndarray, k: int, allowed: Allowed | None) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is not None and allowed.count <= SCAN_AT_MOST and (self._flat is not None or self.exact_rows):
+            x = allowed.vectors(self._flat.__getitem__ if self._flat is not None else self.exact_rows)  # type: ignore
+            s, pos = scan(x, q, k)
+            return s, allowed.rows()[pos]
+        if self._flat is not None and not self.gpu and len(q) <= NUMPY_MAX_BATCH:
+            return exact_numpy(self._flat, q, k, None if allowed is None else allowed.mask)
+        if self.plan.type == ONDISK:
+            assert self.exact_rows is not None
+            candidates = min(self.ntotal, k * int(self.plan.params.get("k_factor", 1)))
+            params = search_params(self.plan, *_selection(allowed, self.ntotal))
+            with _threads(1 if len(q) <= FEW_QUERIES else 0):
+                found = self._inner.search(q, candidates, params=params)[1]
+            return rerank(q, found, self.exact_rows, k)
+        if self._gpu_index is not None and (allowed is None or self.ntotal - allowed.count <= GPU_OVERFETCH):
+            extra = 0 if allowed is None else self.ntotal - allowed.count
+            s, pos = self._gpu_index.search(q, min(self.ntotal, k + extra))
+            return _drop_disallowed(s, pos, allowed, k)
+        params = search_params(self.plan, *_selection(allowed, self.ntotal))
+        return self._inner.search(q, k, params=params)
+
+
+def _selection(allowed: Allowed | None, ntotal: int) -> tuple[faiss.IDSelector | None, float]:
+    """The selector of the allowed rows and the share of the rows it allows (search_params widens the search)."""
+    if allowed is None:
+        return None, 1.0
+    return allowed.selector(), allowed.count / max(1, ntotal)
+
+
+def _drop_disallowed(scores: np.ndarray, rows: np.ndarray, allowed: Allowed | None,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's first k answers that are allowed (the GPU fetched more than k)."""
+    if allowed is None:
+        return scores[:, :k], rows[:, :k]
+    out_s, out_r = np.full((len(rows), k), -np.inf, np.float32), np.full((len(rows), k), -1, np.int64)
+    for i, (s, r) in enumerate(zip(scores, rows, strict=True)):
+        keep = (r >= 0) & allowed.mask[np.clip(r, 0, None)]
+        out_s[i, :keep.sum()], out_r[i, :keep.sum()] = s[keep][:k], r[keep][:k]
+    return out_s, out_r
 
 
 @contextlib.contextmanager
@@ -152,7 +232,7 @@ def _threads(n: int) -> Iterator[None]:
 
 def rerank(q: np.ndarray, candidates: np.ndarray, exact_rows: Callable[[np.ndarray], np.ndarray],
            k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact scores of each query's candidate ids (read once for the batch), best k first."""
+    """Exact scores of each query's candidate rows (read once for the batch), best k first."""
     unique = np.unique(candidates[candidates >= 0])
     rows = exact_rows(unique) if len(unique) else np.zeros((0, q.shape[1]), np.float32)
     scores = np.full((len(q), k), -np.inf, np.float32)
@@ -165,17 +245,36 @@ def rerank(q: np.ndarray, candidates: np.ndarray, exact_rows: Callable[[np.ndarr
     return scores, ids
 
 
-def exact_numpy(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner products of q [B, D] against x [N, D]: matrix products over query blocks, partial sorts."""
+def scan(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a few queries over a few rows (a filter's matching rows) on this thread: BLAS's two threads cost 12 ms
+    for one query against 10,000 x 256 rows while other processes held the cores, one thread 0.2-0.4 ms (numpy's own
+    einsum loop; measured in benchmarks/filtered_search.py's runs)."""
+    if len(q) > FEW_QUERIES:
+        return exact_numpy(x, q, k)
+    return _top_k(np.einsum("nd,qd->qn", x, q), k)
+
+
+def exact_numpy(x: np.ndarray, q: np.ndarray, k: int,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of q [B, D] against x [N, D] (rows where `mask` is False left out): matrix products over
+    query blocks, partial sorts."""
     block = max(1, SIMS_BUDGET // max(1, len(x)))
     if len(q) > block:
-        parts = [exact_numpy(x, q[i:i + block], k) for i in range(0, len(q), block)]
+        parts = [exact_numpy(x, q[i:i + block], k, mask) for i in range(0, len(q), block)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     sims = q @ x.T
+    if mask is not None:
+        sims[:, ~mask] = -np.inf
+    top, part = _top_k(sims, k)
+    return top, np.where(np.isneginf(top), -1, part)
+
+
+def _top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of `sims` [B, N] and their positions, best first (partial sort, then a sort of k)."""
     if k < sims.shape[1]:
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     else:
-        part = np.broadcast_to(np.arange(sims.shape[1]), (len(q), sims.shape[1]))
+        part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
     top = np.take_along_axis(sims, part, axis=1)
     order = np.argsort(-top, axis=1, kind="stable")
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1).astype(np.int64)

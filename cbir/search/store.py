@@ -1,24 +1,27 @@
-"""The vectors file (`vectors.h5`): embeddings and the metadata that belongs to each row, in one HDF5 file.
+"""One segment's rows (`seg-NNNNNN.h5`; `vectors.h5` in an index made before segments): embeddings and the
+metadata of each row, in one HDF5 file. Written once, never changed after it is named in a manifest (manifest.py).
 
 Layout (format 1):
-    vectors   float32 [N, D]   L2-normalised rows, as searched (optionally float16 on disk)
-    raw_vectors float32 [N, D] the encoder's own rows, when `vectors` hold their alpha-DBA (see expansion.py)
-    paths     utf-8    [N]     relative to the attribute `root`
-    ids       int64    [N]     stable ids; FAISS returns these
-    mtime_ns  int64    [N]
-    size      int64    [N]
-    sha256    utf-8    [N]     content hash (byte-identical duplicates, --update --verify)
-    skipped/path, skipped/reason   utf-8 [M]
-    attrs: format, encoder, encoder_config (JSON), dim, count, root, cbir_version, created, complete,
-           vector_dtype (float32|float16), search (JSON: the search plan and its measured recall),
-           expansion (JSON: alpha-QE and alpha-DBA settings; absent: none)
+    vectors     float32 [N, D]  L2-normalised rows, as searched (optionally float16 on disk)
+    raw_vectors float32 [N, D]  the encoder's own rows, when `vectors` hold their alpha-DBA (see expansion.py)
+    paths       utf-8    [N]    relative to the index's root
+    ids         int64    [N]    global, stable ids (never reused); FAISS answers row positions, mapped to these
+    mtime_ns    int64    [N]
+    size        int64    [N]
+    sha256      utf-8    [N]    content hash (byte-identical duplicates, renames, --update --verify)
+    meta/<column>        [N]    what is known of each picture (cbir.metadata.COLUMNS: taken_ns int64, taken_exif
+                                bool, make, model utf-8, lat, lon float64 (NaN: none), width, height int32, own_tags,
+                                tags utf-8 joined by line breaks); absent in segments made before it was kept
+    skipped/path, skipped/reason   utf-8 [M]   (files an index made before segments left out; now in the manifest)
+    attrs: format, dim, count, complete, contiguous, vector_dtype (float32|float16), created, cbir_version,
+           search (JSON: the segment's search plan and its measured recall), ids_are_rows;
+           in a `vectors.h5` made before segments also the index's own facts (encoder, encoder_config, root,
+           expansion, words, preset, seconds, skipped_count), read once into its manifest (manifest.from_legacy).
 
-Rows are appended batch by batch as they are embedded, so memory does not grow with the collection;
-`complete` is set only when the writer closes normally, and readers refuse a file without it.
-
-When the row count is known before writing (the commit stage knows it), the numeric columns are stored
-contiguously (attr `contiguous`), and `open_lazy` memory-maps them: an index of 10 million images opens without
-reading its vectors, ids or paths (rows are read when asked for; see cbir/search/ondisk.py).
+Rows are appended batch by batch, so memory does not grow with the collection; `complete` is set only when the
+writer closes normally, and readers refuse a file without it. When the row count is known before writing (it always
+is for a segment), the numeric columns are stored contiguously (attr `contiguous`), and `open_lazy` memory-maps
+them: a segment of 10 million images opens without reading its vectors, ids or paths.
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cbir import metadata
 from cbir.errors import CbirError
+from cbir.search.plan import SearchPlan
 
 FORMAT = 1
 STR = h5py.string_dtype("utf-8")
+META = "meta"  # the group of the metadata columns
 
 
 class VectorWriter:
@@ -58,6 +64,14 @@ class VectorWriter:
                 self.f.create_dataset(name, (rows, *tail), dtype=dt)
         for name in ("paths", "sha256"):
             self.f.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
+        meta = self.f.create_group(META)
+        for name, dt in metadata.COLUMNS.items():
+            if dt == "U":
+                meta.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
+            elif rows is None:
+                meta.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(chunk_rows,))
+            else:
+                meta.create_dataset(name, (rows,), dtype=dt)
         g = self.f.create_group("skipped")
         for name in ("path", "reason"):
             g.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(256,))
@@ -68,7 +82,9 @@ class VectorWriter:
         self.f.attrs["complete"] = False
 
     def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
-               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None) -> None:
+               ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None, *,
+               meta: dict[str, np.ndarray] | None = None) -> None:
+        """Rows at the end; `meta`: their metadata columns (None: only their file times are known)."""
         n = len(paths)
         if n == 0:
             return
@@ -82,6 +98,9 @@ class VectorWriter:
                    "sha256": list(sha256) if sha256 is not None else [""] * n}
         if self.rows is not None and stop > self.rows:
             raise ValueError(f"more rows than the {self.rows} announced")
+        meta = meta if meta is not None else metadata.unknown_columns(mtime_ns)
+        columns.update({f"{META}/{name}": meta[name].tolist() if dt == "U" else np.asarray(meta[name], dt)
+                        for name, dt in metadata.COLUMNS.items()})
         for name, data in columns.items():
             ds = self.f[name]
             if ds.maxshape[0] is None:
@@ -112,37 +131,64 @@ class VectorWriter:
             self.f.close()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Store:
-    """Everything in a vectors file, read into memory (the vectors themselves only when asked)."""
+    """Everything in a segment's file, read into memory (the vectors themselves only when asked)."""
 
     path: Path
     attrs: dict[str, Any]
-    paths: list[str]
+    paths: Sequence[str]
     ids: np.ndarray
     mtime_ns: np.ndarray
     size: np.ndarray
     skipped: list[tuple[str, str]]
-    sha256: list[str] | None = None  # content hash per file (absent in files from before it was recorded)
+    sha256: Sequence[str] | None = None  # content hash per file (absent in files from before it was recorded)
     vectors: np.ndarray | None = field(default=None, repr=False)
     raw_vectors: np.ndarray | None = field(default=None, repr=False)  # with DBA: the encoder's rows, if asked
     handle: h5py.File | None = field(default=None, repr=False)  # open_lazy: the file its columns read from
+    plan: SearchPlan | None = None  # the segment's search plan (attrs["search"], parsed once)
+    has_raw: bool = False  # the file keeps the encoder's own rows beside the searched ones (alpha-DBA)
+    _meta: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+    filter_columns: Any = field(default=None, init=False, repr=False)  # cbir.search.filters.Columns, made once
+    by_path: dict[str, int] | None = field(default=None, repr=False)  # path -> row, made when first asked
+
+    def __post_init__(self) -> None:
+        if self.plan is None and "search" in self.attrs:
+            self.plan = SearchPlan.from_dict(json.loads(self.attrs["search"]))
 
     @property
     def lazy(self) -> bool:
         return self.handle is not None
 
     @property
-    def encoder_config(self) -> dict[str, Any]:
-        return json.loads(self.attrs["encoder_config"])
-
-    @property
     def dim(self) -> int:
         return int(self.attrs["dim"])
 
     @property
-    def root(self) -> Path:
-        return Path(self.attrs["root"])
+    def float16(self) -> bool:
+        return self.attrs.get("vector_dtype", "float32") == "float16"
+
+    def close(self) -> None:
+        if self.handle is not None and self.handle.id.valid:
+            self.handle.close()
+
+    def meta(self) -> dict[str, np.ndarray]:
+        """The metadata columns (cbir.metadata.COLUMNS), read on first use (a search without filters never reads
+        them); a segment made before they were kept: file times only."""
+        if self._meta is None:
+            f = self.handle if self.handle is not None and self.handle.id.valid else h5py.File(self.path, "r")
+            try:
+                if META not in f:
+                    self._meta = metadata.unknown_columns(np.asarray(self.mtime_ns))
+                else:
+                    self._meta = {name: np.array(_strings(f[META][name]), dtype=object) if dt == "U" else
+                                  np.asarray(f[META][name][()], dt) for name, dt in metadata.COLUMNS.items()}
+            except OSError as exc:
+                raise CbirError(f"cannot read the metadata of {self.path}: {exc}") from exc
+            finally:
+                if f is not self.handle:
+                    f.close()
+        return self._meta
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -173,6 +219,7 @@ def read(path: Path, vectors: bool = True, raw: bool = False) -> Store:
                 size=f["size"][()],
                 skipped=list(zip(_strings(f["skipped/path"]), _strings(f["skipped/reason"]), strict=True)),
                 sha256=_strings(f["sha256"]) if "sha256" in f else None,
+                has_raw="raw_vectors" in f,
             )
             if vectors:
                 store.vectors = np.ascontiguousarray(f["vectors"][()], dtype=np.float32)
@@ -253,20 +300,77 @@ def open_lazy(path: Path) -> Store:
     skipped = list(zip(Strings(f["skipped/path"])[:], Strings(f["skipped/reason"])[:], strict=True))
     store = Store(path=path, attrs=attrs, paths=Strings(f["paths"]), ids=ids,  # type: ignore[arg-type]
                   mtime_ns=_mapped(path, f["mtime_ns"]), size=_mapped(path, f["size"]), skipped=skipped,
-                  sha256=Strings(f["sha256"]), vectors=_mapped(path, f["vectors"]))
+                  sha256=Strings(f["sha256"]), vectors=_mapped(path, f["vectors"]), has_raw="raw_vectors" in f)
     store.handle = f
     if not (len(ids) == len(store.size) == n == int(attrs.get("count", n))):
         raise CbirError(f"{path} is inconsistent: its columns have different lengths")
     return store
 
 
+def read_legacy_facts(path: Path) -> dict[str, Any]:
+    """The index's own facts from a vectors.h5 made before segments (its attributes, next free id, skipped files)."""
+    from cbir.search.expansion import Expansion
+    from cbir.words import Words
+
+    a = read_attrs(path)
+    if not a.get("complete", False):
+        raise CbirError(f"{path} is incomplete (its indexing run did not finish); re-run cbir index")
+    try:
+        with h5py.File(path, "r") as f:
+            count = int(f["paths"].shape[0])
+            next_id = count  # ids 0..N-1, or none
+            if count and not a.get("ids_are_rows", False):
+                next_id = int(np.max(f["ids"][()])) + 1
+            skipped = list(zip(_strings(f["skipped/path"]), _strings(f["skipped/reason"]), strict=True))
+    except OSError as exc:
+        raise CbirError(f"cannot read {path}: {exc}") from exc
+    return {"encoder": json.loads(a["encoder_config"]), "root": a["root"],
+            "plan": SearchPlan.from_dict(json.loads(a["search"]) if "search" in a else None),
+            "vector_dtype": a.get("vector_dtype", "float32"),
+            "expansion": Expansion.from_dict(json.loads(a["expansion"]) if "expansion" in a else None),
+            "words": Words.from_dict(json.loads(a["words"]) if "words" in a else None),
+            "preset": a.get("preset") or None, "count": count, "next_id": next_id, "skipped": skipped,
+            "created": a.get("created", ""), "cbir_version": a.get("cbir_version", ""),
+            "seconds": float(a.get("seconds", 0.0))}
+
+
 def replace_vectors(path: Path, searched: np.ndarray) -> None:
     """Keep the encoder's rows as `raw_vectors` and store `searched` (their DBA) as `vectors` (before the rename)."""
     with h5py.File(path, "a") as f:
-        old = f["vectors"]
-        dtype, chunks = old.dtype, old.chunks
+        dtype = f["vectors"].dtype
         f.move("vectors", "raw_vectors")
-        f.create_dataset("vectors", data=searched.astype(dtype), maxshape=(None, searched.shape[1]), chunks=chunks)
+        f.create_dataset("vectors", data=searched.astype(dtype))  # contiguous, like every segment's columns
+
+
+def read_rows(s: Store, column: str, rows: np.ndarray) -> np.ndarray:
+    """Rows of a numeric column read from the file (not held in memory), in the order asked, float32."""
+    rows = np.asarray(rows, np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    f = s.handle if s.handle is not None and s.handle.id.valid else h5py.File(s.path, "r")
+    try:
+        got = f[column][unique] if len(unique) else np.zeros((0, s.dim), np.float32)
+    finally:
+        if f is not s.handle:
+            f.close()
+    return np.asarray(got, np.float32)[inverse]
+
+
+def read_ids(path: Path) -> np.ndarray | range:
+    """A segment's id column alone (8 bytes a row): enough to find rows to delete."""
+    attrs = read_attrs(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if attrs.get("ids_are_rows", False):
+                return range(int(f["ids"].shape[0]))
+            return f["ids"][()].astype(np.int64)
+    except OSError as exc:
+        raise CbirError(f"cannot read {path}: {exc}") from exc
+
+
+def read_plan(path: Path) -> SearchPlan | None:
+    """A segment's search plan, from its attributes only."""
+    attrs = read_attrs(path)
+    return SearchPlan.from_dict(json.loads(attrs["search"])) if "search" in attrs else None
 
 
 def set_attrs(path: Path, attrs: dict[str, Any]) -> None:

@@ -22,11 +22,11 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
 
 from cbir.encoders.base import Preprocess
-from cbir.errors import CbirError
-from cbir.images import ImageError, discover, load_image
+from cbir.errors import CbirError, ImageError
+from cbir.images import discover, load_image
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Collection:
     root: Path
     files: list[str]
@@ -56,14 +56,14 @@ def load_collection(root: str | Path, labels: str = "auto") -> Collection:
     if labels == "auto":
         labels = "folders" if all("/" in f for f in files) and len({f.split("/")[0] for f in files}) > 1 else "none"
     if labels == "none":
-        return Collection(root, files, None)
+        return Collection(root=root, files=files, labels=None)
     if labels == "folders":
         if not all("/" in f for f in files):
             raise CbirError("--labels folders needs every image inside a class sub-folder of DIR")
         names = [f.split("/")[0] for f in files]
         if len(set(names)) < 2:
             raise CbirError("--labels folders found only one class; use --labels none")
-        return Collection(root, files, names)
+        return Collection(root=root, files=files, labels=names)
     path = Path(labels)
     if not path.is_file():
         raise CbirError(f"--labels must be folders, none, or a CSV file; {labels!r} is none of these")
@@ -76,7 +76,7 @@ def load_collection(root: str | Path, labels: str = "auto") -> Collection:
     kept = [f for f in files if f in table]
     if len(kept) < 2 or len({table[f] for f in kept}) < 2:
         raise CbirError(f"{path}: fewer than two labelled images or classes match files under {root}")
-    return Collection(root, kept, [table[f] for f in kept])
+    return Collection(root=root, files=kept, labels=[table[f] for f in kept])
 
 
 def stratified_split(coll: Collection, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),

@@ -30,7 +30,21 @@
   const typed = () => (textOn() ? textInput.value.trim() : "");
 
   const say = (text, isError) => { status.textContent = text; status.className = isError ? "error" : ""; };
-  const params = (extra) => new URLSearchParams({ k: kSel.value, index: indexSel.value, ...extra });
+  const filterForm = document.getElementById("filter-form");
+  // the filters as shown in "Search within" (what you see is what is searched), for uploads and result links
+  const within = () => {
+    const out = new URLSearchParams();
+    if (!filterForm) return out;
+    for (const name of ["folder", "after", "before", "camera", "tag"]) {
+      for (const el of filterForm.querySelectorAll(`[name=${name}]`)) if (el.value) out.append(name, el.value);
+    }
+    return out;
+  };
+  const params = (extra) => {
+    const out = new URLSearchParams({ k: kSel.value, index: indexSel.value, ...extra });
+    for (const [name, value] of within()) out.append(name, value);
+    return out;
+  };
 
   function render(data) {
     grid.replaceChildren();
@@ -41,7 +55,7 @@
       li.innerHTML = `<a class="more" title="more like this"><img alt=""></a>
         <div class="caption"><span class="rank">#${r.rank}</span><span class="score"></span>
         <span class="path"></span><a class="open" target="_blank" rel="noopener">open</a></div>`;
-      li.querySelector("a.more").href = `/?${new URLSearchParams({ id: r.id, index: data.index, k: data.k })}`;
+      li.querySelector("a.more").href = `/?${params({ id: r.id, index: data.index, k: data.k })}`;
       li.querySelector("img").src = r.thumbnail_url;
       li.querySelector("img").alt = r.path;
       li.querySelector(".score").textContent = r.similarity ? `${r.score.toFixed(3)} · ${r.similarity}` : r.score.toFixed(3);
@@ -51,10 +65,11 @@
       grid.appendChild(li);
     }
     const what = data.text ? ` for “${data.text}”` : "";
-    title.textContent = `Top ${data.results.length}${what} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
+    const among = data.matched != null ? ` of ${data.matched} matching` : "";
+    title.textContent = `Top ${data.results.length}${what}${among} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
     section.hidden = false;
     if (collection) collection.hidden = true;
-    say("");
+    say(data.message || "");
   }
 
   async function call(url, options) {
@@ -128,6 +143,10 @@
     else if (typed()) location.href = `/?${params({ text: typed() })}`;
     else say(textOn() ? "Choose an image or type what the pictures should show." : "Choose an image.", true);
   });
+  // the upload form's copies of the applied filters serve pages without JavaScript; here the fields above rule
+  form.querySelectorAll(".within-field").forEach((el) => el.remove());
+  // an uploaded picture is searched again within the new filters (a plain GET would drop the upload)
+  if (filterForm) filterForm.addEventListener("submit", (ev) => { if (lastFile) { ev.preventDefault(); searchFile(lastFile); } });
   fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
   ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
