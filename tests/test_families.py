@@ -129,8 +129,8 @@ def test_fused_names_keep_family_parts_and_their_weights_unambiguous(tiny: Tiny)
 
     part = Part.parse(f"timm:{VIT}:{tiny.vit_pt}*0.5")
     assert (part.name, part.weights, part.weight) == (f"timm:{VIT}", str(tiny.vit_pt), 0.5)
-    assert Part.parse(f"timm:{VIT}") == Part(f"timm:{VIT}")
-    assert Part.parse("siamese:models/s.pt") == Part("siamese", "models/s.pt")  # the old form is unchanged
+    assert Part.parse(f"timm:{VIT}") == Part(name=f"timm:{VIT}")
+    assert Part.parse("siamese:models/s.pt") == Part(name="siamese", weights="models/s.pt")  # the old form is unchanged
     from cbir.bench.run import parse_encoders  # cbir bench --encoders reads names the same way
 
     assert parse_encoders(f"resnet50:none,timm:{VIT}:{tiny.vit_pt}")[:2] == [("resnet50", "none"),
