@@ -3,7 +3,8 @@
     python benchmarks/preprocess_cost.py --images /tmp/cbir-throughput/640x480 [--encoder efficientnet_lite0]
 
 Stages are those of a decoding worker (indexer.decode.decode): read the file and hash it, decode the
-JPEG (draft mode, EXIF, RGB), then resize the centre-crop box to the network's input (Preprocess.pixels).
+JPEG (draft mode, EXIF, RGB), read its metadata (EXIF date, camera, GPS, XMP keywords, a sidecar looked for), then
+resize the centre-crop box to the network's input (Preprocess.pixels).
 Milliseconds per image, medians of --repeats passes over the images. With the model's own cost per image
 (2 cores / its images/s), this bounds what any overlap of decoding with inference can reach:
 pipeline / model-only <= model core-ms / (model core-ms + preprocessing core-ms).
@@ -20,9 +21,10 @@ from statistics import median
 
 import torch
 
+from cbir import metadata
 from cbir.encoders import create
 from cbir.files import sha256_bytes
-from cbir.images import load_image
+from cbir.images import decode_image, load_image
 from indexer.decode import decode
 from indexer.source import Source
 
@@ -52,10 +54,14 @@ def main() -> None:
     source = Source.of(folder)
     data = [source.read(f)[0] for f in files]
     decoded = [load_image(io.BytesIO(d), draft=pre.draft_size) for d in data]
+    pictures = [(f, decode_image(io.BytesIO(d), draft=pre.draft_size)) for f, d in zip(files, data, strict=True)]
     rows = [
         ("read + sha256", per_image_ms(lambda f: sha256_bytes(source.read(f)[0]), files, args.repeats)),
         ("decode (draft, EXIF, RGB)", per_image_ms(lambda d: load_image(io.BytesIO(d), draft=pre.draft_size),
                                                    data, args.repeats)),
+        ("metadata (EXIF, XMP, sidecar looked for)", per_image_ms(
+            lambda fp: metadata.read(fp[1].exif, fp[1].xmp, fp[1].size, 0, source.sidecar(fp[0])), pictures,
+            args.repeats)),
         (f"resize crop box to {pre.size} ({pre.interpolation})", per_image_ms(pre.pixels, decoded, args.repeats)),
         ("whole worker item", per_image_ms(lambda f: decode(source, f, pre), files, args.repeats)),
     ]

@@ -13,9 +13,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from cbir.errors import CbirError
+
+if TYPE_CHECKING:
+    from cbir.index import Index
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -28,7 +31,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
                            verify=args.verify, index_type=args.index_type, float16=True if args.float16 else None,
                            qe=args.qe, dba=args.dba, preset=args.preset, progress=not args.quiet,
                            on_disk=True if args.on_disk else None, memory_budget=_bytes(args.memory_budget),
-                           engine=args.engine, ray_address=args.ray_address,
+                           engine=args.engine, ray_address=args.ray_address, tags=args.tags,
+                           model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"),
                            local_features=not args.no_local_features)
     print(build(args.dir, args.out, options).describe())
     return 0
@@ -42,6 +46,18 @@ def _describe_preset(name: str) -> str:
         return name
     default = ", the default" if name == DEFAULT_PRESET else ""
     return f"{name} ({settings['encoder']}, qe {settings['qe']}, dba {settings['dba']}{default})"
+
+
+def _json_object(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise CbirError(f"{flag} takes a JSON object, e.g. '{{\"img_size\": 224}}', not {text!r}")
+    return value
 
 
 def _bytes(text: str | None) -> int | None:
@@ -60,27 +76,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from cbir.encoders._onnx_query import QUERY_MODES
     from cbir.index import Index
 
+    if args.image is None and args.text is None:
+        raise CbirError("give a query: an image file, --text 'a red bicycle', or both")
     index = Index.open(args.index, device=args.device, weights=args.weights)
+    where = _where(args)
     started = time.perf_counter()
-    evidence: list = []
-    if args.copies:
-        from cbir.copies import rank_copies_first
-        from cbir.images import load_query
-
-        ranked = rank_copies_first(index, load_query(args.image), k=args.k)
-        results, evidence = [r for r, _ in ranked], [e for _, e in ranked]
-    else:
-        results = index.search(args.image, k=args.k)
+    results, evidence = _query(index, args, where)
     took = (time.perf_counter() - started) * 1000
-    if not args.no_prepare and index.encoder_config.get("precision", "fp32") in QUERY_MODES:
+    matched = len(index.matching(where)) if where else len(index)
+    by_picture = args.image is not None and not args.no_prepare
+    if by_picture and index.encoder_config.get("precision", "fp32") in QUERY_MODES:
         index.prepare_fast_queries()  # once per encoder and machine: later searches start without torch
     if args.json:
         rows = [{**r.to_dict(), **({"copy": e.to_dict()} if evidence else {})}
                 for r, e in zip(results, evidence or [None] * len(results), strict=True)]
         print(json.dumps({"index": str(index.directory), "encoder": index.encoder_config["name"], "k": args.k,
-                          "took_ms": round(took, 2), "results": rows}, indent=2))
+                          "text": args.text, "took_ms": round(took, 2), "matched": matched,
+                          "filters": where.to_query() if where else {}, "results": rows}, indent=2))
         return 0
-    print(f"top {len(results)} of {len(index)} images in {index.name} ({index.encoder_config['name']}), "
+    within = f" matching {where.describe()}" if where else ""
+    print(f"top {len(results)} of {matched} images{within} in {index.name} ({index.encoder_config['name']}), "
           f"{took:.0f} ms")
     width = max((len(r.path) for r in results), default=4)
     print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  id")
@@ -88,6 +103,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
         copy = f"  copy: {evidence[n].inliers} matching points" if evidence and evidence[n].verified else ""
         print(f"{r.rank:>4}  {r.score:6.3f}  {r.path:<{width}}  {r.id}{copy}")
     return 0
+
+
+def _query(index: Index, args: argparse.Namespace, where) -> tuple[list, list]:
+    """The results of `cbir search` (by image, text, or both; verified copies first with --copies), and the
+    copies' evidence."""
+    if args.text is not None:
+        if args.copies:
+            raise CbirError("--copies ranks copies of a picture; it does not combine with --text")
+        return index.search_text(args.text, k=args.k, image=args.image, where=where), []
+    if not args.copies:
+        return index.search(args.image, k=args.k, where=where), []
+    from cbir.copies import rank_copies_first
+    from cbir.images import load_query
+
+    ranked = rank_copies_first(index, load_query(args.image), k=args.k, where=where)
+    return [r for r, _ in ranked], [e for _, e in ranked]
+
+
+def _where(args: argparse.Namespace):
+    """The search's filters from --folder, --after, --before, --camera and --tag (several: all of them)."""
+    from cbir.search.filters import Where
+
+    return Where.parse(folder=args.folder, after=args.after, before=args.before, camera=args.camera,
+                       tags=args.tag or ())
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -123,11 +162,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"words     near-duplicate >= {w['near_duplicate']:.3f}, similar >= {w['similar']:.3f}, borderline >= "
           f"{w['borderline']:.3f} ({'fitted on this collection' if w['fitted'] else 'defaults'})")
     print(f"created   {info['created']}  in {info['seconds']:.1f} s by cbir {info['cbir_version']}")
+    _print_metadata(info)
     for p, r in index.skipped[: args.show_skipped]:
         print(f"  skipped {p}: {r}")
     if len(index.skipped) > args.show_skipped:
         print(f"  ... {len(index.skipped) - args.show_skipped} more skipped (cbir info --json lists all)")
     return 0
+
+
+def _print_metadata(info: dict) -> None:
+    """What was left out of the folder, and what the pictures' metadata holds (dates, cameras, tags, folders)."""
+    from cbir.images import describe_left_out
+
+    if info["left_out"]:
+        counts = {(x["reason"], x["extension"]): x["files"] for x in info["left_out"]}
+        print("left out  " + ", ".join(describe_left_out(counts)))
+    meta = info["metadata"]
+    d = meta["dates"]
+    if d:
+        print(f"dates     {d['first']} .. {d['last']} ({d['from_camera']} from the camera, {d['from_file']} from "
+              "file times)")
+    for name in ("cameras", "tags"):
+        counts = meta[name]
+        shown = ", ".join(f"{k} ({v})" for k, v in list(counts.items())[:8])
+        more = f" and {len(counts) - 8} more" if len(counts) > 8 else ""
+        print(f"{name:<9} {shown + more if counts else 'none recorded'}")
+    folders = meta["folders"]
+    print(f"folders   {len(folders)}{': ' + ', '.join(folders[:8]) if folders else ''}"
+          f"{' ...' if len(folders) > 8 else ''}")
 
 
 def _print_segments(info: dict) -> None:
@@ -181,10 +243,12 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
-    from cbir.encoders import list_encoders
+    from cbir.encoders import list_encoders, list_families
 
     rows = [(e.name, "/".join(f"{p}:{d or 'as trained'}" for p, d in e.dims.items()), e.default_pooling,
              e.weights_status(), e.description) for e in list_encoders()]
+    rows += [(f"{f.prefix}:NAME", "/".join(f"{p}:as the model" for p in f.poolings), f.default_pooling, f.status(None),
+              f"{f.description}; e.g. {', '.join(f.examples)}") for f in list_families()]
     if args.json:
         print(json.dumps([dict(zip(("name", "dims", "default_pooling", "weights", "description"), r, strict=True))
                           for r in rows], indent=2))
@@ -255,27 +319,82 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
-    from cbir.duplicates import DEFAULT_THRESHOLD, find_duplicates
+    from cbir import review
+    from cbir.duplicates import DEFAULT_THRESHOLD, TIERS, find_duplicates
     from cbir.index import Index
 
+    if args.undo:
+        return _undo_moves(args)
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLD
     if not 0.0 < args.threshold <= 1.0:
         raise CbirError("--threshold is a cosine similarity between 0 and 1")
-    found = find_duplicates(Index.open(args.index, device="cpu"), args.threshold)
-    if args.json:
+    if args.apply and not args.move_to:
+        raise CbirError("--apply carries out --move-to DIR: give the folder to move the other pictures of groups to")
+    index = Index.open(args.index, device="cpu")
+    if args.not_duplicates:
+        added = review.Decisions.load(index.directory).mark_not_duplicates(args.not_duplicates)
+        print(f"remembered: {', '.join(args.not_duplicates)} are not duplicates ({added} new pairs); they will not "
+              "be shown together again")
+    found = find_duplicates(index, args.threshold)
+    tiers = [t for t in (args.tiers or "identical,near").split(",") if t]
+    if unknown := set(tiers) - set(TIERS):
+        raise CbirError(f"--tiers: unknown tier {sorted(unknown)[0]!r}; choose from {', '.join(TIERS)}")
+    if args.keep:
+        review.set_keep(found, args.keep)
+    if args.json and not args.move_to:
         print(json.dumps(found, indent=2))
         return 0
+    if not args.move_to:
+        _print_duplicates(found, args.threshold)
+        return 0
+    return _move_duplicates(index, found, tiers, args)
+
+
+def _print_duplicates(found: dict, threshold: float) -> None:
     print(f"{len(found['identical'])} groups of byte-identical files, {len(found['near'])} groups of copies "
-          f"({found['candidates']} pairs at cosine >= {args.threshold} checked, {found['verified_pairs']} verified "
-          "by matching local features)")
-    for g in found["identical"]:
-        print("identical: " + "  ".join(x["path"] for x in g))
-    for g in found["near"]:
-        print(f"copies of {g[0]['path']}:")
-        for member in g[1:]:
-            print(f"    {member['path']}: {member['evidence'][0]['why']}")
+          f"({found['candidates']} pairs at cosine >= {threshold} checked, {found['verified_pairs']} verified "
+          f"by matching local features), {len(found['same_scene'])} groups of the same scene (burst shots: "
+          "not copies)")
+    for title, key in (("identical", "identical"), ("copies of", "near"), ("same scene as", "same_scene")):
+        for g in found[key]:
+            print(f"{title} {g[0]['path']}:" if key != "identical" else "identical:")
+            for m in g:
+                facts = f"{m['width']}x{m['height']}, {m['bytes']:,} bytes, {m['taken'] or 'no date'}"
+                why = m.get("why") or (m["evidence"][0]["why"] if m.get("evidence") else "")
+                print(f"  {'keep' if m['keep'] else '    '}  {m['path']} ({facts}){': ' + why if why else ''}")
+
+
+def _move_duplicates(index, found: dict, tiers: list[str], args: argparse.Namespace) -> int:
+    from cbir import review
+
+    moves = review.plan_moves(index.root, [g for t in tiers for g in found[t]], Path(args.move_to))
+    if not args.apply:
+        for m in moves:
+            print(f"would move {m.describe()}")
+        print(f"dry run: {len(moves)} files would move (the one marked keep in each group stays); add --apply to "
+              "move them; cbir duplicates INDEX --undo puts them back")
+        return 0
+    done = review.move_duplicates(index, moves)
+    for m in done:
+        print(f"moved {m.describe()}")
+    print(f"moved {len(done)} files to {args.move_to} and removed them from the index (log: "
+          f"{index.directory / 'moves.jsonl'}); cbir duplicates {args.index} --undo puts them back")
     return 0
+
+
+def _undo_moves(args: argparse.Namespace) -> int:
+    from cbir import review
+    from cbir.index import Index
+
+    undone = review.undo_duplicate_moves(Index.open(args.index, device="cpu"))
+    for m in undone.restored:
+        print(f"restored {m.source}")
+    for m, why in undone.refused:
+        print(f"not restored {m.source}: {why}")
+    print(f"{len(undone.restored)} files put back and indexed again" +
+          (f"; {len(undone.refused)} could not be (still in the log)" if undone.refused else ""))
+    return 0 if not undone.refused else 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -295,8 +414,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from webui.server import make_server
     from webui.warm import when_ready
 
+    if args.max_batch < 1:
+        raise CbirError("--max-batch is at least 1 (1: every query embedded alone)")
     app = create_app({"INDEXES": args.indexes, "DEVICE": args.device, "TOKEN": token, "WRITABLE": args.writable,
-                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024)})
+                      "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1024 * 1024), "MOVE_TO": args.move_to,
+                      "BATCH_MAX": args.max_batch})
     server = make_server(app, host=args.host, port=args.port, threads=args.threads)
     served = f"serving {', '.join(app.extensions['cbir'].names)} on http://{args.host}:{server.effective_port}/"
     # listening already (health answers "warming"); "serving" once every query model has answered a search
@@ -325,12 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed every image in a folder and write an index")
     s.add_argument("dir", help="folder of images (searched recursively)")
     s.add_argument("--out", help="index folder to write (default: indexes/<folder name>)")
-    s.add_argument("--encoder", help="encoder name (default efficientnet_lite0; with --update: the index's own)")
-    s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file")
+    s.add_argument("--encoder", help="encoder name (default efficientnet_lite0; with --update: the index's own), or "
+                   "a model of a family: timm:NAME (any timm model), clip:ARCH (an OpenCLIP model: text search too)")
+    s.add_argument("--weights", help="'imagenet' (default), 'none' (random), or a weights file; for timm:NAME and "
+                   "clip:ARCH also a pretrained tag found in the Hugging Face cache (cbir encoders)")
     s.add_argument("--pooling", help="gem, avg, max or fc (default: the encoder's own)")
+    s.add_argument("--model-kwargs", metavar="JSON", help="timm:NAME and clip:ARCH: arguments for the model's "
+                   "constructor, recorded in the index, e.g. '{\"img_size\": 224}' for a DINOv2 at 224 px")
     s.add_argument("--batch-size", type=int, help="images per batch (default: 16 on a CPU, 64 on a GPU)")
     s.add_argument("--workers", type=int, help="decoding processes (default: by collection size and cores)")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N (card N)")
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching names/paths")
     s.add_argument("--rebuild", action="store_true", help="re-embed everything, replacing the index at --out "
                    "when the new one is complete")
@@ -364,12 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "a local cluster started for this run)")
     s.add_argument("--no-local-features", action="store_true", help="keep no local features per picture: indexing "
                    "is faster, and cbir search --copies computes them from the files instead (slower)")
+    s.add_argument("--tags", metavar="FILE.csv", help="tags for pictures: a CSV with the header path,tag, then one "
+                   "line per path (relative to DIR) and tag; added to the tags their XMP carries")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_index)
 
-    s = sub.add_parser("search", help="find the images most like IMAGE")
+    s = sub.add_parser("search", help="find the images most like IMAGE, or matching --text, or both")
     s.add_argument("index", help="index folder (or a name under indexes/)")
-    s.add_argument("image", help="query image file")
+    s.add_argument("image", nargs="?", help="query image file")
+    s.add_argument("--text", help="a text query, e.g. 'a red bicycle' (an index of a CLIP model); with IMAGE too, "
+                   "the pictures like IMAGE and the text together")
     s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--device", default="auto")
@@ -378,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "mirrored versions, checked with local features) first, and say so")
     s.add_argument("--no-prepare", action="store_true", help="do not export the ONNX query model that makes later "
                    "searches of an fp32 index start faster")
+    s.add_argument("--folder", help="only images in this folder (relative to the indexed folder) or below it")
+    s.add_argument("--after", metavar="DATE", help="only images taken on or after DATE (YYYY-MM-DD; the camera's "
+                   "date, else the file's)")
+    s.add_argument("--before", metavar="DATE", help="only images taken before DATE")
+    s.add_argument("--camera", help="only images from this camera (make, model or both, as cbir info lists them)")
+    s.add_argument("--tag", action="append", help="only images with this tag (XMP keywords, --tags FILE.csv); "
+                   "repeat for several: all of them")
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("train", help="train a siamese or autoencoder encoder on your own images")
@@ -426,11 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("duplicates", help="list byte-identical and near-duplicate images in an index")
+    s = sub.add_parser("duplicates", help="byte-identical files, verified copies and burst shots of an index; "
+                       "move all but one of each group out of the collection (and back)")
     s.add_argument("index")
     s.add_argument("--threshold", type=float, default=None, help="cosine similarity from which pairs are checked "
                    "(default 0.7); a pair is reported only when its local features verify it")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--not-duplicates", nargs="+", metavar="PATH", help="remember that these pictures (paths as "
+                   "listed) are not duplicates: they are never shown together again")
+    s.add_argument("--keep", action="append", metavar="PATH", help="keep this picture of its group instead of the "
+                   "default (the largest, then the oldest)")
+    s.add_argument("--move-to", metavar="DIR", help="move every picture of each group but the one to keep into DIR "
+                   "(same relative paths; never overwrites). A dry run unless --apply")
+    s.add_argument("--apply", action="store_true", help="with --move-to: really move (logged in the index folder)")
+    s.add_argument("--tiers", metavar="LIST", help="with --move-to: which groups, from identical, near (verified "
+                   "copies) and same_scene (burst shots); default identical,near")
+    s.add_argument("--undo", action="store_true", help="put back every file moved by --move-to --apply, and into "
+                   "the index")
     s.set_defaults(func=_cmd_duplicates)
 
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
@@ -438,13 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (card N)")
     s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--max-batch", type=int, default=16, help="embed concurrent queries together, at most this many "
+                   "at once (default 16; 1 embeds each alone)")
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
     s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
     s.add_argument("--writable", action="store_true", help="accept POST /api/images (add an image) and DELETE "
                    "/api/images/ID (remove one); needs a token on a network address")
+    s.add_argument("--move-to", metavar="DIR", help="let the duplicate review page (/duplicates) move the other "
+                   "pictures of a group into DIR (never deletes; cbir duplicates INDEX --undo puts them back)")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("info", help="describe an index")

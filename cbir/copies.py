@@ -34,6 +34,7 @@ from cbir.local_features import KEEP_SIDE, SIDE, Features, extract
 
 if TYPE_CHECKING:
     from cbir.index import Index, Result
+    from cbir.search.filters import WhereLike
 
 RATIO_TEST = 0.8  # Lowe's ratio test for a match
 REPROJECTION_PX = 4.0  # RANSAC inlier distance at SIDE
@@ -88,10 +89,16 @@ NOT_CHECKED = Evidence(inliers=0, matches=0, checked=False)  # not looked at: ch
 
 def match(a: Features, b: Features) -> Evidence:
     """Ratio-test matches of a's descriptors in b, and how many one similarity transform explains."""
+    return matched_points(a, b)[0]
+
+
+def matched_points(a: Features, b: Features) -> tuple[Evidence, np.ndarray, np.ndarray]:
+    """`match`, with the points that agree: positions in a and in b ([M, 2] each), for drawing."""
     import cv2
 
+    none = np.zeros((0, 2), np.float32)
     if len(a) < 2 or len(b) < 2:
-        return NO_EVIDENCE
+        return NO_EVIDENCE, none, none
     keypoints = min(len(a), len(b))
     # float32: OpenCV's brute-force L2 matcher is 6x slower on uint8 rows (17 ms against 2.7 ms for 300 x 500)
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.descriptors.astype(np.float32), b.descriptors.astype(np.float32),
@@ -103,7 +110,7 @@ def match(a: Features, b: Features) -> Evidence:
             best[m.trainIdx] = m
     good = list(best.values())
     if len(good) < 4:
-        return Evidence(inliers=0, matches=len(good), keypoints=keypoints)
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints), none, none
     src = a.xy[[m.queryIdx for m in good]]
     dst = b.xy[[m.trainIdx for m in good]]
     cv2.setRNGSeed(0)  # the same pair gets the same answer every time
@@ -111,8 +118,8 @@ def match(a: Features, b: Features) -> Evidence:
                                                   maxIters=5000, confidence=0.999)
     inliers = mask.ravel().astype(bool) if mask is not None else np.zeros(len(good), bool)
     if transform is None or not _plausible(transform, src[inliers], dst[inliers], a.size, b.size):
-        return Evidence(inliers=0, matches=len(good), keypoints=keypoints)
-    return Evidence(inliers=int(inliers.sum()), matches=len(good), keypoints=keypoints)
+        return Evidence(inliers=0, matches=len(good), keypoints=keypoints), none, none
+    return Evidence(inliers=int(inliers.sum()), matches=len(good), keypoints=keypoints), src[inliers], dst[inliers]
 
 
 def _plausible(transform: np.ndarray, src: np.ndarray, dst: np.ndarray, size_a: tuple[int, int],
@@ -169,6 +176,38 @@ class FeatureCache:
         return either_way(self.get(a), lambda: self.get(a, mirrored=True), self.get(b))
 
 
+LINE_COLOURS = ((46, 204, 113), (52, 152, 219), (241, 196, 15), (231, 76, 60), (155, 89, 182))
+
+
+def evidence_picture(a: Path, b: Path, max_lines: int = 60) -> tuple[Image.Image, Evidence]:
+    """The two pictures side by side (at SIDE px, as they were compared) with their matching points joined by lines:
+    what "verified: 87 matching points" means, to look at. A mirrored copy is matched through its mirror image and
+    its points drawn where they are in the picture as it is."""
+    from PIL import ImageDraw
+
+    ia, ib = load_image(a, draft=SIDE), load_image(b, draft=SIDE)
+    fa, fb = extract(ia), extract(ib)
+    evidence, src, dst = matched_points(fa, fb)
+    if not evidence.verified:
+        flipped, fsrc, fdst = matched_points(extract(ImageOps.mirror(ia)), fb)
+        if (flipped.verified, flipped.inliers) > (evidence.verified, evidence.inliers):
+            evidence, src, dst = replace(flipped, mirrored=True), fsrc.copy(), fdst
+            src[:, 0] = fa.size[0] - 1 - src[:, 0]
+    (wa, ha), (wb, hb) = fa.size, fb.size
+    gap = 12
+    canvas = Image.new("RGB", (wa + gap + wb, max(ha, hb)), (255, 255, 255))
+    canvas.paste(ia.resize((wa, ha), Image.BICUBIC), (0, 0))
+    canvas.paste(ib.resize((wb, hb), Image.BICUBIC), (wa + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    step = max(1, len(src) // max_lines)
+    for n, ((x0, y0), (x1, y1)) in enumerate(zip(src[::step], dst[::step], strict=True)):
+        colour = LINE_COLOURS[n % len(LINE_COLOURS)]
+        draw.line([(x0, y0), (x1 + wa + gap, y1)], fill=colour, width=1)
+        for x, y in ((x0, y0), (x1 + wa + gap, y1)):
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+    return canvas, evidence
+
+
 FeaturesOf = Callable[[list[int]], list[Features | None]]  # ids -> their kept features (None: not kept)
 
 
@@ -201,17 +240,18 @@ class Verification:
 
 def rank_copies_first(index: Index, image: Image.Image, k: int = 10, candidates: int = 20, *,
                       cache: FeatureCache | None = None, vector: np.ndarray | None = None,
-                      how: Verification | None = None) -> list[tuple[Result, Evidence]]:
+                      how: Verification | None = None, where: WhereLike = None) -> list[tuple[Result, Evidence]]:
     """The top `k` for a query picture with its verified copies first (strongest first), then the rest in order.
 
     Candidates are the global top `candidates`, checked in order against the query (and its mirror image, for the
     close ones); once one has verified strongly, checking stops at STOP_AFTER_MISSES in a row that do not verify
     (copies of one picture come together at the top of the global order). Those after are not checked
-    (`Evidence.checked` is False). `vector` is the query's embedding when the caller has it already.
+    (`Evidence.checked` is False). `vector` is the query's embedding when the caller has it already; `where` keeps
+    to the pictures it allows.
     """
     how = how or Verification(candidates=candidates, cache=cache or FeatureCache())
     query = index.embed(image) if vector is None else vector
-    found = index.search_vector(query, k=max(k, how.candidates))
+    found = index.search_vector(query, k=max(k, how.candidates), where=where)
     checked = _verify(index, _Query(image), found, how)
     copies = sorted((c for c in checked if c[1].verified), key=lambda c: -c[1].inliers)
     others = [c for c in checked if not c[1].verified]

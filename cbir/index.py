@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,10 @@ from PIL import Image
 from cbir.errors import BoxError, CbirError
 from cbir.images import Box, crop, load_query
 from cbir.layout import MANIFEST, VECTORS, resolve_index_dir
+from cbir.metadata import show_date
+from cbir.search import filters
 from cbir.search.expansion import Expansion, expand_queries
+from cbir.search.filters import Where, WhereLike, as_where
 from cbir.search.manifest import Manifest
 from cbir.search.searcher import use_gpu
 from cbir.search.segments import Generation, RowFilter
@@ -50,6 +54,25 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+MAX_TEXT = 1000  # characters of a text query; CLIP tokenizers keep the first 77 tokens anyway
+
+
+def check_text(text: str) -> str:
+    """A usable text query, or a plain error."""
+    if not isinstance(text, str) or not text.strip():
+        raise CbirError("the text query is empty: type what the pictures should show, e.g. 'a red bicycle'")
+    if len(text) > MAX_TEXT:
+        raise CbirError(f"the text query is {len(text)} characters long; at most {MAX_TEXT}")
+    return text.strip()
+
+
+def joint(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """A picture and a text as one query: the sum of the two unit vectors, normalised (the usual zero-shot way to
+    compose them in a CLIP space: each contributes its direction equally)."""
+    both = np.asarray(image, np.float32) + np.asarray(text, np.float32)
+    return both / max(float(np.linalg.norm(both)), 1e-12)
 
 
 class Columns:
@@ -125,6 +148,7 @@ class Index:
         self._lock = threading.Lock()
         self._signature = _signature(directory)
         self._columns: tuple[Generation, Columns] | None = None
+        self._facets: tuple[Generation, dict[str, Any]] | None = None
 
     # -- building and opening -------------------------------------------------------------------------
     @classmethod
@@ -307,36 +331,68 @@ class Index:
             if v.shape[0] != self._gen.dim:
                 raise CbirError(f"query vector has dimension {v.shape[0]}, index {self.name} has {self._gen.dim}")
             return v / max(float(np.linalg.norm(v)), 1e-12)
-        enc = self.query_encoder
+        return self.query_encoder.embed([self.query_picture(query, box)])[0]
+
+    def query_picture(self, query: Query, box: Box | None = None) -> Image.Image:
+        """The decoded RGB picture (or its region `box`) that a query embeds: the server decodes it in the request's
+        own thread, then embeds many at once."""
         if isinstance(query, Image.Image):
             im = query.convert("RGB")
         else:
-            im = load_query(query, draft=None if box else enc.preprocess.draft_size)
+            im = load_query(query, draft=None if box else self.query_encoder.preprocess.draft_size)
         if box is not None:
             try:
                 im = crop(im, box)
             except ValueError as exc:
                 raise BoxError(str(exc)) from None
-        return enc.embed([im])[0]
+        return im
+
+    # -- text queries (an index of a CLIP model) --------------------------------------------------------
+    @property
+    def has_text(self) -> bool:
+        """Whether its encoder embeds text into the image vectors' space (read from the record: nothing is built)."""
+        return bool(self.encoder_config.get("text"))
+
+    def embed_text(self, text: str) -> np.ndarray:
+        """A text query ("a red bicycle") as one L2-normalised vector in the images' space."""
+        text = check_text(text)
+        if not self.has_text:
+            raise CbirError(f"index {self.name} was built with {self.encoder_config['name']}, which has no text "
+                            "tower: text search needs an index of a CLIP model, e.g. cbir index DIR --encoder "
+                            "clip:ViT-B-32 --weights laion2b_s34b_b79k")
+        return self.encoder.embed_text([text])[0]
+
+    def search_text(self, text: str, k: int = 10, image: Query | None = None, exclude_ids: tuple[int, ...] = (), *,
+                    where: WhereLike = None) -> list[Result]:
+        """The k images best matching `text`; with `image` (any query), those like the picture and the text together
+        ("a picture plus 'at night'": see `joint`)."""
+        vector = self.embed_text(text)
+        if image is not None:
+            vector = joint(self.embed(image), vector)
+        return self.search_vector(vector, k, exclude_ids, where=where)
 
     def search(self, query: Query, k: int = 10, exclude_ids: tuple[int, ...] = (),
-               row_filter: RowFilter | None = None) -> list[Result]:
-        """The k most similar indexed images, best first."""
-        return self.search_vector(self.embed(query), k, exclude_ids, row_filter=row_filter)
+               row_filter: RowFilter | None = None, *, where: WhereLike = None) -> list[Result]:
+        """The k most similar indexed images, best first; `where` keeps to the images it allows (a `Where`, or its
+        words: {"folder": "Holidays", "after": "2023-01-01", "before": "2024-01-01", "camera": "Pixel 7",
+        "tags": ["product"]}), the true top-k among them."""
+        return self.search_vector(self.embed(query), k, exclude_ids, row_filter=row_filter, where=where)
 
     def search_id(self, id_: int, k: int = 10, include_self: bool = False, box: Box | None = None,
-                  row_filter: RowFilter | None = None) -> list[Result]:
+                  row_filter: RowFilter | None = None, *, where: WhereLike = None) -> list[Result]:
         """"More like this" for an indexed image (its stored vector; with `box`, that region of its file)."""
         vector = self.vector_of(id_) if box is None else self.embed(self.file_of(id_), box=box)
-        return self.search_vector(vector, k, () if include_self else (int(id_),), row_filter=row_filter)
+        return self.search_vector(vector, k, () if include_self else (int(id_),), row_filter=row_filter,
+                                  where=where)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude_ids: tuple[int, ...] = (), *,
-                      row_filter: RowFilter | None = None) -> list[Result]:
+                      row_filter: RowFilter | None = None, where: WhereLike = None) -> list[Result]:
         """The k nearest to `vector` (after the index's query expansion, if it has one), best first; `row_filter`
-        narrows the rows that may be answered (the true top-k among them)."""
+        and `where` narrow the rows that may be answered (the true top-k among them)."""
         if not isinstance(k, int) or k < 1:
             raise CbirError(f"k must be a positive whole number, not {k!r}")
         gen = self._gen
+        row_filter = self._narrowed(row_filter, as_where(where), gen)
         query = self.expand(vector[None, :], [exclude_ids], generation=gen)
         scores, ids = gen.search(query, k + len(exclude_ids), row_filter)
         kept = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True)
@@ -344,6 +400,65 @@ class Index:
         paths = gen.paths_of([i for _, i in kept])
         return [Result(rank=n + 1, id=i, path=p, score=s)
                 for n, ((s, i), p) in enumerate(zip(kept, paths, strict=True))]
+
+    @staticmethod
+    def _narrowed(row_filter: RowFilter | None, where: Where | None, gen: Generation) -> RowFilter | None:
+        """`row_filter` and `where` together (a folder, camera or tag the index does not have is an error)."""
+        if not where:
+            return row_filter
+        filters.check_known(where, [s.columns() for s in gen.segments])
+        by_where = filters.row_filter(where)
+        if row_filter is None:
+            return by_where
+
+        def both(segment):
+            other = row_filter(segment)
+            return by_where(segment) if other is None else by_where(segment) & other
+
+        return both
+
+    def matching(self, where: WhereLike) -> np.ndarray:
+        """The ids of every live image `where` allows, ascending (the collection grid of a filtered page)."""
+        where = as_where(where)
+        gen = self._gen
+        if not where:
+            return np.asarray(gen.ids())
+        filters.check_known(where, [s.columns() for s in gen.segments])
+        parts = []
+        for s in gen.segments:
+            allowed = s.allowed(filters.row_filter(where))
+            rows = allowed.rows() if allowed is not None else np.arange(len(s.store))
+            parts.append(np.asarray(s.store.ids)[rows])
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def facets(self) -> dict[str, Any]:
+        """What the live images' metadata holds: folders, cameras and tags (with counts), the dates taken (worked
+        out once per generation: the page shows them with every request)."""
+        gen = self._gen
+        if self._facets is None or self._facets[0] is not gen:
+            self._facets = (gen, self._facets_of(gen))
+        return self._facets[1]
+
+    @staticmethod
+    def _facets_of(gen: Generation) -> dict[str, Any]:
+        folders: set[str] = set()
+        cameras: Counter[str] = Counter()
+        tags: Counter[str] = Counter()
+        first, last, exif, files = None, None, 0, 0
+        for s in gen.segments:
+            live, columns = (s.live.mask if s.live is not None else None), s.columns()
+            folders.update(columns.folders(live))
+            cameras.update(columns.cameras(live))
+            tags.update(columns.tags(live))
+            d = columns.dates(live)
+            if d:
+                first = d["first"] if first is None else min(first, d["first"])
+                last = d["last"] if last is None else max(last, d["last"])
+                exif, files = exif + d["from_camera"], files + d["from_file"]
+        dates = {"first": show_date(first), "last": show_date(last), "from_camera": exif, "from_file": files} \
+            if first is not None and last is not None else {}
+        return {"folders": sorted(folders), "cameras": dict(cameras.most_common()),
+                "tags": dict(sorted(tags.items(), key=lambda t: (-t[1], t[0]))), "dates": dates}
 
     def expand(self, queries: np.ndarray, exclude: list[tuple[int, ...]] | None = None, *,
                generation: Generation | None = None) -> np.ndarray:
@@ -386,7 +501,7 @@ class Index:
         """The few facts a list of indexes shows (the page, /api/indexes)."""
         cfg = self.encoder_config
         return {"images": len(self), "encoder": cfg["name"], "dim": cfg["dim"], "pooling": cfg["pooling"],
-                "created": self.manifest.created, "generation": self.manifest.generation}
+                "created": self.manifest.created, "generation": self.manifest.generation, "text": self.has_text}
 
     def info(self) -> dict[str, Any]:
         """Everything `cbir info` shows."""
@@ -415,6 +530,8 @@ class Index:
             "preset": m.settings.preset,
             "seconds": m.seconds,
             "removed_files": sorted(m.removed),
+            "left_out": [{"reason": reason, "extension": ext, "files": n} for reason, ext, n in m.left_out],
+            "metadata": self.facets(),
         }
 
 

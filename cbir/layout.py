@@ -7,6 +7,9 @@
     IDX/.work/           saved batches of an unfinished indexing run (indexer.work)
     IDX/.lock            held by the run that is writing IDX (indexer.lock)
     IDX/uploads/         images added through the web API (`cbir serve --writable`), named by content hash
+    IDX/review.json      duplicate review: the groups a person said are not duplicates (cbir.review)
+    IDX/moves.jsonl      duplicate review: files moved out of the collection, for --undo (cbir.review)
+    IDX/moved-rows/      duplicate review: the index rows of moved files, put back by --undo (cbir.review)
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ VECTORS = "vectors.h5"  # an index made before segments
 FAISS = "faiss.index"
 WORK = ".work"
 LOCK = ".lock"
+REVIEW = "review.json"
+MOVES = "moves.jsonl"
+MOVED_ROWS = "moved-rows"
 UPLOADS = "uploads"
 DEFAULT_DIR = Path("indexes")
 

@@ -151,9 +151,12 @@ class Watcher:
             log.info(self.apply(batch))
 
     def _observer(self):
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-        from watchdog.observers.polling import PollingObserver
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+            from watchdog.observers.polling import PollingObserver
+        except ImportError as exc:  # installed by default; missing only in an environment set up by hand
+            raise CbirError("cbir watch needs the watchdog package: pip install watchdog") from exc
 
         watcher = self
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir import metadata
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
 from cbir.images import Skipped
 from cbir.local_features import Features, pack
+from cbir.metadata import GivenTags
 from cbir.search import policy
 from cbir.search.expansion import expand_queries
 from cbir.search.manifest import Manifest, SegmentEntry, Settings
@@ -47,6 +49,8 @@ class CommitJob:
     settings: Settings
     engine: Engine  # runs an on-disk index's shards (this machine, or Ray tasks)
     discovery_skips: list[Skipped] = field(default_factory=list)
+    left_out: dict[tuple[str, str], int] = field(default_factory=dict)  # files that are not pictures, counted
+    tags: GivenTags | None = None  # --tags FILE.csv
     started: float = 0.0
 
 
@@ -75,14 +79,16 @@ def commit(job: CommitJob) -> Committed:
         raise CbirError(_nothing_readable(job.source, rows.skipped))
     writer = IndexWriter(job.out, job.base, mapper=job.engine.map, fresh=job.fresh)
     writer.manifest = replace(writer.manifest, settings=job.settings)
+    _retag(job, writer, rows)
     writer.delete(job.plan.delete)
     ids = _ids(writer, rows.order, job.plan.same_id)
-    blocks = _blocks(rows, ids, job, writer.generation() if rows.reused else None)
+    updating = bool(job.base.segments) and not job.fresh
+    blocks = _blocks(rows, ids, job, writer.generation() if updating else None)
     entry = writer.add_segment(len(rows.order), blocks)
     words = job.settings.words if job.base.segments and not job.fresh else _words(job, writer, entry)
     skipped = tuple(sorted(rows.skipped.items()))
-    updating = bool(job.base.segments) and not job.fresh
-    manifest = writer.commit(settings=replace(job.settings, words=words), skipped=skipped,
+    left_out = tuple(sorted((reason, ext, n) for (reason, ext), n in job.left_out.items()))
+    manifest = writer.commit(settings=replace(job.settings, words=words), skipped=skipped, left_out=left_out,
                              removed=job.plan.kept_out, seconds=round(time.perf_counter() - job.started, 2),
                              created=job.base.created if updating else now_iso())
     manifest = policy.merge_small(job.out, manifest, mapper=job.engine.map)
@@ -170,4 +176,51 @@ def _blocks(rows: _NewRows, ids: np.ndarray, job: CommitJob, old: Generation | N
                 hashes.append(old.column("sha256", [source_id])[0])
                 kept.append(old.features_of([source_id])[0])
         yield RowBlock(ids=ids[start:start + len(part)], paths=part, vectors=vectors, mtime_ns=mtimes, size=sizes,
-                       sha256=hashes, features=pack(kept) if any(f is not None for f in kept) else None)
+                       sha256=hashes, meta=_meta(part, mtimes, rows, job, old),
+                       features=pack(kept) if any(f is not None for f in kept) else None)
+
+
+def _meta(part: list[str], mtimes: np.ndarray, rows: _NewRows, job: CommitJob,
+          old: Generation | None) -> dict[str, np.ndarray]:
+    """The rows' metadata: read by the decode workers (a renamed file: its indexed row's), their tags the file's own
+    and those given with --tags (without it, those given before: metadata.with_tags)."""
+    before = {p: rows.reused.get(p, job.plan.same_id.get(p)) for p in part}
+    before = {p: i for p, i in before.items() if i is not None}
+    old_meta = old.meta_of(list(before.values())) if old is not None and before else {}
+    old_at = {p: n for n, p in enumerate(before)}
+    metas = []
+    for j, path in enumerate(part):
+        previous = metadata.from_columns(old_meta, old_at[path]) if path in old_at else None
+        chunk = rows.chunks[rows.from_chunk[path][0]] if path in rows.from_chunk else None
+        if chunk is not None and chunk.meta:
+            meta = metadata.from_columns(chunk.meta, rows.from_chunk[path][1])
+        elif chunk is None and previous is not None:
+            meta = metadata.from_columns(old_meta, old_at[path])
+        else:
+            meta = metadata.Meta(taken_ns=metadata.file_time_ns(int(mtimes[j])))
+        given = job.tags.by_path.get(path, []) if job.tags is not None else None
+        metas.append(metadata.with_tags(meta, given, previous))
+    return metadata.to_columns(metas)
+
+
+def _retag(job: CommitJob, writer: IndexWriter, rows: _NewRows) -> None:
+    """An update with --tags: unchanged pictures whose tags change get a new row (their vector and metadata kept,
+    their id too): a segment's rows are never rewritten in place."""
+    if job.tags is None or job.fresh or not job.base.segments:
+        return
+    going = set(job.plan.delete)
+    for seg in writer.generation().segments:
+        live = seg.live_rows()
+        meta = seg.meta(live)
+        paths = seg.store.paths
+        for n, row in enumerate(live):
+            id_ = int(np.asarray(seg.store.ids)[row])
+            path = paths[int(row)]
+            if id_ in going or path in rows.from_chunk:
+                continue
+            tags = job.tags.merged(path, metadata.split_tags(str(meta["own_tags"][n])))
+            if metadata.TAG_SEPARATOR.join(tags) != str(meta["tags"][n]):
+                rows.reused[path], job.plan.same_id[path] = id_, id_
+                job.plan.delete.append(id_)
+                job.plan.retagged += 1
+    rows.order = sorted(set(rows.order) | set(rows.reused))

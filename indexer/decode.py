@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbir import local_features
+from cbir import local_features, metadata
 from cbir.errors import CbirError, ImageError
 from cbir.files import sha256_bytes
-from cbir.images import load_image
+from cbir.images import decode_image
 from cbir.local_features import Features
 from cbir.preprocess import Preprocess
 from indexer.source import Source
@@ -44,6 +44,7 @@ class Decoded:
     mtime_ns: int = 0
     size: int = 0
     sha256: str = ""
+    meta: metadata.Meta | None = None  # read here, where the file is open anyway
     features: Features | None = None  # its local features, when the index keeps them (cbir/local_features.py)
 
     @property
@@ -57,10 +58,11 @@ def decode(source: Source, file: str, preprocess: Preprocess, features: bool = F
         data, size, mtime_ns = source.read(file)
         if not data:
             return Decoded(file=file, pixels=None, reason="empty file (0 bytes)")
-        im = load_image(io.BytesIO(data), draft=preprocess.draft_size)
-        kept = local_features.to_keep(im) if features else None
-        return Decoded(file=file, pixels=preprocess.pixels(im), mtime_ns=mtime_ns, size=size, sha256=sha256_bytes(data),
-                       features=kept)
+        picture = decode_image(io.BytesIO(data), draft=preprocess.draft_size, name=file)
+        meta = metadata.read(picture.exif, picture.xmp, picture.size, mtime_ns, source.sidecar(file))
+        kept = local_features.to_keep(picture.image) if features else None
+        return Decoded(file=file, pixels=preprocess.pixels(picture.image), mtime_ns=mtime_ns, size=size,
+                       sha256=sha256_bytes(data), meta=meta, features=kept)
     except ImageError as exc:
         reason = str(exc)
     except FileNotFoundError:

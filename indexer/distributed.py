@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cbir import metadata
 from cbir.files import atomic_path
 from cbir.local_features import DIM, KEEP, Features
 from indexer import guardian
 from indexer.decode import DECODE_NICE, Decoded, decode
 from indexer.options import BuildOptions
 from indexer.source import Source
-from indexer.work import WorkDir
+from indexer.work import META, WorkDir
 
 if TYPE_CHECKING:  # the driver's side; Ray's decoding workers import this module without torch
     from cbir.encoders import Encoder
@@ -210,13 +211,18 @@ def embed_files(engine: RayEngine, source: Source, files: list[str], encoder: En
     files = settle_mode(source, files, encoder, work, features=options.local_features)
     batch_size = options.batch_size or default_batch(encoder)
     embedded, started, first = 0, time.perf_counter(), None
+    devices: dict[str, int] = {}
     with _progress(len(files), options.progress) as bar:
         for batch in _pipeline(source, files, encoder, batch_size, options.local_features):
             work.write(to_chunk(_records(batch), batch["vector"][batch["ok"]]))
+            for where in batch["device"]:
+                devices[str(where)] = devices.get(str(where), 0) + 1
             if first is None:
                 first = (time.perf_counter(), len(batch["path"]))
             embedded += len(batch["path"])
             bar.update(len(batch["path"]))
+    if devices:  # which actor embedded what: each GPU actor its own card (Ray sets CUDA_VISIBLE_DEVICES per actor)
+        log.info("ray: embedded on " + "; ".join(f"{where} ({n} images)" for where, n in sorted(devices.items())))
     if first is not None and embedded > first[1]:
         running = (embedded - first[1]) / max(1e-9, time.perf_counter() - first[0])
         log.info(f"ray: first results after {first[0] - started:.1f} s (workers starting, models loading), then "
@@ -254,10 +260,12 @@ def _records(batch: dict[str, np.ndarray]) -> list[Decoded]:
     """The batch as the write stage's records (pixels are not carried back: a marker says which decoded)."""
     marker = np.zeros(0, np.uint8)
     kept = _unpad(batch) if "kp_count" in batch else [None] * len(batch["path"])
+    meta = {name.removeprefix(META): column for name, column in batch.items() if name.startswith(META)}
     return [Decoded(file=str(p), pixels=marker if ok else None, reason=str(r), mtime_ns=int(m), size=int(s),
-                    sha256=str(h), features=f)
-            for p, ok, r, m, s, h, f in zip(batch["path"], batch["ok"], batch["reason"], batch["mtime_ns"],
-                                            batch["size"], batch["sha256"], kept, strict=True)]
+                    sha256=str(h), meta=metadata.from_columns(meta, j) if ok else None, features=f)
+            for j, (p, ok, r, m, s, h, f) in enumerate(zip(batch["path"], batch["ok"], batch["reason"],
+                                                           batch["mtime_ns"], batch["size"], batch["sha256"], kept,
+                                                           strict=True))]
 
 
 def decode_batch(batch: dict[str, np.ndarray], source: Source, preprocess: Any,
@@ -298,7 +306,9 @@ def _decoded_columns(batch: dict[str, np.ndarray], items: list[Decoded], size: i
             "ok": np.array([it.ok for it in items], bool), "reason": np.array([it.reason for it in items]),
             "mtime_ns": np.array([it.mtime_ns for it in items], np.int64),
             "size": np.array([it.size for it in items], np.int64),
-            "sha256": np.array([it.sha256 for it in items])}
+            "sha256": np.array([it.sha256 for it in items]),
+            **{f"{META}{name}": column for name, column in metadata.to_columns(
+                [it.meta or metadata.Meta(taken_ns=0) for it in items]).items()}}
 
 
 class EmbedBatch:
@@ -312,6 +322,7 @@ class EmbedBatch:
         torch.set_num_threads(os.cpu_count() or 1)  # the node's cores, as the local embed stage uses them
         self.encoder = from_config(config, device="cuda" if gpu else "cpu")
         self.encoder.restore_mode(config)
+        self.where = where_embedded(gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"]
@@ -320,7 +331,24 @@ class EmbedBatch:
             vectors[ok] = self.encoder.embed_pixels(batch["pixels"][ok])
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
+        out["device"] = np.array([self.where] * len(ok))
         return out
+
+
+def where_embedded(gpu: bool) -> str:
+    """'host: GPU 2 (NVIDIA ...)' for an actor on a card (Ray's id for it: the actor sees it as cuda:0), else
+    'host: cpu, N threads'."""
+    import socket
+
+    import torch
+
+    host = socket.gethostname()
+    if not gpu:
+        return f"{host}: cpu, {torch.get_num_threads()} threads"
+    import ray
+
+    cards = ",".join(str(g) for g in ray.get_gpu_ids()) or "?"
+    return f"{host}: GPU {cards} ({torch.cuda.get_device_name(0)})"
 
 
 def _progress(total: int, enabled: bool):

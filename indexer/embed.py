@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from cbir import metadata
 from cbir.encoders import Encoder
 from cbir.encoders import _numeric as numeric
 from cbir.errors import CbirError
@@ -37,7 +38,9 @@ def to_chunk(items: list[Decoded], vectors: np.ndarray) -> Chunk:
     return Chunk(paths=[it.file for it in good], vectors=vectors, mtime_ns=np.array([it.mtime_ns for it in good],
                  np.int64),
                  size=np.array([it.size for it in good], np.int64), sha256=[it.sha256 for it in good],
-                 skipped=[(it.file, it.reason) for it in items if not it.ok], features=features)
+                 skipped=[(it.file, it.reason) for it in items if not it.ok], features=features,
+                 meta=metadata.to_columns([it.meta or metadata.Meta(taken_ns=metadata.file_time_ns(it.mtime_ns))
+                                           for it in good]))
 
 
 def embed_files(source: Source, files: list[str], encoder: Encoder, work: WorkDir, options: BuildOptions,

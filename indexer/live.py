@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
+from cbir import metadata
 from cbir.errors import CbirError
 from cbir.files import atomic_path, sha256_bytes
 from cbir.images import ImageError, load_image
@@ -132,26 +133,41 @@ def _commit_new(index: Index, todo: list[str], *, skip_bad: bool,
         from cbir.search.writer import raw_vectors_of
 
         vectors = np.concatenate([vectors, raw_vectors_of(gen, np.array([reuse[r] for r in moved]))])
-        rows += [(*_stat(index.root / r), gen.column("sha256", [reuse[r]])[0]) for r in moved]
+        moved_meta = gen.meta_of([reuse[r] for r in moved])
+        rows += [(*_stat(index.root / r), gen.column("sha256", [reuse[r]])[0],
+                  metadata.from_columns(moved_meta, n)) for n, r in enumerate(moved)]
         kept += gen.features_of([reuse[r] for r in moved])
     paths = embedded + moved
     writer = IndexWriter(index.directory, index.manifest)
     before = {r: index.id_of(r) for r in paths}
+    metas = _carried_tags(gen, paths, [row[3] for row in rows], before)
     writer.delete([i for i in before.values() if i is not None] + [reuse[r] for r in moved])
     fresh = iter(writer.new_ids(sum(i is None for i in before.values())))
     block = RowBlock(ids=np.array([before[r] if before[r] is not None else next(fresh) for r in paths], np.int64),
                      paths=paths, vectors=vectors, mtime_ns=np.array([r[1] for r in rows], np.int64),
                      size=np.array([r[0] for r in rows], np.int64), sha256=[r[2] for r in rows],
+                     meta=metadata.to_columns(metas),
                      features=pack(kept) if any(f is not None for f in kept) else None)
     writer.add_segment(len(paths), [block])
     removed = {p: v for p, v in index.manifest.removed.items() if p not in paths}
     return writer.commit(removed=removed), paths
 
 
+def _carried_tags(gen, paths: list[str], metas: list[metadata.Meta],
+                  before: dict[str, int | None]) -> list[metadata.Meta]:
+    """The metadata of new rows with the tags a person gave the picture before (a changed file's previous row; a
+    moved file's row is its previous one)."""
+    known = [i for i in before.values() if i is not None]
+    previous = gen.meta_of(known) if known else {}
+    at = {i: n for n, i in enumerate(known)}
+    return [metadata.with_tags(m, None, metadata.from_columns(previous, at[before[r]]) if before[r] is not None
+                               else m) for r, m in zip(paths, metas, strict=True)]
+
+
 def _embed(index: Index, files: list[str],
            skip_bad: bool) -> tuple[list[str], np.ndarray, list[tuple], list[Features | None]]:
-    """Decode and embed files under the root: (the files embedded, their vectors, (size, mtime_ns, sha256) each,
-    their local features if the index keeps them)."""
+    """Decode and embed files under the root: (the files embedded, their vectors, (size, mtime_ns, sha256, metadata)
+    each, their local features if the index keeps them)."""
     enc = index.encoder
     source = Source.of(index.root)
     keep = index.manifest.settings.local_features
@@ -162,7 +178,8 @@ def _embed(index: Index, files: list[str],
         log.warning(f"left out {bad.file}: {bad.reason}")
     good = [d for d in decoded if d.ok]
     vectors = enc.embed_pixels(np.stack([d.pixels for d in good])) if good else np.zeros((0, enc.dim), np.float32)
-    return [d.file for d in good], vectors, [(d.size, d.mtime_ns, d.sha256) for d in good], [d.features for d in good]
+    return [d.file for d in good], vectors, [(d.size, d.mtime_ns, d.sha256, d.meta or metadata.Meta(
+        taken_ns=metadata.file_time_ns(d.mtime_ns))) for d in good], [d.features for d in good]
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -231,6 +248,22 @@ def remove(index: Index, ids: Sequence[int]) -> int:
             (index.root / p).unlink(missing_ok=True)
         index.switch_to(policy.merge_small(index.directory, manifest))
     return len(live)
+
+
+def restore(index: Index, block: RowBlock) -> int:
+    """Put rows back as they were: their ids, vectors and metadata (the undo of `cbir duplicates --move-to`, whose
+    files are back in place). Rows whose ids are live already are left as they are; returns how many came back."""
+    with _writer_lock(index), IndexLock(index.directory, wait=LOCK_WAIT_S):
+        index.refresh()
+        back = ~index.generation.locate(block.ids).found
+        if not back.any():
+            return 0
+        part = block.take(np.flatnonzero(back))
+        writer = IndexWriter(index.directory, index.manifest)
+        writer.add_segment(len(part), [part])
+        removed = {p: v for p, v in index.manifest.removed.items() if p not in set(part.paths)}
+        index.switch_to(policy.merge_small(index.directory, writer.commit(removed=removed)))
+    return len(part)
 
 
 def remove_paths(index: Index, paths: Sequence[str]) -> int:

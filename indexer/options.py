@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cbir.errors import CbirError
 
@@ -77,8 +78,10 @@ class BuildOptions:
     memory_budget: int | None = None  # bytes the vectors may take in RAM before auto goes on disk (None: half the RAM)
     engine: str = "local"  # local (this machine's processes) or ray (a Ray cluster: indexer/distributed.py)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local cluster started for the run
+    tags: str | None = None  # a CSV of path,tag: tags given to pictures (paths relative to the folder)
     local_features: bool = True  # keep each picture's local features: fast verified copies (cbir/local_features.py)
     progress: bool = False
+    model_kwargs: dict[str, Any] | None = None  # a family's model arguments (timm:, clip:), recorded in the index
 
     def resolved(self) -> BuildOptions:
         """A checked copy with the preset's settings filled in where none was given: what a build runs with."""

@@ -37,6 +37,7 @@ class Plan:
     removed: int = 0
     unchanged: int = 0
     resumed: int = 0  # files of `todo` that an interrupted run already embedded (see `resume`)
+    retagged: int = 0  # unchanged files whose tags --tags changed (a new row each, the vector kept)
 
 
 def catalog(folder: Path, manifest: Manifest) -> dict[str, Known]:

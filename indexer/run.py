@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from cbir.errors import CbirError
 from cbir.images import Discovery
 from cbir.layout import DEFAULT_DIR, holds_index
+from cbir.metadata import GivenTags, read_tags_csv
 from cbir.search import manifest as manifest_mod
 from cbir.search.expansion import Expansion
 from cbir.search.manifest import Manifest, Settings
@@ -43,6 +44,7 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     options, or with mode "update" and no encoder named, rebuilt from the index's own record.
     """
     opts = (options or BuildOptions()).resolved()
+    tags = read_tags_csv(opts.tags) if opts.tags else None  # checked before anything is embedded
     root = Source.of(source)
     out = Path(out) if out is not None else DEFAULT_DIR / root.name
     found = _discover(root, out, opts)
@@ -50,7 +52,7 @@ def build(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     needs = Needs()
     try:
         with guarded(out, needs):  # a write that fails for want of space or rights: one plain message
-            return _build(root, out, opts, found, encoder, early, needs=needs)
+            return _build(root, out, opts, found, encoder, early, needs=needs, tags=tags)
     finally:
         if early is not None:
             early.close()
@@ -70,7 +72,7 @@ def _decode_early(root: Source, found: Discovery, opts: BuildOptions) -> Decoder
 
 
 def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encoder: Encoder | None,
-           early: Decoder | None, *, needs: Needs) -> Summary:
+           early: Decoder | None, *, needs: Needs, tags: GivenTags | None = None) -> Summary:
     from cbir.encoders._device import configure_threads
     from indexer.commit import CommitJob, commit
     from indexer.engine import connect
@@ -100,7 +102,7 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
             settings = _settings(opts, base if updating else None, enc, root, len(plan.todo) + len(old or {}))
             job = CommitJob(source=root, out=out, encoder=enc, base=_base(base, settings), fresh=not updating,
                             plan=plan, work=work, settings=settings, engine=engine, discovery_skips=found.skipped,
-                            started=started)
+                            left_out=found.left_out, tags=_known_tags(tags, found), started=started)
             done = commit(job)
         finally:
             engine.close()
@@ -108,7 +110,18 @@ def _build(root: Source, out: Path, opts: BuildOptions, found: Discovery, encode
     return Summary(out=out, encoder=enc, mode=opts.mode, indexed=done.indexed, skipped=done.skipped,
                    seconds=time.perf_counter() - started, embedded=len(todo), resumed=plan.resumed, added=done.added,
                    changed=plan.changed, removed=plan.removed, unchanged=plan.unchanged, renamed=len(plan.reuse),
-                   segments=len(done.manifest.segments))
+                   segments=len(done.manifest.segments), left_out=found.left_out, retagged=plan.retagged)
+
+
+def _known_tags(tags: GivenTags | None, found: Discovery) -> GivenTags | None:
+    """The tags file's paths that are not pictures of the collection are named (a typo, or a file gone)."""
+    if tags is None:
+        return None
+    unknown = sorted(set(tags.by_path) - set(found.files))
+    if unknown:
+        log.warning(f"--tags {tags.source}: {len(unknown)} paths are not pictures of the folder (first: "
+                    f"{unknown[0]!r}); paths are relative to the folder indexed")
+    return tags
 
 
 def _base(base: Manifest | None, settings: Settings) -> Manifest:
@@ -133,8 +146,9 @@ def _make_encoder(opts: BuildOptions, base: Manifest | None) -> Encoder:
 
     if opts.mode == "update" and opts.encoder is None and base is not None:
         return from_config(base.settings.encoder, device=opts.device, weights=opts.weights)
+    options = {"model_kwargs": opts.model_kwargs} if opts.model_kwargs else {}
     return create(opts.encoder or DEFAULT_ENCODER, weights=opts.weights, pooling=opts.pooling, device=opts.device,
-                  precision=opts.precision or "auto")
+                  precision=opts.precision or "auto", **options)
 
 
 def _check_same_encoder(base: Manifest, enc: Encoder, out: Path) -> None:

@@ -9,12 +9,14 @@ A source is small and picklable: decoding tasks on other machines open their own
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cbir import formats
 from cbir.errors import CbirError
-from cbir.images import IMAGE_EXTENSIONS, Discovery, discover
+from cbir.images import Discovery, discover
 
 SCHEMES = ("s3://",)
 
@@ -66,10 +68,13 @@ class Source:
                 return discover(root, exclude)
             except (FileNotFoundError, NotADirectoryError) as exc:
                 raise CbirError(str(exc)) from exc
-        return Discovery(files=sorted(self.listing(exclude)), skipped=[])
+        left_out: Counter[tuple[str, str]] = Counter()
+        return Discovery(files=sorted(self.listing(exclude, left_out)), skipped=[], left_out=dict(left_out))
 
-    def listing(self, exclude: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
-        """Object store: relative path -> (size, mtime_ns) of every image object under the prefix."""
+    def listing(self, exclude: tuple[str, ...] = (),
+                left_out: Counter[tuple[str, str]] | None = None) -> dict[str, tuple[int, int]]:
+        """Object store: relative path -> (size, mtime_ns) of every image object under the prefix (told by name:
+        sniffing would cost a request per object); the others are counted in `left_out` by reason and extension."""
         import fnmatch
 
         from pyarrow import fs
@@ -83,11 +88,16 @@ class Source:
             raise CbirError(f"cannot list {self.location}: {exc}") from exc
         out: dict[str, tuple[int, int]] = {}
         for info in infos:
-            if info.type != fs.FileType.File or PurePosixPath(info.path).suffix.lower() not in IMAGE_EXTENSIONS:
+            if info.type != fs.FileType.File:
                 continue
             rel = info.path[len(base):].lstrip("/")
             # the local discovery's rules: hidden and junk names, --exclude against names and relative paths
             if any(is_junk(part, exclude) for part in rel.split("/")) or any(fnmatch.fnmatch(rel, g) for g in exclude):
+                continue
+            reason = formats.left_out_by_name(rel)
+            if reason is not None:
+                if left_out is not None:
+                    left_out[(reason, formats.extension(rel))] += 1
                 continue
             out[rel] = (int(info.size), int(info.mtime_ns or 0))
         return out
@@ -126,6 +136,20 @@ class Source:
             raise FileNotFoundError(rel)
         with filesystem.open_input_stream(f"{base}/{rel}") as fh:
             return fh.read(), int(info.size), int(info.mtime_ns or 0)
+
+    def sidecar(self, rel: str) -> bytes | None:
+        """The XMP sidecar of picture `rel` (IMG_1.xmp or IMG_1.CR2.xmp, any case), or None (object stores: not
+        looked for, one request per picture)."""
+        if self.remote:
+            return None
+        path = self.path / rel
+        for candidate in (path.with_suffix(".xmp"), path.with_suffix(".XMP"), path.with_name(path.name + ".xmp"),
+                          path.with_name(path.name + ".XMP")):
+            try:
+                return candidate.read_bytes()
+            except OSError:
+                continue
+        return None
 
     def _fs(self) -> tuple[Any, str]:
         from pyarrow import fs

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cbir.images import Skipped
+from cbir.images import Skipped, describe_left_out
 
 if TYPE_CHECKING:
     from cbir.encoders import Encoder
@@ -26,8 +26,10 @@ class Summary:
     changed: int = 0
     removed: int = 0
     unchanged: int = 0
+    left_out: dict[tuple[str, str], int] = field(default_factory=dict)  # files that are not pictures, counted
     renamed: int = 0  # new paths whose bytes were indexed already (renamed, moved): their vectors were kept
     segments: int = 1
+    retagged: int = 0  # unchanged pictures whose tags --tags changed
 
     @property
     def images_per_s(self) -> float:
@@ -39,9 +41,12 @@ class Summary:
         if self.mode == "update":
             text += (f"\nupdate: {self.added} added, {self.changed} changed, {self.removed} removed, "
                      f"{self.unchanged} unchanged, {self.renamed} renamed (vectors kept); {self.segments} segments")
+            text += f"; {self.retagged} re-tagged" if self.retagged else ""
         if self.resumed:
             text += (f"\nresumed: {self.resumed} images were already embedded by an interrupted run; "
                      f"{self.embedded} embedded now")
+        if self.left_out:
+            text += "\nleft out: " + ", ".join(describe_left_out(self.left_out))
         if self.skipped:
             shown = "\n".join(f"  skipped {s.path}: {s.reason}" for s in self.skipped[:20])
             more = f"\n  ... and {len(self.skipped) - 20} more (see cbir info)" if len(self.skipped) > 20 else ""

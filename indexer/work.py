@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ import numpy as np
 from cbir.files import atomic_path
 from cbir.layout import WORK
 from cbir.local_features import Packed
+
+META = "meta_"  # prefix of the metadata columns in a saved chunk
 
 
 @dataclass(kw_only=True)
@@ -31,6 +33,7 @@ class Chunk:
     size: np.ndarray
     sha256: list[str]
     skipped: list[tuple[str, str]]
+    meta: dict[str, np.ndarray] = field(default_factory=dict)  # cbir.metadata.COLUMNS of each row (saved too)
     features: Packed | None = None  # each row's local features (cbir/local_features.py), if the index keeps them
 
 
@@ -84,7 +87,8 @@ class WorkDir:
                      sha256=np.array(chunk.sha256, dtype=str),
                      skipped_path=np.array([p for p, _ in chunk.skipped], dtype=str),
                      skipped_reason=np.array([r for _, r in chunk.skipped], dtype=str),
-                     **_feature_columns(chunk.features))
+                     **_feature_columns(chunk.features),
+                     **{f"{META}{name}": column for name, column in chunk.meta.items()})
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -95,7 +99,9 @@ class WorkDir:
                             size=z["size"],
                             sha256=[str(h) for h in z["sha256"]],
                             skipped=list(zip([str(p) for p in z["skipped_path"]], [str(r) for r in z["skipped_reason"]],
-                                     strict=True)), features=_features(z))
+                                     strict=True)),
+                            meta={k.removeprefix(META): z[k] for k in z.files if k.startswith(META)},
+                            features=_features(z))
 
     def done(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file an earlier run already embedded or skipped ((-1, -1))."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import clip_index, tiny  # noqa: F401  (fixtures: tiny models of each encoder family)
+
 # Never reach for the network from a test, and keep torchvision's cache inside the test run.
 os.environ["CBIR_OFFLINE"] = "1"
 

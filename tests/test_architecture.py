@@ -107,12 +107,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # layer knows nothing of encoders, the pipeline nothing of the Python API, the library nothing of the web app.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("cbir.errors", "cbir.version", "cbir.files", "cbir.layout", "cbir.cache", "cbir.preprocess",
-              "cbir.metrics", "cbir.images", "cbir.edits", "cbir.words", "cbir.local_features")),
+              "cbir.metrics", "cbir.formats", "cbir.images", "cbir.metadata", "cbir.edits", "cbir.words",
+              "cbir.local_features")),
     ("storage", ("cbir.search",)),  # the vectors file plus FAISS
     ("models", ("cbir.encoders",)),  # encoders and their runtime
     ("training", ("cbir.training",)),
     ("pipeline", ("indexer",)),
-    ("api", ("cbir", "cbir.index", "cbir.copies", "cbir.duplicates", "cbir.bench", "cbir.watch")),
+    ("api", ("cbir", "cbir.index", "cbir.copies", "cbir.review", "cbir.duplicates", "cbir.bench", "cbir.watch")),
     ("app", ("webui",)),
     ("command", ("cbir.cli", "cbir.__main__", "cbir.samples")),
 ]

@@ -86,6 +86,9 @@ def test_two_node_cluster_gives_the_one_machine_index(cluster, folder, local_ind
     out = tmp_path / "ray"
     text = _finish(_index(str(folder), out, "--ray-address", cluster))
     assert f"indexed {N} images, skipped 1" in text
+    # each embedding actor says where it ran (a GPU actor: which card), and the counts cover every image
+    where = re.findall(r"(\S+: cpu, \d+ threads) \((\d+) images\)", text.split("ray: embedded on ", 1)[1])
+    assert where and sum(int(n) for _, n in where) == N + 1, text
     assert_same_index(out, local_index)
     assert not (out / ".work").exists()
 
@@ -193,6 +196,9 @@ def test_s3_source_gives_the_same_index(cluster, s3, local_index, tmp_path):
     out = tmp_path / "s3"
     text = _finish(_index("s3://photos/set1", out, "--ray-address", cluster, env={**ENV, **s3}))
     assert f"indexed {N} images, skipped 1" in text
+    # each embedding actor says where it ran (a GPU actor: which card), and the counts cover every image
+    where = re.findall(r"(\S+: cpu, \d+ threads) \((\d+) images\)", text.split("ray: embedded on ", 1)[1])
+    assert where and sum(int(n) for _, n in where) == N + 1, text
     assert_same_index(out, local_index)
     assert Index.open(out, device="cpu").manifest.settings.root == "s3://photos/set1"
 
@@ -253,4 +259,4 @@ def test_a_ray_address_where_nothing_listens_is_a_quick_clear_error(folder, tmp_
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - started < 30
-    assert not (tmp_path / "o" / "vectors.h5").exists()
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -94,3 +94,31 @@ def test_phone_layout_has_two_columns(server: str, browser, samples: Path) -> No
     assert boxes[0]["y"] == boxes[1]["y"] and boxes[2]["y"] > boxes[0]["y"]
     assert boxes[1]["x"] + boxes[1]["width"] <= 390
     page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+
+
+def test_the_text_box_searches_by_text_and_shows_for_clip_indexes_only(browser, clip_index: Path, samples: Path,
+                                                                       start_server) -> None:
+    """Typing a text and pressing Enter opens the text search's own page; a picture plus a text searches both;
+    choosing an index without a text tower hides the box (the page served from a CLIP index and another)."""
+    plain = clip_index.parent / "plain"
+    if not plain.exists():
+        Index.build(samples, out=plain, encoder="random_cnn", device="cpu")
+    base = start_server([clip_index, plain])
+    index = Index.open(clip_index, device="cpu")
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(base + "/?index=clip&k=5")
+    assert page.locator("#text").is_visible()
+    page.fill("#text", "a red bicycle")
+    with page.expect_navigation():
+        page.press("#text", "Enter")
+    assert "text=a+red+bicycle" in page.url
+    assert page.locator("#results .path").all_inner_texts() == [r.path for r in index.search_text("a red bicycle", 5)]
+    assert "for “a red bicycle”" in page.locator("#results-title").inner_text()
+    both = [r.path for r in index.search_text("a red bicycle", 5, image=samples / "coffee" / "coffee.jpg")]
+    with page.expect_response(lambda r: "/api/search" in r.url and "text=a+red+bicycle" in r.url):
+        page.set_input_files("#file", str(samples / "coffee" / "coffee.jpg"))  # the text stays: picture plus text
+    page.wait_for_function("want => [...document.querySelectorAll('#results .path')].map(e => e.textContent)"
+                           ".join('|') === want", arg="|".join(both))
+    page.screenshot(path=str(ARTIFACTS / "text_search.png"), full_page=True)
+    page.select_option("#index", "plain")  # an index without a text tower: the box goes
+    assert not page.locator("#text").is_visible()

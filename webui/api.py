@@ -17,22 +17,29 @@ def _query_error(exc: query.QueryError):
 @api.route("/search", methods=["GET", "POST"])
 def search():
     """POST an image, or GET ?id=N; `box=x0,y0,x1,y1` searches with that region; `index=a,b` (GET) compares;
-    `copies=1` (POST) puts the upload's verified copies first and marks them."""
+    `text=...` searches by text (an index of a CLIP model), alone or with the picture; `folder`, `after`,
+    `before`, `camera`, `tag` (repeatable) search within the images they allow; `copies=1` (POST) puts the upload's
+    verified copies first and marks them."""
     k = query.parse_k(request.args.get("k"))
     index = request.args.get("index") or None
     box = query.parse_region(request.args.get("box"))
-    if request.method == "GET":
-        raw_id = request.args.get("id")
-        if raw_id is None:
-            raise query.QueryError(400, "GET /api/search needs ?id=N (an indexed image); POST an image instead")
-        if index and "," in index:
-            if box is not None:
-                raise query.QueryError(400, "box works with one index at a time")
-            return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id),
-                                         k))
-        return jsonify(query.search(index, k, id_=query.parse_id(raw_id), box=box))
-    return jsonify(query.search(index, k, image=query.uploaded_image(), box=box,
-                                copies=query.parse_copies(request.args.get("copies"))))
+    text = request.args.get("text")
+    where = query.parse_where(request.values)
+    if request.method == "POST":
+        image = query.uploaded_image(optional=text is not None)
+        return jsonify(query.search(index, k, image=image, box=box, text=text, where=where,
+                                    copies=query.parse_copies(request.args.get("copies"))))
+    raw_id = request.args.get("id")
+    if raw_id is None and text is None:
+        raise query.QueryError(400, "GET /api/search needs ?id=N (an indexed image) or ?text=...; POST an image "
+                                    "instead")
+    if index and "," in index:
+        if box is not None or text is not None or raw_id is None:
+            raise query.QueryError(400, "comparing indexes takes ?id=N alone (no box, no text)")
+        return jsonify(query.compare([n.strip() for n in index.split(",") if n.strip()], query.parse_id(raw_id), k,
+                                     where=where))
+    id_ = query.parse_id(raw_id) if raw_id is not None else None
+    return jsonify(query.search(index, k, id_=id_, box=box, text=text, where=where))
 
 
 @api.get("/indexes")
@@ -49,7 +56,8 @@ def health():
     state = query.indexes()
     warm = current_app.extensions["cbir_warm"].ready.is_set()
     return jsonify(status="ok" if warm else "warming", indexes=len(state.names),
-                   images=sum(len(s.index) for s in state.all()), unavailable=len(state.unavailable))
+                   images=sum(len(s.index) for s in state.all()), unavailable=len(state.unavailable),
+                   batching=state.batcher.stats())
 
 
 @api.post("/reload")

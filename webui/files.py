@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from cbir.errors import ImageError
-from cbir.images import load_image
+from cbir.images import load_image, read_facts
 from cbir.index import Index
 
 THUMB_PX = 256
@@ -67,9 +67,6 @@ def make_thumbnail(source: Path | bytes, px: int = THUMB_PX) -> bytes:
 def display_size(path: Path) -> tuple[int, int] | None:
     """Width and height of a picture as shown (EXIF orientation applied), from its header only."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except (OSError, ValueError, Image.DecompressionBombError):
+        return read_facts(path)[1]
+    except ImageError:
         return None
-    return (h, w) if turned else (w, h)

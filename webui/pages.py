@@ -12,6 +12,7 @@ from flask import Blueprint, abort, current_app, jsonify, render_template, reque
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cbir.errors import ImageError
+from cbir.search.filters import FilterError, Where
 from webui import query
 from webui.files import display_size, make_thumbnail, safe_file
 
@@ -25,47 +26,76 @@ def _render(status: int = 200, template: str = "page.html", **ctx):
     ctx.setdefault("k", 10)
     ctx.setdefault("index", state.default)
     ctx.setdefault("copies", True)
+    if template == "page.html":
+        ctx.update(_within(ctx["index"], ctx.get("where")))
     served = [(s.name, s.index.encoder_config["name"], len(s.index)) for s in state.all()]
-    return render_template(template, indexes=served, unavailable=list(state.unavailable.values()),
-                           max_k=current_app.config["MAX_K"],
+    text_indexes = [s.name for s in state.all() if s.index.has_text]  # the text box shows for these only
+    return render_template(template, indexes=served, text_indexes=text_indexes,
+                           unavailable=list(state.unavailable.values()), max_k=current_app.config["MAX_K"],
                            max_mb=current_app.config["MAX_CONTENT_LENGTH"] // (1024 * 1024), **ctx), status
 
 
 @pages.route("/", methods=["GET", "POST"])
 def home():
     index = request.values.get("index") or None
+    where = None
     try:
         k = query.parse_k(request.values.get("k"))
         box = query.parse_region(request.values.get("box"))
+        where = query.parse_where(request.values)
+        text = request.values.get("text", "").strip() or None
         if request.method == "POST":
             upload = request.files.get("image")
             data = upload.read() if upload else b""
             copies = query.parse_copies(request.values.get("copies"))
-            result = query.search(index, k, image=data, box=box, copies=copies)
-            preview = "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(data)).decode()
-            return _render(result=result, query_src=preview, k=k, index=result["index"], copies=copies)
+            result = query.search(index, k, image=data, box=box, text=text, where=where, copies=copies)
+            preview = "data:image/jpeg;base64," + base64.b64encode(make_thumbnail(data)).decode() if data else None
+            return _render(result=result, query_src=preview, k=k, index=result["index"], text=text, where=where,
+                           copies=copies)
         if request.args.get("id") is not None:
-            return _id_search(index, k, query.parse_id(request.args["id"]), box)
-        return _collection(index, k)
+            return _id_search(index, k, query.parse_id(request.args["id"]), box, where, text)
+        if text is not None:  # a text search has its own URL: /?text=a+red+bicycle
+            result = query.search(index, k, box=box, text=text, where=where)
+            return _render(result=result, k=k, index=result["index"], text=text, where=where)
+        return _collection(index, k, where)
     except query.QueryError as exc:
-        return _render(exc.status, error=exc.message, index=index)
+        return _render(exc.status, error=exc.message, index=index, where=where)
     except ImageError as exc:
-        return _render(400, error=f"not a usable image: {exc}", index=index)
+        return _render(400, error=f"not a usable image: {exc}", index=index, where=where)
 
 
-def _id_search(index: str | None, k: int, id_: int, box):
-    result = query.search(index, k, id_=id_, box=box)
+def _within(index: str, where: Where | None) -> dict:
+    """What the "Search within" controls show: the filter, its words for links, what there is to choose from."""
+    try:
+        _, idx = query.get_index(index)
+    except query.QueryError:
+        return {"where": Where(), "where_words": {}, "facets": {}, "matched": 0, "total": 0}
+    where = where or Where()
+    try:
+        matched = len(idx.matching(where)) if where else len(idx)
+    except FilterError:  # shown with its message; the controls keep the words to correct
+        matched = 0
+    return {"where": where, "where_words": where.to_query(), "facets": idx.facets(), "matched": matched,
+            "total": len(idx)}
+
+
+def _id_search(index: str | None, k: int, id_: int, box, where: Where | None, text: str | None = None):
+    result = query.search(index, k, id_=id_, box=box, text=text, where=where)
     name, idx = query.get_index(result["index"])
     path = safe_file(idx, id_)
     size = display_size(path) if path is not None else None
     return _render(result=result, query_src=f"/thumb/{name}/{id_}", query_size=size, query_id=id_, k=k, index=name,
-                   compare=len(query.indexes().names) > 1)
+                   compare=len(query.indexes().names) > 1, where=where, error=result.get("message"), text=text)
 
 
-def _collection(index: str | None, k: int):
-    """The landing page: the index as a paged grid of thumbnails (in id order, or shuffled with a seed)."""
+def _collection(index: str | None, k: int, where: Where | None):
+    """The landing page: the index as a paged grid of thumbnails (in id order, or shuffled with a seed); with
+    filters, the images they allow."""
     name, idx = query.get_index(index)
-    ids = idx.ids()  # an array, or a range for an on-disk index (never materialised)
+    try:  # an array, or a range for an on-disk index (never materialised)
+        ids = idx.matching(where) if where else idx.ids()
+    except FilterError as exc:
+        raise query.QueryError(400, str(exc)) from None
     seed = request.args.get("shuffle", "")
     pages_total = max(1, -(-len(ids) // PAGE_SIZE))
     try:
@@ -78,7 +108,8 @@ def _collection(index: str | None, k: int):
     page_ids = [int(ids[r]) for r in rows]
     tiles = list(zip(page_ids, idx.paths_of(page_ids), strict=True))
     return _render(tiles=tiles, page=page, pages_total=pages_total, shuffle=seed if seed.isdigit() else "",
-                   k=k, index=name, new_seed=int(np.random.default_rng().integers(1, 10**6)))
+                   k=k, index=name, new_seed=int(np.random.default_rng().integers(1, 10**6)), where=where,
+                   error=f"no image in {name} matches {where.describe()}" if where and not len(ids) else None)
 
 
 def shuffled(rows: np.ndarray, n: int, seed: int) -> np.ndarray:

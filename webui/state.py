@@ -14,17 +14,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cbir.encoders import Encoder
 from cbir.errors import CbirError
 from cbir.images import Box
-from cbir.index import Index
+from cbir.index import Index, check_text
 from cbir.layout import resolve_index_dir
+from webui.batching import Batcher, Busy
+
+__all__ = ["Busy", "IndexSet", "Served"]
 
 log = logging.getLogger("cbir.webui")
-
-
-class Busy(Exception):
-    """The encoder stayed busy longer than the configured wait."""
 
 
 @dataclass(kw_only=True)
@@ -60,14 +61,15 @@ def _signature_or_none(directory: Path) -> tuple | None:
 class IndexSet:
     """Named indexes with change detection (checked at most every `check_every` seconds)."""
 
-    def __init__(self, paths: list[str], *, device: str, check_every: float, busy_timeout: float) -> None:
+    def __init__(self, paths: list[str], *, device: str, check_every: float, busy_timeout: float,
+                 batcher: Batcher | None = None) -> None:
         """The settings come from the app's config (webui.app.DEFAULTS: device auto), their one default."""
         if not paths:
             raise CbirError("no index to serve: give at least one index folder")
         self.device = device
         self.check_every = check_every
         self._lock = threading.Lock()
-        self._embed_lock = threading.Semaphore(1)
+        self.batcher = batcher or Batcher(timeout=busy_timeout)
         self.busy_timeout = busy_timeout
         self._last_check = 0.0
         self._served: dict[str, Served] = {}
@@ -162,12 +164,18 @@ class IndexSet:
         if time.monotonic() - self._last_check >= self.check_every:
             self.reload()
 
-    def embed(self, index: Index, data: bytes | Path, box: Box | None = None):
-        """Embed an upload (or an indexed file, for a region); one embedding at a time (the CPU is saturated by
-        one), bounded wait."""
-        if not self._embed_lock.acquire(timeout=self.busy_timeout):
-            raise Busy()
-        try:
-            return index.embed(data, box=box)
-        finally:
-            self._embed_lock.release()
+    def embed(self, index: Index, data: bytes | Path, box: Box | None = None) -> np.ndarray:
+        """Embed an upload (or an indexed file, for a region): decoded here, in the request's thread, then embedded
+        in a batch with the other requests' queries (webui/batching.py); Busy after the configured wait."""
+        enc = index.query_encoder
+        with self.batcher.coming():
+            pixels = enc.preprocess.pixels(index.query_picture(data, box))
+        return self.batcher.embed((id(enc), "pixels"), pixels, enc.embed_pixels)
+
+    def embed_text(self, index: Index, text: str) -> np.ndarray:
+        """Embed a text query, batched like pictures (an index whose encoder has no text tower: a CbirError)."""
+        text = check_text(text)
+        if not index.has_text:
+            return index.embed_text(text)  # says plainly why not
+        enc = index.encoder
+        return self.batcher.embed((id(enc), "text"), text, enc.embed_text)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cbir import metrics
-from cbir.encoders import get_entry
+from cbir.encoders import get_entry, split_weights
 from cbir.errors import CbirError, WeightsUnavailable
 from cbir.training.data import load_collection, stratified_split, write_split
 
@@ -50,9 +50,9 @@ def parse_encoders(text: str) -> list[tuple[str, str | None]]:
     """'resnet50:none,vgg16' -> [('resnet50', 'none'), ('vgg16', None)], baselines appended."""
     items: list[tuple[str, str | None]] = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
-        name, _, weights = part.partition(":")
+        name, weights = split_weights(part)  # 'resnet50:none', 'timm:convnext_tiny:FILE'
         get_entry(name)  # unknown names fail now, not after an hour
-        items.append((name, weights or None))
+        items.append((name, weights))
     for b in BASELINES:
         if b not in [n for n, _ in items]:
             items.append((b, None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +26,14 @@ def _single(name: str, weights: str | None, pooling: str | None, device: str, op
     pooling = pooling or entry.default_pooling
     if pooling not in entry.dims:
         raise CbirError(f"encoder {name} has no pooling {pooling!r}; choose one of {', '.join(entry.dims)}")
-    parsed = Weights.parse(weights or entry.default_weights, encoder=name)
-    enc = entry.factory(weights=parsed, pooling=pooling, device=resolve_device(device), **options)
+    parsed = Weights.parse(weights or entry.default_weights, encoder=name, hub=entry.hub)
+    dev = resolve_device(device)
+    try:
+        inspect.signature(entry.factory).bind(weights=parsed, pooling=pooling, device=dev, **options)
+    except TypeError:
+        raise CbirError(f"encoder {name} takes no option {', '.join(sorted(options))} (model_kwargs are for "
+                        "timm:NAME and clip:ARCH)") from None
+    enc = entry.factory(weights=parsed, pooling=pooling, device=dev, **options)
     if entry.dims[pooling] is not None and enc.dim != entry.dims[pooling]:
         raise CbirError(f"encoder {name} declares dimension {entry.dims[pooling]} for pooling {pooling} but built "
                         f"{enc.dim}: fix its register(dims=...)")

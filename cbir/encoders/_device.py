@@ -18,11 +18,24 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CbirError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
-        return torch.device(name)
+            raise CbirError(f"--device {name} was asked for, but torch sees no CUDA GPU on this machine")
+        return _card(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise CbirError(f"unknown device {device!r}: use auto, cpu or cuda")
+    raise CbirError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _card(name: str) -> torch.device:
+    """'cuda' (torch's current card) or 'cuda:N', which must exist."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CbirError(f"unknown device {name!r}: use cuda or cuda:N (N counts from 0)") from None
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise CbirError(f"--device {name}: torch sees {count} GPU{'s' if count != 1 else ''} (cuda:0 to "
+                        f"cuda:{count - 1}); CUDA_VISIBLE_DEVICES, if set, renumbers them from 0")
+    return device
 
 
 def configure_threads() -> None:

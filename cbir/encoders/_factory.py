@@ -55,7 +55,7 @@ def from_config(config: dict[str, Any], device: str = "auto", weights: str | Non
     w = config["weights"]
     source = w.get("source")
     if weights is None:
-        weights = {"file": w.get("path"), "none": "none"}.get(source, source)
+        weights = {"file": w.get("path"), "none": "none", "hub": w.get("tag") or "hub"}.get(source, source)
         if source == "imagenet" and "enum" in w:  # a torchvision variant, e.g. ResNet50_Weights.IMAGENET1K_V2
             weights = str(w["enum"]).rpartition(".")[2]
     options = dict(config.get("options", {}))

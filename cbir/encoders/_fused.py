@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir.encoders._registry import split_weights
 from cbir.encoders.base import Encoder
 from cbir.errors import CbirError
 from cbir.preprocess import Preprocess
@@ -39,16 +40,16 @@ class Part:
 
     @classmethod
     def parse(cls, text: str) -> Part:
-        """'name[:weights][*weight]'"""
+        """'name[:weights][*weight]'; a family's name has its own prefix: 'timm:convnext_tiny[:weights][*weight]'."""
         head, _, weight = text.strip().partition("*")
-        name, _, weights = head.partition(":")
+        name, weights = split_weights(head)
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
             raise CbirError(f"fused encoder part {text!r}: the weight after * must be a number") from None
         if not name or w <= 0 or not math.isfinite(w):
             raise CbirError(f"fused encoder part {text!r}: give name[:weights][*weight] with a weight above 0")
-        return cls(name=name, weights=weights or None, weight=w)
+        return cls(name=name, weights=weights, weight=w)
 
     @property
     def spec(self) -> str:

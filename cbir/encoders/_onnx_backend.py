@@ -9,8 +9,10 @@ network: depthwise-convolution networks such as EfficientNet-Lite0 lose much mor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +57,15 @@ def export_fp32(encoder: Any) -> Path:
     model = encoder.model.cpu().eval().to(memory_format=torch.contiguous_format)
     raw = path.with_suffix(f".raw-{os.getpid()}.onnx")
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _plain_attention():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
             torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(raw), dynamo=False, opset_version=17,
                               input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
         with atomic_path(path, suffix=".onnx") as tmp:
-            quant_pre_process(str(raw), str(tmp))  # shape inference and graph clean-up that quantization expects
+            try:
+                quant_pre_process(str(raw), str(tmp))  # shape inference and graph clean-up that quantization expects
+            except Exception:  # ORT's symbolic shape inference fails on some attention graphs (open_clip's ViT)
+                quant_pre_process(str(raw), str(tmp), skip_symbolic_shape=True)
     except Exception as exc:
         raise CbirError(f"cannot export {encoder.name} to ONNX for int8: {exc.__class__.__name__}: {exc}") from exc
     finally:
@@ -69,6 +74,17 @@ def export_fp32(encoder: Any) -> Path:
         if encoder.device.type == "cpu":
             encoder.model.to(memory_format=torch.channels_last)
     return path
+
+
+@contextlib.contextmanager
+def _plain_attention() -> Iterator[None]:
+    """nn.MultiheadAttention's fused inference kernel (CLIP's towers use it) has no ONNX form; its plain ops do."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def quantize_int8(encoder: Any, calibration: np.ndarray) -> Path:

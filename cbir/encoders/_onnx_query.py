@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cbir.cache import cache_dir, model_key
+from cbir.errors import CbirError
 from cbir.files import atomic_path, sha256_file
 from cbir.preprocess import Preprocess
 
@@ -50,8 +51,11 @@ class OnnxQueryEncoder:
         self.preprocess, self.dim = preprocess, dim
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
-        pixels = np.stack([self.preprocess.pixels(im) for im in images])
-        feats = self.session.run(None, {"x": self.preprocess.normalize_numpy(pixels)})[0].reshape(len(images), -1)
+        return self.embed_pixels(np.stack([self.preprocess.pixels(im) for im in images]))
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """A batch of `preprocess.pixels` arrays, uint8 [B, H, W, 3], as the torch encoder takes them."""
+        feats = self.session.run(None, {"x": self.preprocess.normalize_numpy(pixels)})[0].reshape(len(pixels), -1)
         norms = np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(feats / norms, dtype=np.float32)
 
@@ -80,7 +84,17 @@ def prepare(encoder: Encoder) -> bool:
     config = encoder.config
     if not _usable(config) or encoder.precision not in QUERY_MODES or not onnx_backend.available():
         return False
-    path = onnx_backend.export_fp32(encoder)
+    try:
+        if json.loads(_check_path(config).read_text()).get("export_failed"):
+            return False  # this network does not export (measured before): not tried on every search
+    except (OSError, ValueError):
+        pass
+    try:
+        path = onnx_backend.export_fp32(encoder)
+    except CbirError as exc:  # an operator ONNX lacks: queries keep using torch
+        with atomic_path(_check_path(config)) as tmp:
+            tmp.write_text(json.dumps({"verified": False, "export_failed": str(exc)[:500]}, sort_keys=True))
+        return False
     if encoder.precision == "bf16":
         from cbir.encoders._onnx_bf16 import emulate
 

@@ -151,8 +151,8 @@ def save(k: str, encoder: Encoder, files: list[Path]) -> None:
     """Keep `encoder` (just built and folded) for the next run, if its traced form is faithful."""
     import torch
 
-    if encoder.device.type != "cpu":
-        return
+    if encoder.device.type != "cpu" or encoder.text is not None:
+        return  # a text tower is not traced: a CLIP encoder is built each time, both towers from the same file
     folder = _folder()
     record: dict[str, Any] = {"format": FORMAT, "kept": False}
     try:

@@ -1,4 +1,5 @@
-"""The weights argument, parsed once: 'imagenet', 'none' (seeded random), a file, or a named variant.
+"""The weights argument, parsed once: 'imagenet', 'none' (seeded random), a file, a named variant, or (families such
+as timm: and clip:) 'hub' or a pretrained tag, found in the local Hugging Face cache (cbir/encoders/_hub.py).
 
 Like torchvision's weight enums, the parsed value carries its identity: `Weights.identity()` is what an
 index records, and what `cbir.encoders.from_config` checks the rebuilt encoder against (sha256).
@@ -21,30 +22,36 @@ from cbir.errors import WeightsUnavailable
 from cbir.files import sha256_file
 
 RANDOM_SEED = 0
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Weights:
-    """source: 'imagenet' (the publisher's weights; `variant` names one of several), 'none', or 'file'."""
+    """source: 'imagenet' (the publisher's weights; `variant` names one of several), 'none', 'file', or 'hub' (a
+    family's pretrained weights from the Hugging Face cache; `variant` is a pretrained tag, None for the default)."""
 
     source: str
     path: Path | None = None
     variant: str | None = None
 
     @classmethod
-    def parse(cls, text: str | Weights | None, encoder: str = "encoder") -> Weights:
+    def parse(cls, text: str | Weights | None, encoder: str = "encoder", *, hub: bool = False) -> Weights:
+        """`hub`: the encoder is of a family that finds pretrained weights by tag (timm:, clip:)."""
         if isinstance(text, Weights):
             return text
         value = (text or "none").strip()
-        if value in ("imagenet", "none"):
+        if value in ("imagenet", "none") or hub and value == "hub":
             return cls(source=value)
         path = Path(value).expanduser()
         if path.is_file():
             return cls(source="file", path=path.resolve())
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", value):  # a torchvision enum member, e.g. IMAGENET1K_V2
+        if hub and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) and not value.endswith(WEIGHT_SUFFIXES):
+            return cls(source="hub", variant=value)  # a pretrained tag, e.g. laion2b_s34b_b79k
+        if not hub and re.fullmatch(r"[A-Z][A-Z0-9_]*", value):  # a torchvision enum member, e.g. IMAGENET1K_V2
             return cls(source="imagenet", variant=value)
+        choices = "'hub', a pretrained tag, 'none'" if hub else "'imagenet', 'none'"
         raise WeightsUnavailable(f"weights for {encoder}: model file not found: {value} ({value!r} is neither "
-                                 "'imagenet', 'none' nor an existing file)")
+                                 f"{choices} nor an existing file)")
 
     @property
     def argument(self) -> str:
@@ -78,8 +85,19 @@ def sha256_state(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file, whatever its name: 8 bytes of header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 * 2**20
+
+
 def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict (or a cbir checkpoint holding one under 'state_dict') without running pickled code."""
+    """Load a state dict (a safetensors file, or a torch file, perhaps a checkpoint holding one under 'state_dict')
+    without running pickled code."""
     from cbir.encoders._prepared import note_read
 
     p = Path(path)
@@ -87,11 +105,18 @@ def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsUnavailable(f"weights file not found: {path}")
     note_read(p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a bad file
+        if is_safetensors(p):
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p), device="cpu")
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many kinds for a bad file
         raise WeightsUnavailable(f"cannot read weights file {path}: {exc}") from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):  # a checkpoint of cbir train, or of a training script, holding one
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict):
         raise WeightsUnavailable(f"weights file {path} does not hold a state dict")
     return obj

@@ -78,6 +78,8 @@ class Encoder:
     runtime: Any = field(default=None, repr=False)  # the ONNX Runtime int8 model when precision is int8
     fixed_precision: bool = False  # a computation, not a network (the colour histogram): always fp32
     folded_batchnorms: int = 0  # conv -> batch norm pairs merged by fold_batchnorm()
+    text: Any = field(default=None, repr=False)  # texts -> vectors in the same space (a CLIP model's text tower)
+    max_batch: int | None = None  # the largest batch that fits, once the GPU ran out of memory (_memory.py)
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
@@ -123,11 +125,26 @@ class Encoder:
             "precision": self.precision if self.precision != "auto" else "fp32",
             "calibration": self.calibration,
             "versions": library_versions(),
+            **({"text": True} if self.text is not None else {}),  # text queries work (older records lack it)
         }
 
-    @torch.inference_mode()
     def embed_tensor(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Embed a preprocessed batch [B, 3, H, W]."""
+        """Embed a preprocessed batch [B, 3, H, W] (in halves, should the GPU run out of memory)."""
+        from cbir.encoders._memory import in_parts
+
+        return in_parts(self._embed_tensor, batch, self)
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Embed texts into the image vectors' space (float32, L2-normalised rows): a CLIP model's text tower."""
+        if self.text is None:
+            raise CbirError(f"encoder {self.name} has no text tower, so it cannot search by text; index with a CLIP "
+                            "model for that, e.g. --encoder clip:ViT-B-32 --weights laion2b_s34b_b79k")
+        from cbir.encoders._memory import in_parts
+
+        return in_parts(self.text, list(texts), self)
+
+    @torch.inference_mode()
+    def _embed_tensor(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         if self.precision == "int8":
             if self.runtime is None:
                 raise CbirError("int8 needs a model calibrated on the collection: index with --precision int8 or auto")

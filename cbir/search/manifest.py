@@ -87,6 +87,7 @@ class Manifest:
     next_id: int = 0
     next_segment: int = 1
     skipped: tuple[tuple[str, str], ...] = ()  # files the last full scan left out, with the reason
+    left_out: tuple[tuple[str, str, int], ...] = ()  # (reason, extension, count): files of the scan not pictures
     removed: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime_ns) a person removed
     created: str = ""
     updated: str = ""
@@ -111,6 +112,7 @@ class Manifest:
         d.pop("legacy")
         return {"format": FORMAT, **d, "settings": self.settings.to_dict(),
                 "segments": [asdict(s) for s in self.segments], "skipped": [list(s) for s in self.skipped],
+                "left_out": [list(x) for x in self.left_out],
                 "removed": {p: list(v) for p, v in self.removed.items()}}
 
     @classmethod
@@ -122,6 +124,7 @@ class Manifest:
                       "segments": tuple(SegmentEntry(**{**s, "also": tuple(s.get("also", ()))})
                                         for s in d["segments"]),
                       "skipped": tuple(tuple(s) for s in d.get("skipped", ())),
+                      "left_out": tuple(tuple(x) for x in d.get("left_out", ())),
                       "removed": {p: tuple(v) for p, v in d.get("removed", {}).items()}})
 
     def next_segment_name(self) -> tuple[str, Manifest]:

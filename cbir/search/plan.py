@@ -65,17 +65,26 @@ def nlist_for(n: int, lists_per_sqrt: float) -> int:
     return int(max(16, min(nlist, 65536, 2 ** int(math.log2(max(16, n // 39))))))
 
 
-def search_params(plan: SearchPlan, selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
-    """The plan's run-time knobs (nprobe, efSearch, k_factor) as FAISS search parameters, with an id selector."""
+def search_params(plan: SearchPlan, selector: faiss.IDSelector | None = None,
+                  share: float = 1.0) -> faiss.SearchParameters | None:
+    """The plan's run-time knobs (nprobe, efSearch, k_factor) as FAISS search parameters, with an id selector that
+    allows `share` of the rows.
+
+    A filter's best 10 lie further out than the unfiltered best 10: a filter keeping 10% of the rows found 0.81 of its
+    true top-10 at the tuned nprobe (200k x 256 clustered, nprobe 4). Widening by min(1/share, 1.5/sqrt(share))
+    found 0.9993-1.0 at every share from 50% to 2% there and at 1M x 256, at half the time of widening by 1/share at
+    10% (0.49 against 1.00 ms: fewer lists to walk; the selector is checked before any distance is computed)."""
     p = plan.params
-    if plan.type in ("ivf", ONDISK):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(p["nprobe"]))
+    share = max(share, 1e-6)
+    widen = min(1.0 / share, 1.5 / math.sqrt(share))
+    if plan.type in ("ivf", "ivfpq", ONDISK):
+        nprobe = min(int(p.get("nlist", 1 << 30)), math.ceil(int(p["nprobe"]) * widen))
+        ivf = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        if plan.type != "ivfpq":
+            return ivf
+        return faiss.IndexRefineSearchParameters(k_factor=float(p["k_factor"]), base_index_params=ivf)
     if plan.type == "hnsw":
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(p["ef_search"]))
-    if plan.type == "ivfpq":
-        return faiss.IndexRefineSearchParameters(
-            k_factor=float(p["k_factor"]),
-            base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=int(p["nprobe"])))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=min(4096, math.ceil(int(p["ef_search"]) * widen)))
     return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 

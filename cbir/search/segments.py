@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir import metadata
 from cbir.errors import CbirError
 from cbir.local_features import Features
+from cbir.search import filters, ondisk, store, tuning
 from cbir.search import manifest as manifest_mod
-from cbir.search import ondisk, store, tuning
 from cbir.search.manifest import Manifest, SegmentEntry
 from cbir.search.plan import ONDISK
 from cbir.search.searcher import Allowed, VectorSearch
@@ -64,6 +65,7 @@ class Segment:
             at = self.lookup.rows(deleted)
             mask[at[at >= 0]] = False
             self.live = Allowed(mask)
+        self._last: tuple[np.ndarray, Allowed] | None = None  # the latest filter's mask and what was made of it
 
     @property
     def name(self) -> str:
@@ -101,7 +103,13 @@ class Segment:
         mask = row_filter(self)
         if mask is None:
             return self.live
-        return Allowed(mask) & self.live if self.live is not None else Allowed(mask)
+        last = self._last
+        if last is not None and last[0] is mask:  # the same filter again (kept by cbir.search.filters): its row
+            return last[1]  # list and selector bitmap are made already
+        allowed = Allowed(mask) & self.live if self.live is not None else Allowed(mask)
+        if not mask.flags.writeable:  # a shared, unchanging mask: safe to know again by identity
+            self._last = (mask, allowed)
+        return allowed
 
     def find(self, queries: np.ndarray, k: int, row_filter: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each [B, k], of this segment's allowed rows."""
@@ -110,6 +118,18 @@ class Segment:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         scores, rows = self.search.search(queries, k, allowed)
         return scores, np.where(rows >= 0, np.asarray(self.store.ids)[np.clip(rows, 0, None)], -1)
+
+    def meta(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The metadata columns (cbir.metadata.COLUMNS) of rows."""
+        return {name: column[np.asarray(rows, np.int64)] for name, column in self.store.meta().items()}
+
+    def columns(self) -> filters.Columns:
+        """This segment's rows as filters see them (made once per segment file, shared by its generations)."""
+        if self.store.filter_columns is None:
+            paths = self.store.paths
+            self.store.filter_columns = filters.Columns(paths[:] if isinstance(paths, store.Strings) else paths,
+                                                        self.store.meta())
+        return self.store.filter_columns
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """Searched vectors of rows, float32."""
@@ -313,6 +333,13 @@ class Generation:
     def paths_of(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         """The paths of `ids` (one read per segment of an on-disk index's path column)."""
         return self.gather(np.asarray(ids, np.int64), _paths)
+
+    def meta_of(self, ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The metadata columns of `ids`, in their order."""
+        ids = np.asarray(ids, np.int64)
+        rows = self.gather(ids, lambda s, r: [{k: v[j] for k, v in s.meta(r).items()} for j in range(len(r))])
+        return {name: np.array([row[name] for row in rows], dtype=object if dt == "U" else dt)
+                for name, dt in metadata.COLUMNS.items()}
 
     def column(self, name: str, ids: Sequence[int] | np.ndarray) -> list:
         """Any per-row column (size, mtime_ns, sha256, ...) of `ids`."""

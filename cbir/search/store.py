@@ -9,6 +9,9 @@ Layout (format 1):
     mtime_ns    int64    [N]
     size        int64    [N]
     sha256      utf-8    [N]    content hash (byte-identical duplicates, renames, --update --verify)
+    meta/<column>        [N]    what is known of each picture (cbir.metadata.COLUMNS: taken_ns int64, taken_exif
+                                bool, make, model utf-8, lat, lon float64 (NaN: none), width, height int32, own_tags,
+                                tags utf-8 joined by line breaks); absent in segments made before it was kept
     skipped/path, skipped/reason   utf-8 [M]   (files an index made before segments left out; now in the manifest)
     keypoints/offsets  int64 [N + 1], keypoints/sizes uint16 [N, 2], keypoints/xy float16 [K, 2],
     keypoints/descriptors uint8 [K, 128]   each row's local features (cbir/local_features.py): rows offsets[i] to
@@ -38,6 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cbir import metadata
 from cbir.errors import CbirError
 from cbir.files import release_reserved, reserve, writing
 from cbir.local_features import DIM as KEYPOINT_DIM
@@ -46,7 +50,7 @@ from cbir.search.plan import SearchPlan
 
 FORMAT = 1
 STR = h5py.string_dtype("utf-8")
-ROW_BYTES = 512  # a row's metadata at most, about: id, mtime, size, sha256 (hex), its path, HDF5's own records
+ROW_BYTES = 768  # a row's facts at most, about: id, mtime, size, sha256 (hex), its path, metadata columns, HDF5's own
 
 
 def bytes_needed(rows: int, dim: int, itemsize: int = 4, features: bool = False) -> int:
@@ -63,6 +67,9 @@ def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+META = "meta"  # the group of the metadata columns
 
 
 class VectorWriter:
@@ -97,6 +104,14 @@ class VectorWriter:
                 self.f.create_dataset(name, (rows, *tail), dtype=dt)
         for name in ("paths", "sha256"):
             self.f.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
+        meta = self.f.create_group(META)
+        for name, dt in metadata.COLUMNS.items():
+            if dt == "U":
+                meta.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(chunk_rows,))
+            elif rows is None:
+                meta.create_dataset(name, (0,), dtype=dt, maxshape=(None,), chunks=(chunk_rows,))
+            else:
+                meta.create_dataset(name, (rows,), dtype=dt)
         g = self.f.create_group("skipped")
         for name in ("path", "reason"):
             g.create_dataset(name, (0,), dtype=STR, maxshape=(None,), chunks=(256,))
@@ -109,8 +124,9 @@ class VectorWriter:
     @_translated
     def append(self, vectors: np.ndarray, paths: Sequence[str], mtime_ns: Sequence[int], sizes: Sequence[int],
                ids: Sequence[int] | None = None, sha256: Sequence[str] | None = None, *,
-               features: Packed | None = None) -> None:
-        """Rows at the end of the file; `features`: their local features (cbir/local_features.py), if kept."""
+               meta: dict[str, np.ndarray] | None = None, features: Packed | None = None) -> None:
+        """Rows at the end; `meta`: their metadata columns (None: only their file times are known); `features`: their
+        local features (cbir/local_features.py), if kept."""
         n = len(paths)
         if n == 0:
             return
@@ -124,6 +140,9 @@ class VectorWriter:
                    "sha256": list(sha256) if sha256 is not None else [""] * n}
         if self.rows is not None and stop > self.rows:
             raise ValueError(f"more rows than the {self.rows} announced")
+        meta = meta if meta is not None else metadata.unknown_columns(mtime_ns)
+        columns.update({f"{META}/{name}": meta[name].tolist() if dt == "U" else np.asarray(meta[name], dt)
+                        for name, dt in metadata.COLUMNS.items()})
         for name, data in columns.items():
             ds = self.f[name]
             if ds.maxshape[0] is None:
@@ -219,6 +238,8 @@ class Store:
     handle: h5py.File | None = field(default=None, repr=False)  # open_lazy: the file its columns read from
     plan: SearchPlan | None = None  # the segment's search plan (attrs["search"], parsed once)
     has_raw: bool = False  # the file keeps the encoder's own rows beside the searched ones (alpha-DBA)
+    _meta: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+    filter_columns: Any = field(default=None, init=False, repr=False)  # cbir.search.filters.Columns, made once
     by_path: dict[str, int] | None = field(default=None, repr=False)  # path -> row, made when first asked
 
     def __post_init__(self) -> None:
@@ -240,6 +261,24 @@ class Store:
     def close(self) -> None:
         if self.handle is not None and self.handle.id.valid:
             self.handle.close()
+
+    def meta(self) -> dict[str, np.ndarray]:
+        """The metadata columns (cbir.metadata.COLUMNS), read on first use (a search without filters never reads
+        them); a segment made before they were kept: file times only."""
+        if self._meta is None:
+            f = self.handle if self.handle is not None and self.handle.id.valid else h5py.File(self.path, "r")
+            try:
+                if META not in f:
+                    self._meta = metadata.unknown_columns(np.asarray(self.mtime_ns))
+                else:
+                    self._meta = {name: np.array(_strings(f[META][name]), dtype=object) if dt == "U" else
+                                  np.asarray(f[META][name][()], dt) for name, dt in metadata.COLUMNS.items()}
+            except OSError as exc:
+                raise CbirError(f"cannot read the metadata of {self.path}: {exc}") from exc
+            finally:
+                if f is not self.handle:
+                    f.close()
+        return self._meta
 
     def __len__(self) -> int:
         return len(self.paths)

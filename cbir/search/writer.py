@@ -47,10 +47,19 @@ class RowBlock:
     size: np.ndarray
     sha256: list[str]
     searched: np.ndarray | None = None  # what search compares (their alpha-DBA), when already made (a merge)
+    meta: dict[str, np.ndarray] | None = None  # their metadata columns (cbir.metadata.COLUMNS); None: file times only
     features: Packed | None = None  # their local features (cbir/local_features.py), when the index keeps them
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def take(self, rows: np.ndarray) -> RowBlock:
+        """These rows only (positions in the block), every column kept."""
+        rows = np.asarray(rows, np.int64)
+        return RowBlock(ids=self.ids[rows], paths=[self.paths[r] for r in rows], vectors=self.vectors[rows],
+                        mtime_ns=self.mtime_ns[rows], size=self.size[rows], sha256=[self.sha256[r] for r in rows],
+                        searched=self.searched[rows] if self.searched is not None else None,
+                        meta={k: v[rows] for k, v in self.meta.items()} if self.meta is not None else None)
 
 
 class IndexWriter:
@@ -209,7 +218,7 @@ def _write_rows(path: Path, settings: Settings, count: int, blocks: Iterable[Row
     try:
         for block in blocks:
             writer.append(block.vectors, block.paths, block.mtime_ns, block.size, ids=block.ids, sha256=block.sha256,
-                          features=block.features)
+                          meta=block.meta, features=block.features)
             first_id = int(block.ids[0]) if first_id is None and len(block) else first_id
             ids_are_rows &= bool(np.array_equal(block.ids, np.arange(writer.count - len(block), writer.count)))
             if searched is not None:
@@ -298,7 +307,7 @@ def live_blocks(gen: Generation, segments: list[Segment], *, block: int = 65_536
             kept = seg.features(part)
             yield RowBlock(ids=np.asarray(s.ids)[part], paths=_paths(seg, part), vectors=seg.raw_vectors(part),
                            mtime_ns=np.asarray(s.mtime_ns)[part], size=np.asarray(s.size)[part],
-                           sha256=_column(s.sha256, part), searched=searched,
+                           sha256=_column(s.sha256, part), searched=searched, meta=seg.meta(part),
                            features=pack(kept) if any(f is not None for f in kept) else None)
 
 

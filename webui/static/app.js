@@ -17,25 +17,50 @@
   const indexSel = document.getElementById("index");
   const kSel = document.getElementById("k");
   const copiesBox = document.getElementById("copies");
+  const textLabel = document.getElementById("text-label");
+  const textInput = document.getElementById("text");
+  const textIndexes = (form.dataset.textIndexes || "").split(",").filter(Boolean);
   let lastFile = null;
 
+  // The text box is for indexes of a model with a text tower (CLIP) only.
+  const textOn = () => textIndexes.includes(indexSel.value);
+  function showText() {
+    textLabel.hidden = !textOn();
+    textInput.disabled = !textOn();
+  }
+  const typed = () => (textOn() ? textInput.value.trim() : "");
+
   const say = (text, isError) => { status.textContent = text; status.className = isError ? "error" : ""; };
-  const params = (extra) => new URLSearchParams({ k: kSel.value, index: indexSel.value, ...extra });
+  const filterForm = document.getElementById("filter-form");
+  // the filters as shown in "Search within" (what you see is what is searched), for uploads and result links
+  const within = () => {
+    const out = new URLSearchParams();
+    if (!filterForm) return out;
+    for (const name of ["folder", "after", "before", "camera", "tag"]) {
+      for (const el of filterForm.querySelectorAll(`[name=${name}]`)) if (el.value) out.append(name, el.value);
+    }
+    return out;
+  };
+  const params = (extra) => {
+    const out = new URLSearchParams({ k: kSel.value, index: indexSel.value, ...extra });
+    for (const [name, value] of within()) out.append(name, value);
+    return out;
+  };
 
   function render(data) {
     grid.replaceChildren();
     for (const r of data.results) {
       const li = document.createElement("li");
       const copy = r.copy && r.copy.verified;
-      li.className = `card ${r.similarity}${copy ? " copy" : ""}`;
+      li.className = `card ${r.similarity || ""}${copy ? " copy" : ""}`;
       li.dataset.id = r.id;
       li.innerHTML = `<a class="more" title="more like this"><img alt=""></a>
         <div class="caption"><span class="rank">#${r.rank}</span><span class="score"></span>
         <span class="path"></span><a class="open" target="_blank" rel="noopener">open</a></div>`;
-      li.querySelector("a.more").href = `/?${new URLSearchParams({ id: r.id, index: data.index, k: data.k })}`;
+      li.querySelector("a.more").href = `/?${params({ id: r.id, index: data.index, k: data.k })}`;
       li.querySelector("img").src = r.thumbnail_url;
       li.querySelector("img").alt = r.path;
-      li.querySelector(".score").textContent = `${r.score.toFixed(3)} · ${r.similarity}`;
+      li.querySelector(".score").textContent = r.similarity ? `${r.score.toFixed(3)} · ${r.similarity}` : r.score.toFixed(3);
       li.querySelector(".path").textContent = r.path;
       li.querySelector(".path").title = r.path;
       li.querySelector(".open").href = r.image_url;
@@ -48,10 +73,12 @@
       }
       grid.appendChild(li);
     }
-    title.textContent = `Top ${data.results.length} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
+    const what = data.text ? ` for “${data.text}”` : "";
+    const among = data.matched != null ? ` of ${data.matched} matching` : "";
+    title.textContent = `Top ${data.results.length}${what}${among} in ${data.index} (${data.encoder}, ${Math.round(data.took_ms)} ms)`;
     section.hidden = false;
     if (collection) collection.hidden = true;
-    say("");
+    say(data.message || "");
   }
 
   async function call(url, options) {
@@ -77,7 +104,11 @@
     querySection.hidden = false;
     const body = new FormData();
     body.append("image", file, file.name || "pasted-image");
-    const extra = { ...(box ? { box: box.join(",") } : {}), ...(copiesBox && copiesBox.checked ? { copies: "1" } : {}) };
+    const extra = {
+      ...(box ? { box: box.join(",") } : {}),
+      ...(typed() ? { text: typed() } : {}),
+      ...(copiesBox && copiesBox.checked && !typed() ? { copies: "1" } : {}),
+    };
     return call(`/api/search?${params(extra)}`, { method: "POST", body });
   }
 
@@ -117,7 +148,18 @@
     }
   });
 
-  form.addEventListener("submit", (ev) => { ev.preventDefault(); searchFile(fileInput.files[0]); });
+  // A text alone is a page of its own (/?text=...: a URL to share, the back button works); with a picture, both.
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const file = fileInput.files[0] || lastFile;
+    if (file) searchFile(file);
+    else if (typed()) location.href = `/?${params({ text: typed() })}`;
+    else say(textOn() ? "Choose an image or type what the pictures should show." : "Choose an image.", true);
+  });
+  // the upload form's copies of the applied filters serve pages without JavaScript; here the fields above rule
+  form.querySelectorAll(".within-field").forEach((el) => el.remove());
+  // an uploaded picture is searched again within the new filters (a plain GET would drop the upload)
+  if (filterForm) filterForm.addEventListener("submit", (ev) => { if (lastFile) { ev.preventDefault(); searchFile(lastFile); } });
   fileInput.addEventListener("change", () => searchFile(fileInput.files[0]));
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
   ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
@@ -126,6 +168,8 @@
     const item = [...(ev.clipboardData || {}).items || []].find((i) => i.type.startsWith("image/"));
     if (item) { ev.preventDefault(); searchFile(item.getAsFile()); }
   });
+  if (indexSel.tagName === "SELECT") indexSel.addEventListener("change", showText);
+  showText();
   if (collection && indexSel.tagName === "SELECT") {
     indexSel.addEventListener("change", () => { location.href = `/?${new URLSearchParams({ index: indexSel.value })}`; });
   }
