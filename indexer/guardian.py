@@ -71,13 +71,26 @@ def doomed(tag: str) -> set[int]:
 
 
 def watch(tag: str, parent: int) -> None:
+    """Remember the run's tree while it lives (a raylet that exits on its own as the driver dies leaves its untagged
+    agents re-parented, out of reach of `doomed`: a test killed mid-start saw them live on), then kill it all."""
+    seen: dict[int, str] = {}
     while os.getppid() == parent and _alive(parent):
+        seen.update((pid, start) for pid in doomed(tag) if (start := _started(pid)))
         time.sleep(POLL_S)
     for _ in range(int(SWEEP_S / POLL_S)):  # processes may still be starting
-        for pid in doomed(tag):  # the whole tree at once, before a killed parent's children are re-parented
+        now = doomed(tag) | {pid for pid, start in seen.items() if _started(pid) == start}  # not a reused pid
+        for pid in now:  # the whole tree at once, before a killed parent's children are re-parented
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(POLL_S)
+
+
+def _started(pid: int) -> str:
+    """The process's start time (field 22 of /proc/PID/stat): with the pid, names one process even after pids wrap."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _alive(pid: int) -> bool:

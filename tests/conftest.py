@@ -82,6 +82,7 @@ def start_server():
         srv = make_server(app, host="127.0.0.1", port=0, threads=4)
         threading.Thread(target=srv.run, daemon=True).start()
         servers.append(srv)
+        assert app.extensions["cbir_warm"].ready.wait(300), "the server did not warm up"  # as `cbir serve` waits
         return f"http://127.0.0.1:{srv.effective_port}"
 
     yield start

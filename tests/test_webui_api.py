@@ -30,6 +30,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> dict:
     Index.build(root / "cat", out=base / "idx" / "cats", device="cpu")
     app = create_app({"INDEXES": [base / "idx" / "sample", base / "idx" / "cats"], "DEVICE": "cpu",
                       "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "RELOAD_CHECK_SECONDS": 0.0})
+    assert app.extensions["cbir_warm"].ready.wait(300)  # "serving", as `cbir serve` says it once warm
     return {"app": app, "client": app.test_client(), "root": root, "base": base}
 
 
