@@ -585,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the search page and JSON API for one or more indexes")
     s.add_argument("indexes", nargs="+", metavar="INDEX", help="index folders (the first is the default)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (card N)")
@@ -593,7 +594,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "at once (default 16; 1 embeds each alone)")
     s.add_argument("--token", help="require this token from every visitor (better: set CBIR_TOKEN, which other "
                    "users of this machine cannot see in the process list)")
-    s.add_argument("--public", action="store_true", help="serve a non-loopback --host without a token")
     s.add_argument("--writable", action="store_true", help="accept POST /api/images (add an image) and DELETE "
                    "/api/images/ID (remove one); needs a token on a network address")
     s.add_argument("--move-to", metavar="DIR", help="let the duplicate review page (/duplicates) move the other "
