@@ -34,7 +34,7 @@ def evaluate(index: Index, k: int) -> dict[str, float]:
     rel = metrics.relevance(ranking, labels, labels)
     n_rel = np.array([(labels == lab).sum() - 1 for lab in labels])
     return {"p": float(np.mean(hits)), "map": float(metrics.average_precision(rel, n_rel).mean()),
-            "ips": len(s.ids) / max(float(s.attrs.get("seconds", 0.0)), 1e-9), "query_ms": query_ms}
+            "ips": len(s.ids) / max(index.manifest.seconds, 1e-9), "query_ms": query_ms}
 
 
 def main() -> None:

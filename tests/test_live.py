@@ -156,6 +156,46 @@ def test_write_api_adds_searchably_removes_and_needs_the_token(base: Path, tmp_p
     assert refused.status_code == 403 and "--writable" in refused.json()["error"]
 
 
+def test_uploads_that_arrive_during_a_write_are_committed_together(base: Path, tmp_path: Path) -> None:
+    """8 uploads at once while another write holds the index: one more write takes the 7 waiting (not 7 writes);
+    each request gets its own id, a bad one among them fails alone, and every good one is searchable."""
+    from indexer.live import _writer_lock
+    from webui import create_app
+    from webui.server import make_server
+
+    _, out = copy_of(base, tmp_path)
+    app = create_app({"INDEXES": [str(out)], "DEVICE": "cpu", "WRITABLE": True, "WARM_UP": False})
+    srv = make_server(app, host="127.0.0.1", port=0, threads=10)
+    threading.Thread(target=srv.run, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.effective_port}"
+    index = app.extensions["cbir"].get(None)
+    first = index.manifest.generation
+    uploads = [jpeg_bytes(photo((64, 48), seed=5000 + i)) for i in range(7)] + [b"GIF89a not really"]
+    answers: dict[int, requests.Response] = {}
+
+    def send(i: int) -> None:
+        answers[i] = requests.post(f"{url}/api/images", files={"image": (f"{i}.jpg", uploads[i])}, timeout=120)
+
+    try:
+        with _writer_lock(index):  # a write in progress
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            _wait_for(lambda: app.extensions.get("cbir_uploads") is not None and
+                      app.extensions["cbir_uploads"].waiting() >= 6)
+        for t in threads:
+            t.join()
+    finally:
+        srv.close()
+    ids = [answers[i].json().get("id") for i in range(7)]
+    assert all(answers[i].status_code == 201 for i in range(7)), [answers[i].text for i in range(7)]
+    assert answers[7].status_code == 400 and len(set(ids)) == 7
+    index.refresh()
+    assert index.manifest.generation - first <= 4  # one at a time: 7 commits (and their merges)
+    for i in range(7):
+        assert index.search(uploads[i], k=1)[0].id == ids[i]
+
+
 def test_writable_on_a_network_address_without_a_token_is_refused_before_binding(
         base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["serve", str(base / "idx"), "--host", "0.0.0.0", "--public", "--writable", "--port", "1"])

@@ -11,7 +11,10 @@ With a token set, writes need it like everything else; without one they are serv
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -43,10 +46,8 @@ def add_image():
     data = query.uploaded_image()
     folder = request.form.get("folder") or request.args.get("folder") or ""
     started = time.perf_counter()
-    from indexer.live import add
-
     try:
-        added = add(index, [data], folder=folder)[0]
+        added = current_app.extensions.setdefault("cbir_uploads", Uploads()).add(index, data, folder)
     except CbirError as exc:
         busy = "is writing" in str(exc)
         raise query.QueryError(503 if busy else 400, str(exc)) from None
@@ -71,3 +72,74 @@ def remove_image(id_: int):
         raise query.QueryError(404, f"no image with id {id_} in index {name}")
     return jsonify(index=name, removed=id_, path=path, file_deleted=path.startswith(f"{UPLOADS}/"),
                    images=len(index))
+
+
+@dataclass(eq=False)
+class _Upload:
+    data: bytes
+    folder: str
+    added: object = None  # indexer.live.Added once committed
+    error: Exception | None = None
+    done: bool = False
+
+
+class Uploads:
+    """Group commit: uploads that arrive while a write runs are committed together by the next one (one segment, one
+    manifest for all of them), each request answered once its picture is searchable. One at a time, an upload's write
+    took ~330 ms on 2 cores beside 8 searching clients: 3 uploads a second of the 5 offered
+    (benchmarks/update_cost.py load)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiting: dict[str, list[_Upload]] = {}
+        self._leaders: dict[str, threading.Lock] = {}
+
+    def add(self, index, data: bytes, folder: str):
+        key = str(index.directory)
+        job = _Upload(data=data, folder=folder)
+        with self._guard:
+            self._waiting.setdefault(key, []).append(job)
+            leader = self._leaders.setdefault(key, threading.Lock())
+        with leader:  # the first to get it commits everything waiting, its own upload among them
+            if not job.done:
+                with self._guard:
+                    batch = self._waiting.pop(key, [])
+                _commit(index, batch)
+        if job.error is not None:
+            raise job.error
+        return job.added
+
+    def waiting(self) -> int:
+        with self._guard:
+            return sum(len(jobs) for jobs in self._waiting.values())
+
+
+def _commit(index, batch: list[_Upload]) -> None:
+    """Each upload stored (one that is not an image fails its own request only), then all of them as one write; if
+    that write fails, each alone, so that the request at fault is the one told."""
+    from indexer.live import add, store_upload
+
+    stored: list[tuple[_Upload, Path]] = []
+    try:
+        for job in batch:
+            try:
+                stored.append((job, index.root / store_upload(index.root, job.data, job.folder)))
+            except Exception as exc:
+                job.error = exc
+        try:
+            for (job, _), added in zip(stored, add(index, [path for _, path in stored]) if stored else [], strict=True):
+                job.added = added
+        except Exception as exc:
+            if len(stored) == 1:
+                stored[0][0].error = exc
+            else:
+                for job, path in stored:
+                    try:
+                        job.added = add(index, [path])[0]
+                    except Exception as one:
+                        job.error = one
+    finally:
+        for job in batch:
+            job.done = True
+            if job.added is None and job.error is None:
+                job.error = CbirError("the write was interrupted; try again")

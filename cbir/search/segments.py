@@ -313,7 +313,7 @@ class Generation:
         if not where.found.all():
             raise KeyError(int(np.asarray(ids)[np.argmin(where.found)]))
         out: list = [None] * len(ids)
-        for n in np.unique(where.segment):
+        for n in sorted(set(where.segment.tolist())):  # not np.unique: its first call imports numpy.ma (18 ms)
             at = np.flatnonzero(where.segment == n)
             for i, value in zip(at, read(self.segments[n], where.row[at]), strict=True):
                 out[int(i)] = value
