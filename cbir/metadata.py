@@ -167,8 +167,10 @@ def from_columns(columns: dict[str, np.ndarray], row: int) -> Meta:
     for name in COLUMNS:
         if name in columns:
             v = columns[name][row]
-            values[name] = tuple(split_tags(str(v))) if name.endswith("tags") else \
-                str(v) if COLUMNS[name] == "U" else v.item()
+            if name.endswith("tags"):
+                values[name] = tuple(split_tags(str(v)))
+            else:
+                values[name] = str(v) if COLUMNS[name] == "U" else v.item()
     return Meta(**{"taken_ns": 0, **values})
 
 
