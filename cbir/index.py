@@ -428,7 +428,7 @@ class Index:
         for s in gen.segments:
             allowed = s.allowed(filters.row_filter(where))
             rows = allowed.rows() if allowed is not None else np.arange(len(s.store))
-            parts.append(np.asarray(s.store.ids)[rows])
+            parts.append(s.store.ids_at(rows))
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
     def facets(self) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def _retag(job: CommitJob, writer: IndexWriter, rows: _NewRows) -> None:
         meta = seg.meta(live)
         paths = seg.store.paths
         for n, row in enumerate(live):
-            id_ = int(np.asarray(seg.store.ids)[row])
+            id_ = int(seg.store.ids_at(np.array([row]))[0])
             path = paths[int(row)]
             if id_ in going or path in rows.from_chunk:
                 continue

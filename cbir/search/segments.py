@@ -91,7 +91,7 @@ class Segment:
         row = table.get(path)
         if row is None or (self.live is not None and not self.live.mask[row]):
             return None
-        return int(np.asarray(self.store.ids)[row])
+        return int(self.store.ids_at(np.array([row]))[0])
 
     def live_rows(self) -> np.ndarray:
         return self.live.rows() if self.live is not None else np.arange(len(self.store))
@@ -117,7 +117,7 @@ class Segment:
         if allowed is not None and allowed.count == 0:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         scores, rows = self.search.search(queries, k, allowed)
-        return scores, np.where(rows >= 0, np.asarray(self.store.ids)[np.clip(rows, 0, None)], -1)
+        return scores, np.where(rows >= 0, self.store.ids_at(np.clip(rows, 0, None)), -1)
 
     def meta(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The metadata columns (cbir.metadata.COLUMNS) of rows."""

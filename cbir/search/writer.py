@@ -305,7 +305,7 @@ def live_blocks(gen: Generation, segments: list[Segment], *, block: int = 65_536
             s = seg.store
             searched = seg.vectors(part) if with_searched else None
             kept = seg.features(part)
-            yield RowBlock(ids=np.asarray(s.ids)[part], paths=_paths(seg, part), vectors=seg.raw_vectors(part),
+            yield RowBlock(ids=s.ids_at(part), paths=_paths(seg, part), vectors=seg.raw_vectors(part),
                            mtime_ns=np.asarray(s.mtime_ns)[part], size=np.asarray(s.size)[part],
                            sha256=_column(s.sha256, part), searched=searched, meta=seg.meta(part),
                            features=pack(kept) if any(f is not None for f in kept) else None)
