@@ -142,3 +142,50 @@ def test_on_disk_for_a_small_collection_is_a_clear_error_and_keeps_the_old_index
     assert again.returncode != 0 and "at least 10,000 images" in again.stderr and "Traceback" not in again.stderr
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"} == before
     assert len(Index.open(out, device="cpu")) > 0
+
+
+def _block(ids: np.ndarray, x: np.ndarray) -> RowBlock:
+    zeros = np.zeros(len(ids), np.int64)
+    return RowBlock(ids=ids, paths=[f"img/{i:06d}.jpg" for i in ids], vectors=x.astype(np.float16), mtime_ns=zeros,
+                    size=zeros, sha256=[""] * len(ids))
+
+
+def test_updates_of_an_on_disk_index_are_searched_as_one_index(vectors, tmp_path):
+    """A base segment and two updates encoded with its trained index are searched in one coarse pass
+    (cbir/search/ondisk_group.py): with every list probed and every candidate re-ranked the answers are exactly the
+    top-10 over the live rows of all three, deleted rows never among them; at the tuned settings close to it."""
+    from cbir.search import ondisk_group
+    from cbir.search.manifest import Manifest, Settings
+
+    out = tmp_path / "idx"
+    out.mkdir()
+    config = {"name": "synthetic", "dim": DIM, "pooling": "none", "weights": {"source": "none", "sha256": ""}}
+    settings = Settings(encoder=config, root=str(tmp_path), index_type="ivfpq", vector_dtype="float16", on_disk=True)
+    rng = np.random.default_rng(1)
+    extra = vectors[rng.permutation(N)[:1000]] + 0.05 * rng.standard_normal((1000, DIM)).astype(np.float32)
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    everything = np.vstack([vectors, extra])
+    writer = IndexWriter(out, Manifest(generation=0, settings=settings))
+    writer.add_segment(N, [_block(writer.new_ids(N), vectors)])
+    manifest = writer.commit()
+    for part in (extra[:500], extra[500:]):
+        writer = IndexWriter(out, manifest)
+        writer.add_segment(len(part), [_block(writer.new_ids(len(part)), part)])
+        manifest = writer.commit()
+    gone = np.concatenate([np.arange(0, 2000, 7), np.arange(N, N + 1000, 5)])
+    writer = IndexWriter(out, manifest)
+    writer.delete(gone)
+    writer.commit()
+    index = Index.open(out)
+    gen = index.generation
+    assert len(gen.segments) == 3 and ondisk_group.groups(gen.segments) == [[0, 1, 2]]
+    live = np.setdiff1d(np.arange(N + 1000), gone)
+    queries = everything[::97][:60]
+    tuned = np.array([[r.id for r in index.search_vector(q, k=10)] for q in queries])
+    assert not np.isin(tuned, gone).any()
+    truth = live[exact_top(everything[live], queries, 10)]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(tuned, truth, strict=True)]) >= 0.9
+    for seg in gen.segments:  # every list, every candidate: exact
+        seg.search.plan.params.update(nprobe=ondisk.layout_for(N, DIM).nlist, k_factor=400)
+    _, ids = gen.search(queries, 10)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(truth, axis=1))

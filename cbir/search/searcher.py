@@ -149,6 +149,11 @@ class VectorSearch:
         return int(self.index.d)
 
     @property
+    def faiss_index(self) -> faiss.Index:
+        """The CPU index searched (an IndexIDMap's inner index)."""
+        return self._inner
+
+    @property
     def exact(self) -> bool:
         return self.plan.exact
 
@@ -186,7 +191,7 @@ class VectorSearch:
             assert self.exact_rows is not None
             candidates = min(self.ntotal, k * int(self.plan.params.get("k_factor", 1)))
             params = search_params(self.plan, *_selection(allowed, self.ntotal))
-            with _threads(1 if len(q) <= FEW_QUERIES else 0):
+            with threads(1 if len(q) <= FEW_QUERIES else 0):
                 found = self._inner.search(q, candidates, params=params)[1]
             return rerank(q, found, self.exact_rows, k)
         if self._gpu_index is not None and (allowed is None or self.ntotal - allowed.count <= GPU_OVERFETCH):
@@ -217,7 +222,7 @@ def _drop_disallowed(scores: np.ndarray, rows: np.ndarray, allowed: Allowed | No
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def threads(n: int) -> Iterator[None]:
     """FAISS's OpenMP threads for one call (0: unchanged). Waking a second thread for one query's few lists cost
     more than the lists: 3.8 ms against 0.8 ms on the 10M on-disk index (2 cores)."""
     if n <= 0:

@@ -18,7 +18,7 @@ import numpy as np
 from cbir import metadata
 from cbir.errors import CbirError
 from cbir.local_features import Features
-from cbir.search import filters, ondisk, store, tuning
+from cbir.search import filters, ondisk, ondisk_group, store, tuning
 from cbir.search import manifest as manifest_mod
 from cbir.search.manifest import Manifest, SegmentEntry
 from cbir.search.plan import ONDISK
@@ -280,7 +280,10 @@ class Generation:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.shape[1] != self.dim:
             raise CbirError(f"query vectors have dimension {q.shape[1]}, the index {self.dim}")
-        parts = [s.find(q, k, row_filter) for s in self.segments]
+        shared = ondisk_group.groups(self.segments) if row_filter is None else []  # one coarse pass for these
+        grouped = {n for group in shared for n in group}
+        parts = [ondisk_group.find([self.segments[n] for n in group], q, k) for group in shared]
+        parts += [s.find(q, k, row_filter) for n, s in enumerate(self.segments) if n not in grouped]
         if not parts:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         scores, ids = np.hstack([p[0] for p in parts]), np.hstack([p[1] for p in parts])
