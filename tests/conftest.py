@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_until_closed
 from tests.tiny_models import clip_index, tiny  # noqa: F401  (fixtures: tiny models of each encoder family)
 
 # Never reach for the network from a test, and keep torchvision's cache inside the test run.
@@ -80,7 +81,7 @@ def start_server():
     def start(indexes: list[Path], **config) -> str:
         app = create_app({"INDEXES": [str(p) for p in indexes], "DEVICE": "cpu", **config})
         srv = make_server(app, host="127.0.0.1", port=0, threads=4)
-        threading.Thread(target=srv.run, daemon=True).start()
+        threading.Thread(target=run_until_closed, args=(srv,), daemon=True).start()
         servers.append(srv)
         assert app.extensions["cbir_warm"].ready.wait(300), "the server did not warm up"  # as `cbir serve` waits
         return f"http://127.0.0.1:{srv.effective_port}"

@@ -20,6 +20,7 @@ import requests
 from cbir import Index
 from cbir.cli import main
 from tests.badfiles import jpeg_bytes, photo
+from tests.helpers import run_until_closed
 
 ENCODER = "colour_histogram"
 
@@ -166,7 +167,7 @@ def test_uploads_that_arrive_during_a_write_are_committed_together(base: Path, t
     _, out = copy_of(base, tmp_path)
     app = create_app({"INDEXES": [str(out)], "DEVICE": "cpu", "WRITABLE": True, "WARM_UP": False})
     srv = make_server(app, host="127.0.0.1", port=0, threads=10)
-    threading.Thread(target=srv.run, daemon=True).start()
+    threading.Thread(target=run_until_closed, args=(srv,), daemon=True).start()
     url = f"http://127.0.0.1:{srv.effective_port}"
     index = app.extensions["cbir"].get(None)
     first = index.manifest.generation
