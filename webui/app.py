@@ -45,13 +45,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from webui.pages import pages
     from webui.review import duplicates
     from webui.warm import Warmup
-    from webui.writes import writes
+    from webui.writes import Uploads, writes
 
     auth.install(app)
     app.register_blueprint(api)
     app.register_blueprint(pages)
     app.register_blueprint(duplicates)
     app.register_blueprint(writes)
+    app.extensions["cbir_uploads"] = Uploads()  # uploads committed together (writes.py)
     app.extensions["cbir_warm"] = warm = Warmup(app)
     if app.config["WARM_UP"]:
         warm.start()

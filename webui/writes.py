@@ -47,7 +47,7 @@ def add_image():
     folder = request.form.get("folder") or request.args.get("folder") or ""
     started = time.perf_counter()
     try:
-        added = current_app.extensions.setdefault("cbir_uploads", Uploads()).add(index, data, folder)
+        added = current_app.extensions["cbir_uploads"].add(index, data, folder)
     except CbirError as exc:
         busy = "is writing" in str(exc)
         raise query.QueryError(503 if busy else 400, str(exc)) from None

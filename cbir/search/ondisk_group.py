@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from cbir.search.plan import ONDISK
-from cbir.search.searcher import FEW_QUERIES, Allowed, VectorSearch, threads
+from cbir.search.searcher import FEW_QUERIES, Allowed, VectorSearch, rerank, threads
 from cbir.search.store import Store
 
 
@@ -44,14 +44,11 @@ def groups(segments: list[Segment]) -> list[list[int]]:
 
 def find(segments: list[Segment], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each [B, k], over the live rows of `segments` (on-disk, one trained index)."""
-    scores = np.full((len(q), k), -np.inf, np.float32)
-    ids = np.full((len(q), k), -1, np.int64)
     live = [s.live for s in segments]
     if sum(len(s) for s in segments) == 0:
-        return scores, ids
+        return _reranked(segments, q, k, 0, [])
     first = segments[0].search
-    params = first.plan.params
-    candidates = k * int(params.get("k_factor", 1))
+    candidates = k * int(first.plan.params.get("k_factor", 1))
     nprobe = _nprobe(segments)
     with threads(1 if len(q) <= FEW_QUERIES else 0):
         xt = _rotated(first.faiss_index, q)
@@ -99,29 +96,18 @@ def _rotated(index: faiss.Index, q: np.ndarray) -> np.ndarray:
 
 def _reranked(segments: list[Segment], q: np.ndarray, k: int, candidates: int,
               found: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The best `candidates` PQ answers over all segments, re-ranked with the stored vectors; the top k."""
-    scores = np.full((len(q), k), -np.inf, np.float32)
-    ids = np.full((len(q), k), -1, np.int64)
-    if not found:
-        return scores, ids
-    d = np.hstack([f[0] for f in found])
-    rows = np.hstack([f[1] for f in found])
-    seg = np.hstack([np.full(f[1].shape, f[2]) for f in found])
-    best = np.argsort(-d, axis=1, kind="stable")[:, :candidates]
-    rows, seg, keep = (np.take_along_axis(a, best, 1) for a in (rows, seg, d))
-    exact = np.full(rows.shape, -np.inf, np.float32)
-    found_ids = np.full(rows.shape, -1, np.int64)
-    for n in np.flatnonzero(np.bincount(seg[np.isfinite(keep)].ravel(), minlength=len(segments))):
-        at = (seg == n) & np.isfinite(keep) & (rows >= 0)
-        unique = np.unique(rows[at])
-        vectors = segments[n].search.exact_rows(unique)
-        for i in range(len(q)):
-            mine = at[i]
-            exact[i, mine] = vectors[np.searchsorted(unique, rows[i, mine])] @ q[i]
-        found_ids[at] = segments[n].store.ids_at(rows[at])
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    top_scores, top_ids = np.take_along_axis(exact, order, 1), np.take_along_axis(found_ids, order, 1)
-    valid = top_ids >= 0
-    width = top_scores.shape[1]
-    scores[:, :width], ids[:, :width] = np.where(valid, top_scores, -np.inf), np.where(valid, top_ids, -1)
-    return scores, ids
+    """The best `candidates` PQ answers over all segments, re-ranked with the stored vectors (searcher.rerank, each
+    segment's share of them); the top k."""
+    scores = [np.full((len(q), k), -np.inf, np.float32)]
+    ids = [np.full((len(q), k), -1, np.int64)]
+    if found:
+        best = np.argsort(-np.hstack([f[0] for f in found]), axis=1, kind="stable")[:, :candidates]
+        rows = np.take_along_axis(np.hstack([f[1] for f in found]), best, 1)
+        seg = np.take_along_axis(np.hstack([np.full(f[1].shape, f[2]) for f in found]), best, 1)
+        for n in sorted(set(seg[rows >= 0].tolist())):
+            s, r = rerank(q, np.where(seg == n, rows, -1), segments[n].search.exact_rows, k)
+            scores.append(s)
+            ids.append(np.where(r >= 0, segments[n].store.ids_at(np.clip(r, 0, None)), -1))
+    s, i = np.hstack(scores), np.hstack(ids)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
